@@ -58,9 +58,9 @@ def run(cfg: Config, impl: str) -> dict:
     from . import plots, tracking
 
     paths = cfg.paths
-    W, b = load_weights(paths.weights(impl))
-    images, labels = load_split(paths.test_data)
     with tracking.resume_run(cfg, impl, f"evaluate@{impl}"):
+        W, b = load_weights(paths.weights(impl))
+        images, labels = load_split(paths.test_data)
         predicted = predict_classes(W, b, images)
         cm = confusion_matrix(labels, predicted)
         metrics = metrics_from_confusion(cm)

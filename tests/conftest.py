@@ -1,0 +1,45 @@
+"""Shared fixtures: generated IDX mirrors for unit tests, the genuine data for real-data tests.
+
+Real-data tests read FASHION_MNIST_MIRROR (a folder or URL), else torchvision's official mirror. When the
+data cannot be had they skip on a developer's machine but fail in CI (CI=true), so a CI run can never pass
+without having tested on the real data.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import copy_project, write_mirror  # noqa: E402
+
+from softmax_mlops import config, data  # noqa: E402
+from softmax_mlops.errors import PipelineError  # noqa: E402
+
+@pytest.fixture
+def idx_mirror(tmp_path):
+    splits, resources = write_mirror(tmp_path / "mirror")
+    return tmp_path / "mirror", splits, resources
+
+
+@pytest.fixture(scope="session")
+def real_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Both splits through the real download path (md5-checked), once per session."""
+    mirror = os.environ.get(config.MIRROR_ENV, "")
+    try:
+        return data.fetch(mirror)
+    except PipelineError as exc:
+        message = f"real Fashion-MNIST data unavailable (set {config.MIRROR_ENV}): {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    return copy_project(tmp_path / "project")

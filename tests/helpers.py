@@ -1,0 +1,73 @@
+"""Test helpers: small generated IDX files in the exact format of the Fashion-MNIST downloads, and the CLI."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+import hashlib
+import struct
+from pathlib import Path
+
+import numpy as np
+
+FILES = {  # torchvision's resource names, in its order
+    ("train", "images"): "train-images-idx3-ubyte.gz",
+    ("train", "labels"): "train-labels-idx1-ubyte.gz",
+    ("test", "images"): "t10k-images-idx3-ubyte.gz",
+    ("test", "labels"): "t10k-labels-idx1-ubyte.gz",
+}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """IDX: magic (0, 0, dtype 0x08 = uint8, ndim), big-endian dims, then the raw bytes."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def make_split(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    return rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8), labels.astype(np.int64)
+
+
+def write_mirror(folder: Path, n_train: int = 60, n_test: int = 20, seed: int = 0) -> tuple[dict, list]:
+    """A mirror folder with the four .gz files; returns the arrays and the (file name, md5) resources."""
+    rng = np.random.default_rng(seed)
+    splits = {"train": make_split(rng, n_train), "test": make_split(rng, n_test)}
+    folder.mkdir(parents=True, exist_ok=True)
+    resources = []
+    for (split, kind), name in FILES.items():
+        array = splits[split][0 if kind == "images" else 1]
+        data = gzip.compress(idx_bytes(array), mtime=0)
+        (folder / name).write_bytes(data)
+        resources.append((name, hashlib.md5(data).hexdigest()))
+    return splits, resources
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed console script as a user would."""
+    return run_tool("softmax-mlops", *args, cwd=cwd, env=env)
+
+
+def copy_project(dest: Path) -> Path:
+    """A throwaway copy of the repository (tracked and new files, as git sees them), committed as its own repo."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, listed):
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dest, check=True)
+    return dest
+
+
+def run_tool(*cmd: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run dvc, git or another installed tool with the test environment (plus ``env``)."""
+    return subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})

@@ -1,0 +1,40 @@
+"""Model behaviour on the genuine Fashion-MNIST data: parity of the two implementations and accuracy."""
+
+import pytest
+import yaml
+
+from softmax_mlops import train
+from softmax_mlops.config import TrainConfig
+from helpers import REPO
+
+pytestmark = pytest.mark.realdata
+
+
+def test_real_data_is_the_genuine_dataset(real_splits):
+    (train_images, train_labels), (test_images, test_labels) = real_splits["train"], real_splits["test"]
+    assert train_images.shape == (60000, 28, 28) and test_images.shape == (10000, 28, 28)
+    assert sorted(set(train_labels.tolist())) == list(range(10))
+    assert (train_labels == 0).sum() == 6000 and (test_labels == 9).sum() == 1000
+
+
+def test_one_epoch_leaves_both_implementations_with_the_same_weights(real_splits):
+    hp = TrainConfig(epochs=1)
+    (m1, _), (m2, _) = (train.fit(impl, hp, real_splits["train"], real_splits["test"], progress=False)
+                        for impl in ("scratch", "concise"))
+    assert (m1.weights()[0] - m2.weights()[0]).abs().max().item() <= 1e-4
+    assert (m1.weights()[1] - m2.weights()[1]).abs().max().item() <= 1e-4
+
+
+def tuned_settings() -> dict:
+    """The tuned preset, read from the README's `dvc exp run -S ...` line so the two cannot drift apart."""
+    line = next(l for l in (REPO / "README.md").read_text().splitlines() if l.startswith("dvc exp run --name tuned"))
+    return {arg.split("=")[0].removeprefix("train."): yaml.safe_load(arg.split("=")[1])
+            for arg in line.split() if arg.startswith("train.")}
+
+
+@pytest.mark.parametrize("impl", ["scratch", "concise"])
+def test_documented_tuned_setting_reaches_0_845(real_splits, impl):
+    settings = tuned_settings()
+    assert settings, "README lost its tuned `dvc exp run -S` line"
+    _, history = train.fit(impl, TrainConfig(**settings), real_splits["train"], real_splits["test"], progress=False)
+    assert history[-1].test_acc >= 0.845

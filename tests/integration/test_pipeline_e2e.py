@@ -1,0 +1,115 @@
+"""The whole pipeline as a user runs it: `dvc repro` in a fresh copy, then what DVC and MLflow hold."""
+
+import json
+
+import mlflow
+import pytest
+
+from softmax_mlops import config
+from helpers import cli, copy_project, run_tool
+
+pytestmark = pytest.mark.realdata
+
+
+@pytest.fixture(scope="module")
+def repo(real_splits, tmp_path_factory, monkeypatch_module):
+    """One full `dvc repro` in a fresh copy, shared by the tests below. Depending on real_splits makes it
+    fail in CI (and skip elsewhere) when the genuine data cannot be had."""
+    monkeypatch_module.delenv(config.TRACKING_URI_ENV, raising=False)  # the embedded SQLite default
+    dest = copy_project(tmp_path_factory.mktemp("e2e"))
+    result = run_tool("dvc", "repro", cwd=dest)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return dest
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+@pytest.fixture(scope="module")
+def runs(repo):
+    mlflow.set_tracking_uri(config.load(repo).mlflow.tracking_uri)
+    found = mlflow.search_runs(experiment_names=["softmax-mlops"], output_format="list")
+    return {run.data.params["impl"]: run for run in found}
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+def test_both_implementations_reach_0_81_and_agree(repo):
+    compare = read_json(repo / "reports/compare.json")
+    accuracies = {impl: read_json(repo / f"metrics/{impl}/eval.json")["test_accuracy"] for impl in ("scratch", "concise")}
+    assert min(accuracies.values()) >= 0.81
+    assert abs(accuracies["scratch"] - accuracies["concise"]) * 100 <= 0.2
+    assert compare["impls"]["scratch"]["test_accuracy"] == accuracies["scratch"]
+    assert compare["difference"]["max_abs_weight_diff"] < 1e-3
+    assert "| test accuracy |" in (repo / "reports/compare.md").read_text()
+
+
+def test_outputs_exist_and_dvc_is_up_to_date(repo):
+    for rel in ("data/prepared/summary.json", "metrics/scratch/history.csv", "metrics/concise/confusion.csv",
+                "reports/scratch/confusion.png", "reports/concise/curves.png", "reports/scratch/predictions.png",
+                "reports/compare_curves.png"):
+        assert (repo / rel).stat().st_size > 0, rel
+    status = run_tool("dvc", "status", "--json", cwd=repo)
+    assert json.loads(status.stdout) == {}
+    again = run_tool("dvc", "repro", cwd=repo)
+    assert again.returncode == 0 and "Running stage" not in again.stdout
+
+
+def test_history_shows_train_accuracy_starting_below_test(repo):
+    rows = (repo / "metrics/scratch/history.csv").read_text().splitlines()
+    header, first = rows[0].split(","), dict(zip(rows[0].split(","), map(float, rows[1].split(","))))
+    assert len(rows) == 1 + 5 and header[:5] == ["epoch", "loss", "train_acc_running", "train_acc", "test_acc"]
+    assert first["train_acc_running"] < first["test_acc"]
+
+
+def test_one_mlflow_run_per_implementation_with_params_tags_and_epochs(repo, runs):
+    assert set(runs) == {"scratch", "concise"}
+    data_md5 = read_json(repo / "data/prepared/summary.json")["data_md5"]
+    commit = run_tool("git", "rev-parse", "HEAD", cwd=repo).stdout.strip()
+    client = mlflow.MlflowClient()
+    for impl, run in runs.items():
+        assert run.info.status == "FINISHED"
+        assert run.data.params["lr"] == "0.1" and run.data.params["batch_size"] == "256"
+        tags = run.data.tags
+        assert tags["git_commit"] == commit and tags["data_md5"] == data_md5
+        assert tags["dvc_stages"] == f"train@{impl},evaluate@{impl}"
+        history = client.get_metric_history(run.info.run_id, "test_acc")
+        assert [m.step for m in history] == [1, 2, 3, 4, 5]
+        for key in ("train_acc_running", "train_acc", "loss"):
+            assert len(client.get_metric_history(run.info.run_id, key)) == 5
+        # evaluate logged into the very run that train opened
+        assert run.data.metrics["test_accuracy"] == read_json(repo / f"metrics/{impl}/eval.json")["test_accuracy"]
+        assert read_json(repo / f"models/{impl}/mlflow_run.json")["run_id"] == run.info.run_id
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"history.csv", "eval.json", "confusion.png", "predictions.png"} <= artifacts
+
+
+def test_logged_torch_model_has_signature_and_predicts_like_the_weights(repo, runs):
+    import numpy as np
+
+    from softmax_mlops.data import load_split
+
+    images, labels = load_split(repo / "data/prepared/test.npz")
+    run = runs["scratch"]
+    outputs = run.outputs.model_outputs
+    assert len(outputs) == 1
+    uri = f"models:/{outputs[0].model_id}"
+    info = mlflow.models.get_model_info(uri)
+    assert info.signature is not None and info.saved_input_example_info is not None
+    model = mlflow.pyfunc.load_model(uri)
+    predicted = np.asarray(model.predict(images)).argmax(axis=1)
+    assert (predicted == labels).mean() == pytest.approx(read_json(repo / "metrics/scratch/eval.json")["test_accuracy"])
+
+
+def test_failing_stage_marks_its_run_failed(repo, runs):
+    weights = repo / "models/concise/weights.npz"
+    weights.write_bytes(b"garbage")
+    result = cli("evaluate", "concise", cwd=repo)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "weights.npz is not a weights file" in result.stderr
+    assert mlflow.get_run(runs["concise"].info.run_id).info.status == "FAILED"

@@ -1,0 +1,63 @@
+"""params.yaml is the one source of configuration; environment overrides are resolved in config.py only."""
+
+import pytest
+import yaml
+
+from softmax_mlops import config
+from softmax_mlops.errors import PipelineError
+from helpers import REPO
+
+
+def write_params(tmp_path, **overrides):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        params[section][key] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path
+
+
+def test_repo_params_load_with_textbook_defaults(monkeypatch):
+    monkeypatch.delenv(config.MIRROR_ENV, raising=False)
+    monkeypatch.delenv(config.TRACKING_URI_ENV, raising=False)
+    cfg = config.load(REPO)
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.train.epochs) == (256, 0.1, 5)
+    assert cfg.impls == ("scratch", "concise")
+    assert cfg.paths.train_data == REPO / "data/prepared/train.npz"
+    assert cfg.paths.weights("scratch") == REPO / "models/scratch/weights.npz"
+    assert cfg.mlflow.tracking_uri == f"sqlite:///{REPO}/mlflow.db"
+
+
+def test_environment_overrides_mirror_and_tracking_uri(monkeypatch):
+    monkeypatch.setenv(config.MIRROR_ENV, "/srv/mirror")
+    monkeypatch.setenv(config.TRACKING_URI_ENV, "http://127.0.0.1:5000")
+    cfg = config.load(REPO)
+    assert cfg.mirror == "/srv/mirror"
+    assert cfg.mlflow.tracking_uri == "http://127.0.0.1:5000"
+
+
+def test_relative_sqlite_uri_is_anchored_at_project_root(tmp_path):
+    assert config.resolve_tracking_uri("sqlite:///x/m.db", tmp_path) == f"sqlite:///{tmp_path}/x/m.db"
+    assert config.resolve_tracking_uri("sqlite:////abs/m.db", tmp_path) == "sqlite:////abs/m.db"
+    assert config.resolve_tracking_uri("http://host:5000", tmp_path) == "http://host:5000"
+
+
+def test_int_given_for_float_is_accepted(tmp_path):
+    assert config.load(write_params(tmp_path, **{"train.lr": 1})).train.lr == 1.0
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.lr", "fast", "train.lr must be float"),
+    ("train.epochs", 0, "must be >= 1"),
+    ("train.lr_schedule", "step", "lr_schedule must be one of constant, cosine"),
+    ("train.momentum", 1.5, "momentum must be in [0, 1)"),
+    ("train.learning_rate", 0.1, "unknown key(s) in 'train': learning_rate"),
+])
+def test_bad_params_are_named(tmp_path, key, value, message):
+    with pytest.raises(PipelineError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        config.load(write_params(tmp_path, **{key: value}))
+
+
+def test_missing_params_file_is_a_clear_error(tmp_path):
+    with pytest.raises(PipelineError, match="no params.yaml"):
+        config.load(tmp_path)

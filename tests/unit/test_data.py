@@ -1,0 +1,88 @@
+"""Ingest through torchvision's real download path, on small generated IDX files served from a mirror."""
+
+import gzip
+
+import numpy as np
+import pytest
+
+from softmax_mlops import config, data
+from softmax_mlops.errors import PipelineError
+from helpers import REPO, cli
+
+
+def paths_in(tmp_path) -> config.Paths:
+    return config.Paths(root=tmp_path, prepared=tmp_path / "prepared", models=tmp_path / "models",
+                        metrics=tmp_path / "metrics", reports=tmp_path / "reports")
+
+
+@pytest.mark.parametrize("as_url", [False, True], ids=["folder", "file-url"])
+def test_ingest_round_trips_arrays_from_a_mirror(idx_mirror, tmp_path, as_url):
+    folder, splits, resources = idx_mirror
+    mirror = folder.as_uri() if as_url else str(folder)
+    paths = paths_in(tmp_path)
+    summary = data.ingest(mirror, paths, resources)
+    for split, path in (("train", paths.train_data), ("test", paths.test_data)):
+        images, labels = data.load_split(path)
+        assert images.dtype == np.uint8 and labels.dtype == np.int64
+        np.testing.assert_array_equal(images, splits[split][0])
+        np.testing.assert_array_equal(labels, splits[split][1])
+    assert summary["train"]["count"] == 60 and summary["test"]["per_class"]["t-shirt"] == 2
+    assert summary["source_md5"] == dict(resources)
+    assert summary["data_md5"] == data.arrays_md5(splits)
+
+
+def test_npz_files_hold_no_pickles(idx_mirror, tmp_path):
+    folder, _, resources = idx_mirror
+    paths = paths_in(tmp_path)
+    data.ingest(str(folder), paths, resources)
+    with np.load(paths.train_data, allow_pickle=False) as npz:  # would raise on object arrays
+        assert set(npz.files) == {"images", "labels"}
+
+
+def test_truncated_file_names_file_and_md5_and_writes_nothing(idx_mirror, tmp_path):
+    folder, _, resources = idx_mirror
+    name, md5 = resources[2]
+    (folder / name).write_bytes((folder / name).read_bytes()[:100])
+    paths = paths_in(tmp_path)
+    with pytest.raises(PipelineError) as err:
+        data.ingest(str(folder), paths, resources)
+    message = str(err.value)
+    assert name in message and md5 in message and "\n" not in message
+    assert not paths.prepared.exists()
+
+
+def test_missing_file_is_named(idx_mirror, tmp_path):
+    folder, _, resources = idx_mirror
+    (folder / resources[1][0]).unlink()
+    with pytest.raises(PipelineError, match=f"could not download {resources[1][0]}"):
+        data.ingest(str(folder), paths_in(tmp_path), resources)
+
+
+def test_missing_mirror_folder(tmp_path):
+    with pytest.raises(PipelineError, match="mirror folder .* does not exist"):
+        data.fetch(str(tmp_path / "nowhere"))
+
+
+def test_load_split_rejects_wrong_shapes(tmp_path):
+    path = tmp_path / "bad.npz"
+    np.savez(path, images=np.zeros((3, 28, 27), np.uint8), labels=np.zeros(3, np.int64))
+    with pytest.raises(PipelineError, match="expected uint8 images"):
+        data.load_split(path)
+    with pytest.raises(PipelineError, match="run `dvc repro ingest`"):
+        data.load_split(tmp_path / "absent.npz")
+
+
+def test_corrupted_genuine_file_fails_the_cli_in_one_line(tmp_path):
+    """The CLI with the real md5 list: a corrupt copy of a genuine file gives one line, exit 1, no outputs."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for name, _ in (("train-images-idx3-ubyte.gz", 0),):
+        (mirror / name).write_bytes(gzip.compress(b"not the real file"))
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    result = cli("ingest", cwd=tmp_path, env={config.MIRROR_ENV: str(mirror)})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("softmax-mlops: error:")]
+    assert len(error_lines) == 1
+    assert "train-images-idx3-ubyte.gz" in error_lines[0] and "8d4fb7e6c68d591d4c3dfef9ec88bf0d" in error_lines[0]
+    assert not (tmp_path / "data").exists()
