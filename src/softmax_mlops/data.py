@@ -79,12 +79,7 @@ def _diagnose(raw_folder: Path, resources: Sequence[tuple[str, str]], base_url: 
     return f"Fashion-MNIST could not be read: {error}".replace("\n", " ")
 
 
-def fetch(mirror: str = "", resources: Sequence[tuple[str, str]] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Download (or copy from a mirror), md5-verify and decode both splits.
-
-    ``resources`` replaces torchvision's (file name, md5) list; tests use it to serve small generated IDX files
-    through the very same download path.
-    """
+def _dataset_class(mirror: str, resources: Sequence[tuple[str, str]] | None) -> type:
     from torchvision.datasets import FashionMNIST
 
     attrs: dict[str, object] = {}
@@ -92,7 +87,22 @@ def fetch(mirror: str = "", resources: Sequence[tuple[str, str]] | None = None) 
         attrs["mirrors"] = [mirror_url(mirror)]
     if resources is not None:
         attrs["resources"] = list(resources)
-    dataset_cls = type("FashionMNIST", (FashionMNIST,), attrs)
+    return type("FashionMNIST", (FashionMNIST,), attrs)
+
+
+def torchvision_dataset(mirror: str, root: str | Path, train: bool, transform=None):  # noqa: ANN001, ANN201
+    """torchvision's FashionMNIST from the configured mirror (for the textbook-style reference benchmark)."""
+    with _file_urls_supported():
+        return _dataset_class(mirror, None)(root, train=train, download=True, transform=transform)
+
+
+def fetch(mirror: str = "", resources: Sequence[tuple[str, str]] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Download (or copy from a mirror), md5-verify and decode both splits.
+
+    ``resources`` replaces torchvision's (file name, md5) list; tests use it to serve small generated IDX files
+    through the very same download path.
+    """
+    dataset_cls = _dataset_class(mirror, resources)
     base_url = dataset_cls.mirrors[0]
 
     with tempfile.TemporaryDirectory(prefix="fashion-mnist-") as tmp, _file_urls_supported():

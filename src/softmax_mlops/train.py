@@ -64,9 +64,11 @@ def fit(impl: str, hp: TrainConfig, train: tuple[np.ndarray, np.ndarray], test: 
         start, lr = time.perf_counter(), lr_at(hp, epoch)
         loss_sum, correct = 0.0, 0
         for idx in torch.randperm(n, generator=generator).split(hp.batch_size):
-            loss, Z = model.train_step(X[idx], y[idx], lr)
+            # index_select copies the batch rows ~4x faster than X[idx] advanced indexing
+            y_batch = y.index_select(0, idx)
+            loss, Z = model.train_step(X.index_select(0, idx), y_batch, lr)
             loss_sum += loss * len(idx)
-            correct += (Z.argmax(dim=1) == y[idx]).sum().item()
+            correct += (Z.argmax(dim=1) == y_batch).sum().item()
         metrics = EpochMetrics(epoch=epoch + 1, loss=loss_sum / n, train_acc_running=correct / n,
                                train_acc=accuracy(model, X, y), test_acc=accuracy(model, X_test, y_test),
                                lr=lr, seconds=time.perf_counter() - start)

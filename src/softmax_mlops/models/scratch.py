@@ -13,20 +13,26 @@ import torch
 from ..config import TrainConfig
 
 
+def _shift(Z: torch.Tensor) -> torch.Tensor:
+    """Z minus its row max. The result of (log-)softmax does not depend on the shift, so the max is detached:
+    autograd need not differentiate through it."""
+    return Z - Z.detach().amax(dim=1, keepdim=True)
+
+
 def softmax(Z: torch.Tensor) -> torch.Tensor:
     """Row-wise softmax; shifting by the row max leaves the result unchanged and keeps exp() <= 1."""
-    Z_exp = torch.exp(Z - Z.max(dim=1, keepdim=True).values)
+    Z_exp = torch.exp(_shift(Z))
     return Z_exp / Z_exp.sum(dim=1, keepdim=True)
 
 
 def log_softmax(Z: torch.Tensor) -> torch.Tensor:
-    shifted = Z - Z.max(dim=1, keepdim=True).values
+    shifted = _shift(Z)
     return shifted - torch.log(torch.exp(shifted).sum(dim=1, keepdim=True))
 
 
 def cross_entropy(Z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood of the true classes, picked out by index as in the textbook."""
-    return -log_softmax(Z)[torch.arange(len(y)), y].mean()
+    """Mean negative log-likelihood of the true classes (the textbook's y_hat[range(n), y], via gather)."""
+    return -log_softmax(Z).gather(1, y.unsqueeze(1)).mean()
 
 
 def sgd(params: list[torch.Tensor], velocities: list[torch.Tensor], lr: float,
@@ -38,8 +44,8 @@ def sgd(params: list[torch.Tensor], velocities: list[torch.Tensor], lr: float,
             if momentum:
                 v.mul_(momentum).add_(grad)
                 grad = v
-            p -= lr * grad
-            p.grad.zero_()
+            p.sub_(grad, alpha=lr)  # p -= lr * grad, in place
+            p.grad = None  # the next backward() writes fresh gradients
 
 
 class ScratchSoftmaxRegression:
