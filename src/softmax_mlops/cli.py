@@ -88,6 +88,80 @@ def compare() -> None:
         f" (test accuracy differs by {diff['test_accuracy_points']:.3f} points)" if diff else ""))
 
 
+@app.command()
+def export(impl: ImplArg) -> None:
+    """Export to ONNX (uint8 image -> logits, probabilities), check parity with torch on the test set, and log,
+    register and alias the model in MLflow (@candidate always, @champion past the accuracy gate)."""
+    from . import export as exporting
+
+    result = exporting.run(_config(), impl.value)
+    parity = result["parity"]
+    typer.echo(f"export@{impl.value}: max abs diff {parity['max_abs_diff']:.1e}, argmax match "
+               f"{parity['argmax_match']:.2%}; registered {result['registered_model']} v{result['version']}"
+               + (" as @champion" if result["champion"] else f" (@candidate only: accuracy below {result['gate']})"))
+
+
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", "-m", help="A .onnx file, its folder, or an MLflow URI such as models:/softmax-mlops-scratch@champion. "
+                          "Default: serve.model in params.yaml.")]
+ThreadsOpt = Annotated[int | None, typer.Option(
+    min=1, help="onnxruntime intra-op threads. Default: the CPUs this process may use (affinity and cgroup quota).")]
+
+
+def _predictor(model: str | None, threads: int | None):
+    from .inference import Predictor, resolve_model
+
+    cfg = _config()
+    return cfg, Predictor(resolve_model(model or cfg.serve.model, cfg.mlflow.tracking_uri), threads)
+
+
+@app.command()
+def predict(
+    input: Annotated[Path, typer.Argument(help="IDX file (.gz or raw), .npy (uint8 [N,28,28] or [N,784]), a PNG/JPEG, "
+                                               "or a folder of PNG/JPEG images (searched recursively).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write predictions: .csv or .jsonl.")],
+    model: ModelOpt = None,
+    output_format: Annotated[str | None, typer.Option("--format", help="csv or jsonl (default: from --output's suffix).")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per onnxruntime call. Default: predict.batch_size.")] = None,
+    top_k: Annotated[int | None, typer.Option(min=1, max=10, help="Classes listed per image. Default: predict.top_k.")] = None,
+    threads: ThreadsOpt = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad/--fail-on-bad", help="For folders: skip unreadable images "
+                                           "with a warning, or stop at the first one (default).")] = False,
+) -> None:
+    """Batch inference with onnxruntime: one output row per image (id, class, probability, top-k), streamed in
+    batches with bounded memory and written atomically."""
+    from . import predict as batch
+
+    if output_format not in (None, "csv", "jsonl"):
+        raise PipelineError(f"--format must be csv or jsonl, not {output_format!r}")
+    cfg, predictor = _predictor(model, threads)
+    count = batch.run(input, output, predictor, batch_size or cfg.predict.batch_size, top_k or cfg.predict.top_k,
+                      output_format, skip_bad, progress=sys.stderr.isatty())
+    typer.echo(f"predict: {count} images -> {output}")
+
+
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind. Default: serve.host (127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Default: serve.port.")] = None,
+    max_body_bytes: Annotated[int | None, typer.Option(min=1, help="Larger requests get 413. Default: serve.max_body_bytes.")] = None,
+    max_instances: Annotated[int | None, typer.Option(min=1, help="Images per request; more get 413. Default: serve.max_instances.")] = None,
+    request_timeout: Annotated[float | None, typer.Option(min=0.001, help="Seconds of inference before 503. Default: serve.request_timeout_s.")] = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """HTTP inference: POST /predict (JSON {"instances": [...]} or a PNG/JPEG), GET /health, GET /metadata."""
+    import dataclasses
+
+    from . import server
+
+    cfg, predictor = _predictor(model, threads)
+    overrides = {"host": host, "port": port, "max_body_bytes": max_body_bytes, "max_instances": max_instances,
+                 "request_timeout_s": request_timeout}
+    limits = dataclasses.replace(cfg.serve, **{k: v for k, v in overrides.items() if v is not None})
+    server.serve(predictor, limits, cfg.predict.top_k)
+
+
 def main() -> None:
     try:
         app()

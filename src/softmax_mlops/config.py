@@ -63,6 +63,15 @@ class Paths:
     def confusion(self, impl: str) -> Path:
         return self.metrics / impl / "confusion.csv"
 
+    def onnx(self, impl: str) -> Path:
+        return self.models / impl / "model.onnx"
+
+    def model_card(self, impl: str) -> Path:
+        return self.models / impl / "model.json"
+
+    def parity(self, impl: str) -> Path:
+        return self.models / impl / "parity.json"
+
     def report_dir(self, impl: str) -> Path:
         return self.reports / impl
 
@@ -102,6 +111,32 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 18
+    champion_min_accuracy: float = 0.82
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    batch_size: int = 4096
+    top_k: int = 3
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or not 1 <= self.top_k <= 10:
+            raise PipelineError("predict.batch_size must be >= 1 and predict.top_k between 1 and 10")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = "models/scratch/model.onnx"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 1 << 20
+    max_instances: int = 256
+    request_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class MlflowConfig:
     tracking_uri: str
     experiment: str
@@ -109,6 +144,10 @@ class MlflowConfig:
     @property
     def is_local_sqlite(self) -> bool:
         return self.tracking_uri.startswith("sqlite:")
+
+    def registered_model(self, impl: str) -> str:
+        """One registered model per implementation, e.g. softmax-mlops-scratch."""
+        return f"{self.experiment}-{impl}"
 
 
 @dataclass(frozen=True)
@@ -119,6 +158,9 @@ class Config:
     impls: tuple[str, ...]
     train: TrainConfig
     evaluate: EvaluateConfig
+    export: ExportConfig
+    predict: PredictConfig
+    serve: ServeConfig
     mlflow: MlflowConfig
 
 
@@ -178,6 +220,9 @@ def load(root: str | Path | None = None) -> Config:
         impls=impls,
         train=_section(TrainConfig, raw.get("train"), "train"),
         evaluate=_section(EvaluateConfig, raw.get("evaluate"), "evaluate"),
+        export=_section(ExportConfig, raw.get("export"), "export"),
+        predict=_section(PredictConfig, raw.get("predict"), "predict"),
+        serve=_section(ServeConfig, raw.get("serve"), "serve"),
         mlflow=MlflowConfig(
             tracking_uri=resolve_tracking_uri(tracking_uri, root),
             experiment=mlflow_raw.get("experiment") or "softmax-mlops",

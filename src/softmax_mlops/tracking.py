@@ -33,7 +33,7 @@ def _git_commit(root: Path) -> str:
         return "unknown"
 
 
-def _data_md5(cfg: Config) -> str:
+def data_md5(cfg: Config) -> str:
     try:
         return json.loads(cfg.paths.data_summary.read_text())["data_md5"]
     except (OSError, ValueError, KeyError):
@@ -58,7 +58,7 @@ def setup(cfg: Config) -> str:
 
 
 def _stage_tags(cfg: Config, stage: str) -> dict[str, str]:
-    tags = {"dvc_stage": stage, "git_commit": _git_commit(cfg.root), "data_md5": _data_md5(cfg)}
+    tags = {"dvc_stage": stage, "git_commit": _git_commit(cfg.root), "data_md5": data_md5(cfg)}
     if flow_run := os.environ.get(PREFECT_FLOW_RUN_ENV):
         tags["prefect_flow_run_id"] = flow_run
     if exp := os.environ.get("DVC_EXP_NAME"):
@@ -142,3 +142,32 @@ def log_torch_model(W, b, example_images: np.ndarray) -> None:  # noqa: ANN001
         module, name="model", serialization_format="pt2",
         signature=infer_signature(example_images, example_logits), input_example=example_images,
         pip_requirements=pip_requirements("torch", "numpy"))
+
+
+def log_and_register_onnx(cfg: Config, impl: str, onnx_path: Path, model_card: Path, example_images: np.ndarray,
+                          module, test_accuracy: float) -> dict:  # noqa: ANN001
+    """Log the ONNX model into the current run, register it, point @candidate at it, and move @champion to it
+    only if its test accuracy passes the gate in params.yaml (export.champion_min_accuracy)."""
+    import onnx
+    import torch
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        logits, probabilities = (t.numpy() for t in module(torch.from_numpy(example_images)))
+    name = cfg.mlflow.registered_model(impl)
+    info = mlflow.onnx.log_model(
+        onnx.load(str(onnx_path)), name="onnx_model", registered_model_name=name, save_as_external_data=False,
+        signature=infer_signature(example_images, {"logits": logits, "probabilities": probabilities}),
+        input_example=example_images, extra_files=[str(model_card)],
+        pip_requirements=pip_requirements("onnxruntime", "onnx", "numpy"))
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    client.set_registered_model_tag(name, "impl", impl)
+    client.set_model_version_tag(name, version, "test_accuracy", f"{test_accuracy:.4f}")
+    client.set_registered_model_alias(name, "candidate", version)
+    gate = cfg.export.champion_min_accuracy
+    promoted = test_accuracy >= gate
+    if promoted:
+        client.set_registered_model_alias(name, "champion", version)
+    mlflow.set_tags({"registered_model": name, "registered_version": version, "champion": str(promoted).lower()})
+    return {"registered_model": name, "version": version, "champion": promoted, "gate": gate}

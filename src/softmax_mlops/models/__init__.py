@@ -25,9 +25,9 @@ def initial_weights(generator: torch.Generator) -> tuple[torch.Tensor, torch.Ten
     return W, torch.zeros(NUM_OUTPUTS)
 
 
-def features(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels [N, 28, 28] -> float32 [N, 784] in [0, 1]: the only preprocessing, also inside the export."""
-    return torch.flatten(images.to(torch.float32) / 255.0, start_dim=1)
+def features(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels [N, 28, 28] -> [N, 784] in [0, 1]: the only preprocessing, also inside the export."""
+    return torch.flatten(images.to(dtype) / 255.0, start_dim=1)
 
 
 class SoftmaxModel(Protocol):
@@ -55,21 +55,26 @@ def build(impl: str, W: torch.Tensor, b: torch.Tensor, hp: TrainConfig) -> Softm
 
 
 class SoftmaxRegression(nn.Module):
-    """The deployable model: raw uint8 images in, logits out, with the preprocessing inside the graph.
+    """The deployable model: raw uint8 images in, float32 logits out, with the preprocessing inside the graph.
 
     Whichever implementation trained W and b, this is what MLflow logs and ONNX exports, so serving cannot
-    drift from training.
+    drift from training. The affine map runs in float64: in float32, MKL (torch) and MLAS (onnxruntime) sum
+    the 784 products in different orders and trained logits then differ by ~1e-5, which is the parity limit;
+    in float64 both round to the same float32 result.
     """
 
     def __init__(self, W: torch.Tensor, b: torch.Tensor) -> None:
         super().__init__()
-        self.linear = nn.Linear(NUM_INPUTS, NUM_OUTPUTS)
+        self.linear = nn.Linear(NUM_INPUTS, NUM_OUTPUTS, dtype=torch.float64)
         with torch.no_grad():
             self.linear.weight.copy_(W.T)
             self.linear.bias.copy_(b)
 
+    def logits64(self, image: torch.Tensor) -> torch.Tensor:
+        return self.linear(features(image, torch.float64))
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.linear(features(image))
+        return self.logits64(image).to(torch.float32)
 
 
 def save_weights(path, W: torch.Tensor, b: torch.Tensor) -> None:  # noqa: ANN001
