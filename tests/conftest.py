@@ -43,3 +43,17 @@ def real_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 @pytest.fixture
 def project(tmp_path) -> Path:
     return copy_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def onnx_model(tmp_path_factory):
+    """An exported model with random weights scaled like trained ones (logits of about +-15), and its module."""
+    import torch
+
+    from softmax_mlops.export import ExportedSoftmaxRegression, export_onnx
+
+    generator = torch.Generator().manual_seed(0)
+    module = ExportedSoftmaxRegression(torch.randn(784, 10, generator=generator) * 0.1, torch.randn(10, generator=generator))
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export_onnx(module, path, opset=18)
+    return path, module.eval()

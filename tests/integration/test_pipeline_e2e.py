@@ -1,6 +1,7 @@
 """The whole pipeline as a user runs it: `dvc repro` in a fresh copy, then what DVC and MLflow hold."""
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -77,7 +78,7 @@ def test_one_mlflow_run_per_implementation_with_params_tags_and_epochs(repo, run
         assert run.data.params["lr"] == "0.1" and run.data.params["batch_size"] == "256"
         tags = run.data.tags
         assert tags["git_commit"] == commit and tags["data_md5"] == data_md5
-        assert tags["dvc_stages"] == f"train@{impl},evaluate@{impl}"
+        assert tags["dvc_stages"] == f"train@{impl},evaluate@{impl},export@{impl}"
         history = client.get_metric_history(run.info.run_id, "test_acc")
         assert [m.step for m in history] == [1, 2, 3, 4, 5]
         for key in ("train_acc_running", "train_acc", "loss"):
@@ -97,13 +98,72 @@ def test_logged_torch_model_has_signature_and_predicts_like_the_weights(repo, ru
     images, labels = load_split(repo / "data/prepared/test.npz")
     run = runs["scratch"]
     outputs = run.outputs.model_outputs
-    assert len(outputs) == 1
-    uri = f"models:/{outputs[0].model_id}"
+    assert len(outputs) == 2  # the torch module (train) and the ONNX model (export), both in this run
+    models = {mlflow.get_logged_model(o.model_id).name: o.model_id for o in outputs}
+    assert set(models) == {"model", "onnx_model"}
+    uri = f"models:/{models['model']}"
     info = mlflow.models.get_model_info(uri)
     assert info.signature is not None and info.saved_input_example_info is not None
     model = mlflow.pyfunc.load_model(uri)
     predicted = np.asarray(model.predict(images)).argmax(axis=1)
     assert (predicted == labels).mean() == pytest.approx(read_json(repo / "metrics/scratch/eval.json")["test_accuracy"])
+
+
+@pytest.mark.parametrize("impl", ["scratch", "concise"])
+def test_onnx_parity_and_model_card(repo, runs, impl):
+    parity = read_json(repo / f"models/{impl}/parity.json")
+    assert parity["images"] == 10000
+    for batch in (1, 7, 10000):
+        entry = parity[f"batch_{batch}"]
+        assert entry["max_abs_diff_logits"] <= 1e-5 and entry["max_abs_diff_probabilities"] <= 1e-5
+        assert entry["argmax_match"] == 1.0
+    card = read_json(repo / f"models/{impl}/model.json")
+    assert card["class_names"][0] == "t-shirt" and card["opset"] == 18
+    assert card["mlflow_run_id"] == runs[impl].info.run_id
+    assert card["test_accuracy"] == read_json(repo / f"metrics/{impl}/eval.json")["test_accuracy"]
+    assert card["data_md5"] == read_json(repo / "data/prepared/summary.json")["data_md5"]
+
+
+@pytest.mark.parametrize("impl", ["scratch", "concise"])
+def test_registered_with_candidate_and_champion_aliases(runs, impl):
+    client = mlflow.MlflowClient()
+    name = f"softmax-mlops-{impl}"
+    candidate = client.get_model_version_by_alias(name, "candidate")
+    champion = client.get_model_version_by_alias(name, "champion")  # 0.8238 passes the 0.82 gate
+    assert str(candidate.version) == str(champion.version) == "1"
+    assert candidate.run_id == runs[impl].info.run_id
+    assert client.get_registered_model(name).tags["impl"] == impl
+
+
+def test_predict_from_the_registry_on_the_genuine_idx_file(repo, runs):
+    import csv
+
+    import numpy as np
+
+    from softmax_mlops.data import load_split
+
+    mirror = Path(config.load(repo).mirror or "/nonexistent")
+    source = mirror / "t10k-images-idx3-ubyte.gz"  # the genuine file, when the mirror is a local folder
+    if not source.is_file():
+        source = repo / "test_images.npy"
+        np.save(source, load_split(repo / "data/prepared/test.npz")[0])
+    out = repo / "predictions.csv"
+    result = cli("predict", str(source), "-o", str(out), "-m", "models:/softmax-mlops-scratch@champion", cwd=repo)
+    assert result.returncode == 0, result.stderr
+    predicted = [int(row["class_id"]) for row in csv.DictReader(out.open())]
+    labels = load_split(repo / "data/prepared/test.npz")[1]
+    accuracy = (labels == predicted).mean()
+    assert accuracy == pytest.approx(read_json(repo / "metrics/scratch/eval.json")["test_accuracy"])
+
+
+def test_champion_stays_when_a_new_model_misses_the_gate(repo, runs):
+    params = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(params.replace("champion_min_accuracy: 0.82", "champion_min_accuracy: 0.99"))
+    result = run_tool("dvc", "repro", "export@scratch", cwd=repo)
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("softmax-mlops-scratch", "candidate").version) == "2"
+    assert str(client.get_model_version_by_alias("softmax-mlops-scratch", "champion").version) == "1"
 
 
 def test_failing_stage_marks_its_run_failed(repo, runs):

@@ -1,0 +1,74 @@
+"""`softmax-mlops predict` as a user runs it: outputs, formats, threads, and failures without tracebacks."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from helpers import REPO, cli
+
+
+@pytest.fixture
+def images(tmp_path):
+    pixels = np.random.default_rng(1).integers(0, 256, size=(50, 28, 28), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", pixels)
+    return tmp_path / "x.npy", pixels
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+def test_one_row_per_image_matching_the_model(onnx_model, images, tmp_path, suffix):
+    from softmax_mlops.inference import Predictor
+
+    path, pixels = images
+    out = tmp_path / f"out.{suffix}"
+    result = cli("predict", str(path), "-o", str(out), "-m", str(onnx_model[0]), "--batch-size", "7",
+                 "--top-k", "2", cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    _, probabilities = Predictor(onnx_model[0]).run(pixels)
+    if suffix == "csv":
+        rows = list(csv.DictReader(out.open()))
+        assert list(rows[0]) == ["id", "class_id", "class_name", "probability", "top_k"]
+        class_ids = [int(r["class_id"]) for r in rows]
+        assert rows[0]["top_k"].count(";") == 1
+    else:
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        class_ids = [r["class_id"] for r in rows]
+        assert len(rows[0]["top_k"]) == 2 and rows[0]["top_k"][0]["class_id"] == rows[0]["class_id"]
+        assert rows[0]["probability"] == pytest.approx(probabilities[0].max(), rel=1e-6)
+    assert len(rows) == 50 and class_ids == probabilities.argmax(1).tolist()
+
+
+def test_failure_leaves_no_output_and_no_traceback(onnx_model, tmp_path):
+    np.save(tmp_path / "bad.npy", np.zeros((4, 28, 28), np.float64))
+    out = tmp_path / "out.csv"
+    result = cli("predict", str(tmp_path / "bad.npy"), "-o", str(out), "-m", str(onnx_model[0]), cwd=REPO)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith("expected uint8 pixels, got float64")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npy"]
+
+
+def test_missing_model_is_a_clear_error(images, tmp_path):
+    result = cli("predict", str(images[0]), "-o", str(tmp_path / "o.csv"), "-m", str(tmp_path / "none.onnx"), cwd=REPO)
+    assert result.returncode == 1 and "no ONNX model at" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_threads_follow_the_cpus_this_process_may_use():
+    """Pinned to one CPU, the default is one thread, whatever the host's core count."""
+    import subprocess
+    import sys
+
+    code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+            "from softmax_mlops.inference import available_cpus; print(available_cpus())")
+    pinned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert pinned.stdout.strip() == "1"
+    from softmax_mlops.inference import available_cpus
+
+    assert 1 <= available_cpus() <= len(os.sched_getaffinity(0))
+
+
+def test_explicit_threads_reach_onnxruntime(onnx_model):
+    from softmax_mlops.inference import Predictor
+
+    assert Predictor(onnx_model[0], threads=1).session.get_session_options().intra_op_num_threads == 1

@@ -1,0 +1,131 @@
+"""The HTTP service, started for real on 127.0.0.1: good requests, every kind of bad one, and it keeps serving."""
+
+import io
+import json
+import socket
+import subprocess
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import REPO
+
+MAX_BODY, MAX_INSTANCES = 200_000, 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(onnx_model):
+    port = free_port()
+    proc = subprocess.Popen(["softmax-mlops", "serve", "-m", str(onnx_model[0]), "--port", str(port),
+                             "--max-body-bytes", str(MAX_BODY), "--max-instances", str(MAX_INSTANCES)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait()
+
+
+def png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+IMAGES = np.random.default_rng(2).integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
+
+
+def test_health_and_metadata(server):
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server}/metadata").json()["class_names"][9] == "ankle boot"
+
+
+def test_json_instances_match_the_model(server, onnx_model):
+    from softmax_mlops.inference import Predictor
+
+    response = httpx.post(f"{server}/predict", json={"instances": IMAGES.tolist()})
+    assert response.status_code == 200
+    predictions = response.json()["predictions"]
+    _, probabilities = Predictor(onnx_model[0]).run(IMAGES)
+    assert [p["class_id"] for p in predictions] == probabilities.argmax(1).tolist()
+    assert predictions[0]["probability"] == pytest.approx(float(probabilities[0].max()), rel=1e-6)
+    assert len(predictions[0]["top_k"]) == 3
+
+
+def test_flat_784_instances_are_accepted(server):
+    response = httpx.post(f"{server}/predict", json={"instances": IMAGES.reshape(3, 784).tolist()})
+    assert response.status_code == 200 and len(response.json()["predictions"]) == 3
+
+
+def test_png_body_and_multipart_upload_agree(server):
+    body = png(IMAGES[0])
+    raw = httpx.post(f"{server}/predict", content=body, headers={"content-type": "image/png"})
+    upload = httpx.post(f"{server}/predict", files={"file": ("x.png", body, "image/png")})
+    as_json = httpx.post(f"{server}/predict", json={"instances": IMAGES[:1].tolist()})
+    assert raw.status_code == upload.status_code == 200
+    assert raw.json() == upload.json() == as_json.json()
+
+
+def instances(value):
+    return json.dumps({"instances": value})
+
+
+BAD = [
+    ("malformed JSON", b"{not json", "application/json", 400, "malformed JSON"),
+    ("no instances key", b'{"images": []}', "application/json", 422, "expected a JSON object"),
+    ("not an object", b"[1, 2]", "application/json", 422, "expected a JSON object"),
+    ("empty batch", instances([]), "application/json", 422, "non-empty list"),
+    ("wrong shape", instances([[[0] * 28] * 27]), "application/json", 422, "must be 28x28"),
+    ("ragged rows", instances([[[0] * 28] * 27 + [[0] * 3]]), "application/json", 422, "28x28"),
+    ("over 255", instances([[[256] * 28] * 28]), "application/json", 422, "in 0..255"),
+    ("negative", instances([[[-1] * 28] * 28]), "application/json", 422, "in 0..255"),
+    ("strings", instances([[["a"] * 28] * 28]), "application/json", 422, "must be numbers"),
+    ("booleans", instances([[[True] * 28] * 28]), "application/json", 422, "must be numbers"),
+    ("NaN", '{"instances": [[' + ",".join(["[" + ",".join(["NaN"] * 28) + "]"] * 28) + "]]}", "application/json",
+     422, "NaN"),
+    ("fractions", instances([[[0.5] * 28] * 28]), "application/json", 422, "integers"),
+    ("too many instances", instances([[[0] * 28] * 28] * (MAX_INSTANCES + 1)), "application/json", 413, "limit of 4"),
+    ("oversized body", b" " * (MAX_BODY + 1), "application/json", 413, "byte limit"),
+    ("undecodable image", b"\x89PNG but not really", "image/png", 400, "not a readable PNG or JPEG"),
+    ("wrong content type", b"hello", "text/plain", 415, "unsupported content type"),
+]
+
+
+@pytest.mark.parametrize("body, content_type, status, message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_4xx_json_error_and_service_survives(server, body, content_type, status, message):
+    response = httpx.post(f"{server}/predict", content=body, headers={"content-type": content_type})
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_chunked_body_without_length_is_capped(server):
+    def chunks():
+        for _ in range(MAX_BODY // 1000 + 2):
+            yield b" " * 1000
+
+    response = httpx.post(f"{server}/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413
+
+
+def test_multipart_without_a_file(server):
+    body = b'--XyZ\r\nContent-Disposition: form-data; name="note"\r\n\r\nno file here\r\n--XyZ--\r\n'
+    response = httpx.post(f"{server}/predict", content=body,
+                          headers={"content-type": "multipart/form-data; boundary=XyZ"})
+    assert response.status_code == 422 and "holds no file" in response.json()["error"]
