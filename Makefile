@@ -26,6 +26,7 @@ test: setup
 bench: setup
 	python benchmarks/train_speed.py
 	python benchmarks/pipeline_time.py
+	python benchmarks/inference_speed.py
 
 # Refresh the lock from the current venv after changing dependencies in pyproject.toml.
 lock: setup

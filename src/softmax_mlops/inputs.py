@@ -6,6 +6,7 @@ gzipped IDX is decompressed as a stream, so inputs larger than RAM work.
 from __future__ import annotations
 
 import gzip
+import mmap
 import struct
 import sys
 from collections.abc import Iterator
@@ -38,10 +39,24 @@ def _as_images(array: np.ndarray, path: Path) -> np.ndarray:
     raise PipelineError(f"{path}: expected shape [N, 28, 28] or [N, 784], got {list(array.shape)}")
 
 
-def _array_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    for start in range(0, len(images), batch_size):
-        # np.ascontiguousarray reads just this slice of the memory map
-        yield np.arange(start, min(start + batch_size, len(images))), np.ascontiguousarray(images[start:start + batch_size])
+def _mapped_batches(path: Path, offset: int, count: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Memory-map ``count`` images at ``offset`` and hand out copies of one batch at a time.
+
+    Pages already read are dropped from the mapping (MADV_DONTNEED), so the resident size stays around one
+    batch instead of growing to the whole file as a plain memory map would.
+    """
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        images = np.frombuffer(mapped, dtype=np.uint8, count=count * PIXELS, offset=offset).reshape(count, 28, 28)
+        released = 0
+        for start in range(0, count, batch_size):
+            stop = min(start + batch_size, count)
+            batch = images[start:stop].copy()
+            done = (offset + stop * PIXELS) // mmap.PAGESIZE * mmap.PAGESIZE
+            if done > released and hasattr(mapped, "madvise"):
+                mapped.madvise(mmap.MADV_DONTNEED, released, done - released)
+                released = done
+            yield np.arange(start, stop), batch
+        del images  # the mapping cannot close while a numpy view still exports its buffer
 
 
 def _read_idx_header(fh, path: Path) -> tuple[tuple[int, ...], int]:  # noqa: ANN001
@@ -71,8 +86,7 @@ def _open_idx(path: Path, batch_size: int) -> Source:
         expected = offset + int(np.prod(dims))
         if path.stat().st_size < expected:
             raise PipelineError(f"{path} is truncated: {path.stat().st_size} bytes, header promises {expected}")
-        images = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(dims[0], 28, 28))
-        return Source(len(images), _array_batches(images, batch_size))
+        return Source(dims[0], _mapped_batches(path, offset, dims[0], batch_size))
 
     fh = gzip.open(path, "rb")
     try:
@@ -97,12 +111,17 @@ def _open_idx(path: Path, batch_size: int) -> Source:
 
 
 def _open_npy(path: Path, batch_size: int) -> Source:
+    """numpy reads and checks the header (no pickle); the pixels are then streamed from a memory map."""
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise PipelineError(f"{path} is not a readable .npy array: {str(exc).splitlines()[0]}") from None
     images = _as_images(array, path)
-    return Source(len(images), _array_batches(images, batch_size))
+    if not images.flags.c_contiguous:
+        raise PipelineError(f"{path}: Fortran-ordered arrays are not supported; save it with np.save(np.ascontiguousarray(a))")
+    count, offset = len(images), array.offset
+    del array, images
+    return Source(count, _mapped_batches(path, offset, count, batch_size))
 
 
 def load_image(path: Path) -> np.ndarray:

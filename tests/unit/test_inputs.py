@@ -39,15 +39,20 @@ def test_arrays_round_trip_in_batches(tmp_path, pixels, kind):
     np.testing.assert_array_equal(images, pixels)
 
 
-def test_npy_and_raw_idx_are_memory_mapped(tmp_path, pixels):
-    """Only the batch being predicted is read: the arrays behind the batches are memory maps."""
+def test_npy_and_raw_idx_stream_from_a_memory_map(tmp_path, pixels, monkeypatch):
+    """Arrays go through the memory-mapped batch reader, never a whole-file load (its peak memory on a
+    larger-than-batch file is measured in benchmarks/inference_speed.py)."""
+    from softmax_mlops import inputs
+
+    calls = []
+    real = inputs._mapped_batches
+    monkeypatch.setattr(inputs, "_mapped_batches", lambda *a: calls.append(a[1:]) or real(*a))
     np.save(tmp_path / "a.npy", pixels)
     (tmp_path / "a.idx").write_bytes(idx_bytes(pixels))
     for name in ("a.npy", "a.idx"):
-        generator = open_source(tmp_path / name, batch_size=5).batches
-        frame = generator.gi_frame
-        next(generator)
-        assert isinstance(frame.f_locals["images"], np.memmap), name
+        _, images = collect(open_source(tmp_path / name, batch_size=5))
+        np.testing.assert_array_equal(images, pixels)
+    assert [(count, batch) for _, count, batch in calls] == [(23, 5), (23, 5)]
 
 
 def test_image_folder_is_converted_to_28x28_grayscale(tmp_path):
