@@ -57,3 +57,17 @@ def onnx_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     export_onnx(module, path, opset=18)
     return path, module.eval()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One Prefect test harness for the session, in its own PREFECT_HOME, quiet and without analytics."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        mp.setenv("PREFECT_LOGGING_LEVEL", "WARNING")
+        mp.delenv("PREFECT_API_URL", raising=False)
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness():
+            yield

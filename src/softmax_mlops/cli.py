@@ -8,6 +8,7 @@ failures (PipelineError) print one line and exit 1; heavy imports wait until a c
 from __future__ import annotations
 
 import enum
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -162,11 +163,40 @@ def serve(
     server.serve(predictor, limits, cfg.predict.top_k)
 
 
+@app.command()
+def pipeline(
+    impl: Annotated[list[Impl] | None, typer.Option(help="Implementation(s) to run; repeat for both. Default: impls in params.yaml.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-S", help="Override a param, DVC style (train.lr=0.05); "
+                                                   "repeatable. Runs as a DVC experiment; params.yaml is untouched.")] = None,
+    name: Annotated[str | None, typer.Option(help="Name of the DVC experiment (with --set).")] = None,
+) -> None:
+    """Run the training pipeline as a Prefect flow, one task per DVC stage. Without a Prefect server configured
+    (PREFECT_API_URL) it uses Prefect's ephemeral mode; nothing to start first."""
+    from pipelines.dvc_stages import StageFailed
+    from pipelines.flows import training_pipeline
+
+    root = str((_project or Path(".")).resolve())
+    try:
+        result = training_pipeline(impls=[i.value for i in impl or []] or None, overrides=set_ or [],
+                                   experiment_name=name, project_dir=root)
+    except StageFailed as exc:
+        raise PipelineError(f"pipeline stage {exc}") from None
+    for impl_name, metrics in result["impls"].items():
+        typer.echo(f"{impl_name}: test accuracy {metrics['test_accuracy']:.4f}  {metrics['mlflow_run_url']}")
+    if result["experiment"]:
+        typer.echo(f"DVC experiment: {result['experiment']} (dvc exp show)")
+
+
+ERROR_FILE_ENV = "SOFTMAX_MLOPS_ERROR_FILE"
+
+
 def main() -> None:
     try:
         app()
     except PipelineError as exc:
         typer.echo(f"softmax-mlops: error: {exc}", err=True)
+        if error_file := os.environ.get(ERROR_FILE_ENV):  # lets an orchestrator report the one-line reason
+            Path(error_file).write_text(str(exc), encoding="utf-8")
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("softmax-mlops: interrupted", err=True)

@@ -137,13 +137,33 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class BatchInferenceConfig:
+    input: str = "data/incoming"
+    output_dir: str = "predictions"
+    model: str = "models:/softmax-mlops-scratch@champion"
+
+
+@dataclass(frozen=True)
 class MlflowConfig:
     tracking_uri: str
     experiment: str
+    ui_url: str = "http://127.0.0.1:5000"
 
     @property
     def is_local_sqlite(self) -> bool:
         return self.tracking_uri.startswith("sqlite:")
+
+    @property
+    def artifact_location(self) -> str | None:
+        """With the embedded SQLite store, artifacts live beside the database file (mlartifacts/), so every
+        process that shares the database (a stage in an experiment worktree, say) shares the artifacts too."""
+        if not self.is_local_sqlite:
+            return None
+        return (Path(self.tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+
+    def run_url(self, experiment_id: str, run_id: str) -> str:
+        base = self.tracking_uri if self.tracking_uri.startswith(("http://", "https://")) else self.ui_url
+        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
     def registered_model(self, impl: str) -> str:
         """One registered model per implementation, e.g. softmax-mlops-scratch."""
@@ -161,6 +181,7 @@ class Config:
     export: ExportConfig
     predict: PredictConfig
     serve: ServeConfig
+    batch_inference: BatchInferenceConfig
     mlflow: MlflowConfig
 
 
@@ -223,8 +244,10 @@ def load(root: str | Path | None = None) -> Config:
         export=_section(ExportConfig, raw.get("export"), "export"),
         predict=_section(PredictConfig, raw.get("predict"), "predict"),
         serve=_section(ServeConfig, raw.get("serve"), "serve"),
+        batch_inference=_section(BatchInferenceConfig, raw.get("batch_inference"), "batch_inference"),
         mlflow=MlflowConfig(
             tracking_uri=resolve_tracking_uri(tracking_uri, root),
             experiment=mlflow_raw.get("experiment") or "softmax-mlops",
+            ui_url=mlflow_raw.get("ui_url") or "http://127.0.0.1:5000",
         ),
     )

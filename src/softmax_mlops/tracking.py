@@ -43,16 +43,15 @@ def data_md5(cfg: Config) -> str:
 def setup(cfg: Config) -> str:
     """Point MLflow at the configured store and return the experiment id, creating the experiment if needed.
 
-    With the embedded SQLite default, artifacts go to <project>/mlartifacts rather than wherever the process
-    happens to run; a remote tracking server keeps its own artifact root.
+    With the embedded SQLite default, artifacts go beside the database (see MlflowConfig.artifact_location)
+    rather than wherever the process happens to run; a remote tracking server keeps its own artifact root.
     """
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     try:
         experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
         if experiment is not None:
             return experiment.experiment_id
-        location = (cfg.root / "mlartifacts").as_uri() if cfg.mlflow.is_local_sqlite else None
-        return mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=location)
+        return mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=cfg.mlflow.artifact_location)
     except mlflow.exceptions.MlflowException as exc:
         raise PipelineError(f"MLflow at {cfg.mlflow.tracking_uri} is not usable: {exc.message}") from None
 

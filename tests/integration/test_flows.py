@@ -1,0 +1,131 @@
+"""The Prefect flows on the real data, in a Prefect test harness: stages as tasks, cache hits, experiments,
+failures, the run summary and batch inference."""
+
+import csv
+import subprocess
+
+import mlflow
+import pytest
+from PIL import Image
+
+from softmax_mlops import config
+from helpers import copy_project, run_tool
+
+pytestmark = pytest.mark.realdata
+
+
+@pytest.fixture(scope="module")
+def project(real_splits, prefect_harness, tmp_path_factory):
+    """A fresh copy, with the training flow run once on it."""
+    from pipelines.flows import training_pipeline
+
+    root = copy_project(tmp_path_factory.mktemp("flows"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(config.TRACKING_URI_ENV, raising=False)
+        state = training_pipeline(project_dir=str(root), return_state=True)
+    assert state.is_completed(), state.message
+    return root, state
+
+
+def test_every_stage_ran_as_a_task(project):
+    from prefect import get_client
+
+    root, state = project
+    result = state.result()
+    assert result["stages"] == ["ingest", "train@scratch", "evaluate@scratch", "export@scratch",
+                                "train@concise", "evaluate@concise", "export@concise", "compare"]
+    assert result["reproduced"] == result["stages"]  # a fresh copy: everything ran
+    import asyncio
+
+    async def task_names():
+        async with get_client() as client:
+            from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            return sorted(r.name for r in runs)
+
+    assert asyncio.run(task_names()) == sorted(result["stages"])
+
+
+def test_mlflow_runs_carry_the_flow_run_id(project):
+    root, state = project
+    mlflow.set_tracking_uri(config.load(root).mlflow.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=["softmax-mlops"], output_format="list")
+    assert len(runs) == 2
+    assert {r.data.tags["prefect_flow_run_id"] for r in runs} == {str(state.state_details.flow_run_id)}
+
+
+def test_markdown_summary_links_each_mlflow_run(project):
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    root, state = project
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["training-metrics"])))
+
+    (artifact,) = asyncio.run(read())
+    for impl, metrics in state.result()["impls"].items():
+        assert f"| {impl} | {metrics['test_accuracy']:.4f}" in artifact.data
+        assert metrics["mlflow_run_url"] in artifact.data
+
+
+def test_second_run_is_all_cache_hits_and_agrees_with_dvc(project):
+    from pipelines.flows import training_pipeline
+
+    root, _ = project
+    result = training_pipeline(project_dir=str(root))
+    assert result["reproduced"] == []
+    assert run_tool("dvc", "status", "--json", cwd=root).stdout.strip() == "{}"
+
+
+def test_overrides_run_as_a_dvc_experiment_and_leave_params_alone(project):
+    from pipelines.flows import training_pipeline
+
+    root, _ = project
+    params_before = (root / "params.yaml").read_bytes()
+    status_before = run_tool("git", "status", "--porcelain", cwd=root).stdout
+    result = training_pipeline(impls=["scratch"], overrides=["train.epochs=1"], experiment_name="one-epoch",
+                               project_dir=str(root))
+    assert result["experiment"] == "one-epoch" and "compare" not in result["stages"]
+    assert (root / "params.yaml").read_bytes() == params_before
+    assert run_tool("git", "status", "--porcelain", cwd=root).stdout == status_before
+    assert run_tool("git", "worktree", "list", cwd=root).stdout.count("\n") == 1
+    shown = run_tool("dvc", "exp", "show", "--json", cwd=root).stdout
+    assert "one-epoch" in shown
+    assert result["impls"]["scratch"]["test_accuracy"] < 0.81  # one epoch: the override really applied
+
+
+def test_failing_stage_fails_the_flow_with_its_name_and_reason(project):
+    from pipelines.flows import training_pipeline
+
+    root, _ = project
+    state = training_pipeline(impls=["scratch"], overrides=["train.lr_schedule=step"], project_dir=str(root),
+                              return_state=True)
+    assert state.is_failed()
+    assert "train@scratch: " in state.message and "train.lr_schedule must be one of constant, cosine" in state.message
+    assert run_tool("git", "worktree", "list", cwd=root).stdout.count("\n") == 1
+
+
+def test_batch_inference_writes_predictions_for_a_folder(project, tmp_path):
+    from pipelines.flows import batch_inference
+
+    root, _ = project
+    images, labels = real_test_images(root)
+    folder = root / "data" / "incoming"
+    folder.mkdir(parents=True)
+    for i in range(12):
+        Image.fromarray(images[i]).save(folder / f"{i:02d}.png")
+    result = batch_inference(output_path="predictions/out.csv", model="models/scratch", project_dir=str(root))
+    rows = list(csv.DictReader((root / "predictions/out.csv").open()))
+    assert result["images"] == 12 and [r["id"] for r in rows] == [f"{i:02d}.png" for i in range(12)]
+    assert sum(int(r["class_id"]) == labels[i] for i, r in enumerate(rows)) >= 8
+
+
+def real_test_images(root):
+    from softmax_mlops.data import load_split
+
+    return load_split(root / "data/prepared/test.npz")
