@@ -103,7 +103,7 @@ def export(impl: ImplArg) -> None:
 
 
 ModelOpt = Annotated[str | None, typer.Option(
-    "--model", "-m", help="A .onnx file, its folder, or an MLflow URI such as models:/softmax-mlops-scratch@champion. "
+    "--model", "-m", envvar="SOFTMAX_MLOPS_MODEL", help="A .onnx file, its folder, or an MLflow URI such as models:/softmax-mlops-scratch@champion. "
                           "Default: serve.model in params.yaml.")]
 ThreadsOpt = Annotated[int | None, typer.Option(
     min=1, help="onnxruntime intra-op threads. Default: the CPUs this process may use (affinity and cgroup quota).")]

@@ -1,0 +1,123 @@
+"""Prefect flows: the training pipeline (one task per DVC stage) and batch inference.
+
+Run once without a server (Prefect's ephemeral mode): `softmax-mlops pipeline` or `python -m pipelines.flows`.
+Scheduled: `prefect deploy --all` (prefect.yaml) with a process worker, or `python -m pipelines.serve`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
+
+from softmax_mlops import config
+from softmax_mlops.tracking import PREFECT_FLOW_RUN_ENV
+
+from .dvc_stages import environment, experiment_workspace, reproduce, save_experiment
+
+STAGES_PER_IMPL = ("train", "evaluate", "export")
+
+
+@task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5,
+      task_run_name="ingest")
+def ingest(workspace: Path) -> bool:
+    """The only stage that touches the network (the data download), so the only one retried."""
+    return reproduce(workspace, "ingest")
+
+
+@task(task_run_name="{stage}")
+def run_stage(workspace: Path, stage: str) -> bool:
+    return reproduce(workspace, stage)
+
+
+def _summary(cfg: config.Config, workspace: Path, impls: list[str]) -> dict:
+    paths = config.load(workspace).paths
+    summary = {}
+    for impl in impls:
+        run = json.loads(paths.run_info(impl).read_text())
+        evaluation = json.loads(paths.eval_metrics(impl).read_text())
+        summary[impl] = {"test_accuracy": evaluation["test_accuracy"], "macro_f1": evaluation["macro_f1"],
+                         "mlflow_run_id": run["run_id"],
+                         "mlflow_run_url": cfg.mlflow.run_url(run["experiment_id"], run["run_id"])}
+    return summary
+
+
+def _markdown(summary: dict, overrides: list[str], experiment: str | None) -> str:
+    lines = ["# Training pipeline", ""]
+    if overrides:
+        lines += [f"DVC experiment `{experiment}` with " + ", ".join(f"`{o}`" for o in overrides), ""]
+    lines += ["| implementation | test accuracy | macro-F1 | MLflow run |", "|---|---:|---:|---|"]
+    lines += [f"| {impl} | {m['test_accuracy']:.4f} | {m['macro_f1']:.4f} | [{m['mlflow_run_id'][:8]}]({m['mlflow_run_url']}) |"
+              for impl, m in summary.items()]
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="training-pipeline", log_prints=True)
+def training_pipeline(impls: list[str] | None = None, overrides: list[str] | None = None,
+                      experiment_name: str | None = None, project_dir: str | None = None) -> dict:
+    """Run the DVC stages as tasks: ingest, train/evaluate/export for each implementation, then compare.
+
+    ``overrides`` take DVC's `-S` form (`train.lr=0.05`); with any, the run is a DVC experiment in a
+    throwaway worktree and params.yaml is left as it is.
+    """
+    root = Path(project_dir or os.getcwd()).resolve()
+    cfg = config.load(root)
+    impls = list(impls or cfg.impls)
+    if unknown := sorted(set(impls) - set(config.IMPLS)):
+        raise ValueError(f"unknown implementation(s) {unknown}; choose from {list(config.IMPLS)}")
+    overrides = list(overrides or [])
+    # Stages in a worktree must log to the project's MLflow store, and every run carries this flow run's id.
+    env = {config.TRACKING_URI_ENV: cfg.mlflow.tracking_uri, PREFECT_FLOW_RUN_ENV: str(flow_run.id or "")}
+
+    with environment(**env), (experiment_workspace(root, overrides) if overrides else nullcontext(root)) as ws:
+        stages = ["ingest", *(f"{name}@{impl}" for impl in impls for name in STAGES_PER_IMPL)]
+        if set(impls) == set(config.IMPLS):
+            stages.append("compare")
+        reproduced = [stage for stage in stages
+                      if (ingest(ws) if stage == "ingest" else run_stage(ws, stage))]
+        summary = _summary(cfg, ws, impls)
+        experiment = save_experiment(ws, stages, experiment_name) if overrides else None
+
+    create_markdown_artifact(key="training-metrics", markdown=_markdown(summary, overrides, experiment),
+                             description="Test metrics per implementation, with links to the MLflow runs")
+    return {"impls": summary, "experiment": experiment, "stages": stages, "reproduced": reproduced}
+
+
+@task(retries=2, retry_delay_seconds=10)
+def load_predictor(model: str, tracking_uri: str):
+    """Resolving models:/name@alias asks the MLflow server, which may be briefly unreachable."""
+    from softmax_mlops.inference import Predictor, resolve_model
+
+    return Predictor(resolve_model(model, tracking_uri))
+
+
+@flow(name="batch-inference", log_prints=True)
+def batch_inference(input_path: str | None = None, output_path: str | None = None, model: str | None = None,
+                    skip_bad: bool = False, project_dir: str | None = None) -> dict:
+    """Predict every image of a folder, IDX or .npy file with an exported model; the output is atomic.
+    Defaults come from params.yaml (batch_inference)."""
+    from softmax_mlops import predict
+
+    root = Path(project_dir or os.getcwd()).resolve()
+    cfg = config.load(root)
+    source = root / (input_path or cfg.batch_inference.input)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    output = root / (output_path or Path(cfg.batch_inference.output_dir) / f"{source.stem}-{stamp}.csv")
+    model = model or cfg.batch_inference.model
+    predictor = load_predictor(model, cfg.mlflow.tracking_uri)
+    count = task(predict.run, name="predict")(source, output, predictor, cfg.predict.batch_size,
+                                              cfg.predict.top_k, None, skip_bad, False)
+    create_markdown_artifact(key="batch-inference", markdown=f"Predicted **{count}** images from `{source}` "
+                                                             f"with `{model}` into `{output}`.\n")
+    return {"images": count, "output": str(output), "model": model}
+
+
+if __name__ == "__main__":
+    training_pipeline()

@@ -1,0 +1,31 @@
+"""The single-process alternative to a work pool: serve both deployments with their schedules from this
+process (`python -m pipelines.serve`). Names, crons and parameters are read from prefect.yaml, so the two
+ways of scheduling cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from prefect import serve
+
+from . import flows
+
+PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
+
+
+def deployments_from_prefect_yaml(path: Path = PREFECT_YAML) -> list:
+    spec = yaml.safe_load(path.read_text())
+    result = []
+    for deployment in spec["deployments"]:
+        flow = getattr(flows, deployment["entrypoint"].split(":")[1])
+        crons = [s["cron"] for s in deployment.get("schedules", []) if s.get("active", True)]
+        result.append(flow.to_deployment(name=deployment["name"], cron=crons[0] if crons else None,
+                                         parameters=deployment.get("parameters") or {},
+                                         description=deployment.get("description")))
+    return result
+
+
+if __name__ == "__main__":
+    serve(*deployments_from_prefect_yaml())

@@ -1,0 +1,207 @@
+"""`softmax-mlops`: one command per DVC stage, plus the tools users run by hand.
+
+dvc.yaml calls these commands, so running a stage by hand and through `dvc repro` is the same code. Expected
+failures (PipelineError) print one line and exit 1; heavy imports wait until a command needs them, so
+`--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import PipelineError
+
+app = typer.Typer(
+    help="Softmax regression on Fashion-MNIST: the pipeline stages (normally run by `dvc repro`) and tools.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+class Impl(str, enum.Enum):
+    scratch = "scratch"
+    concise = "concise"
+
+
+ImplArg = Annotated[Impl, typer.Argument(help="Which implementation: scratch (hand-written) or concise (torch.nn).")]
+_project: Path | None = None
+
+
+@app.callback()
+def _options(
+    project: Annotated[Path, typer.Option(help="Project root holding params.yaml.", file_okay=False)] = Path("."),
+) -> None:
+    global _project
+    _project = project
+
+
+def _config():
+    from . import config
+
+    return config.load(_project)
+
+
+@app.command()
+def ingest() -> None:
+    """Fetch Fashion-MNIST (official mirror, or FASHION_MNIST_MIRROR / ingest.mirror), verify md5s, write
+    data/prepared/{train,test}.npz and summary.json."""
+    from . import data
+
+    cfg = _config()
+    summary = data.ingest(cfg.mirror, cfg.paths)
+    typer.echo(f"ingest: {summary['train']['count']} train, {summary['test']['count']} test images "
+               f"(data md5 {summary['data_md5']})")
+
+
+@app.command()
+def train(impl: ImplArg) -> None:
+    """Train one implementation with the `train` params; opens its MLflow run."""
+    from . import train as training
+
+    summary = training.run(_config(), impl.value)
+    typer.echo(f"train@{impl.value}: test accuracy {summary['test_acc']:.4f} after {summary['epochs']} epochs "
+               f"({summary['seconds_per_epoch']:.3f} s/epoch)")
+
+
+@app.command()
+def evaluate(impl: ImplArg) -> None:
+    """Score the saved weights on the test set: metrics, confusion matrix and PNGs, logged to the same run."""
+    from . import evaluate as evaluation
+
+    metrics = evaluation.run(_config(), impl.value)
+    typer.echo(f"evaluate@{impl.value}: test accuracy {metrics['test_accuracy']:.4f}, "
+               f"macro-F1 {metrics['macro_f1']:.4f}")
+
+
+@app.command()
+def compare() -> None:
+    """Write reports/compare.{json,md}: scratch against concise, side by side."""
+    from . import compare as comparison
+
+    cfg = _config()
+    report = comparison.run(cfg)
+    diff = report.get("difference")
+    typer.echo(f"compare: {cfg.paths.compare_md}" + (
+        f" (test accuracy differs by {diff['test_accuracy_points']:.3f} points)" if diff else ""))
+
+
+@app.command()
+def export(impl: ImplArg) -> None:
+    """Export to ONNX (uint8 image -> logits, probabilities), check parity with torch on the test set, and log,
+    register and alias the model in MLflow (@candidate always, @champion past the accuracy gate)."""
+    from . import export as exporting
+
+    result = exporting.run(_config(), impl.value)
+    parity = result["parity"]
+    typer.echo(f"export@{impl.value}: max abs diff {parity['max_abs_diff']:.1e}, argmax match "
+               f"{parity['argmax_match']:.2%}; registered {result['registered_model']} v{result['version']}"
+               + (" as @champion" if result["champion"] else f" (@candidate only: accuracy below {result['gate']})"))
+
+
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", "-m", help="A .onnx file, its folder, or an MLflow URI such as models:/softmax-mlops-scratch@champion. "
+                          "Default: serve.model in params.yaml.")]
+ThreadsOpt = Annotated[int | None, typer.Option(
+    min=1, help="onnxruntime intra-op threads. Default: the CPUs this process may use (affinity and cgroup quota).")]
+
+
+def _predictor(model: str | None, threads: int | None):
+    from .inference import Predictor, resolve_model
+
+    cfg = _config()
+    return cfg, Predictor(resolve_model(model or cfg.serve.model, cfg.mlflow.tracking_uri), threads)
+
+
+@app.command()
+def predict(
+    input: Annotated[Path, typer.Argument(help="IDX file (.gz or raw), .npy (uint8 [N,28,28] or [N,784]), a PNG/JPEG, "
+                                               "or a folder of PNG/JPEG images (searched recursively).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write predictions: .csv or .jsonl.")],
+    model: ModelOpt = None,
+    output_format: Annotated[str | None, typer.Option("--format", help="csv or jsonl (default: from --output's suffix).")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per onnxruntime call. Default: predict.batch_size.")] = None,
+    top_k: Annotated[int | None, typer.Option(min=1, max=10, help="Classes listed per image. Default: predict.top_k.")] = None,
+    threads: ThreadsOpt = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad/--fail-on-bad", help="For folders: skip unreadable images "
+                                           "with a warning, or stop at the first one (default).")] = False,
+) -> None:
+    """Batch inference with onnxruntime: one output row per image (id, class, probability, top-k), streamed in
+    batches with bounded memory and written atomically."""
+    from . import predict as batch
+
+    if output_format not in (None, "csv", "jsonl"):
+        raise PipelineError(f"--format must be csv or jsonl, not {output_format!r}")
+    cfg, predictor = _predictor(model, threads)
+    count = batch.run(input, output, predictor, batch_size or cfg.predict.batch_size, top_k or cfg.predict.top_k,
+                      output_format, skip_bad, progress=sys.stderr.isatty())
+    typer.echo(f"predict: {count} images -> {output}")
+
+
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind. Default: serve.host (127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Default: serve.port.")] = None,
+    max_body_bytes: Annotated[int | None, typer.Option(min=1, help="Larger requests get 413. Default: serve.max_body_bytes.")] = None,
+    max_instances: Annotated[int | None, typer.Option(min=1, help="Images per request; more get 413. Default: serve.max_instances.")] = None,
+    request_timeout: Annotated[float | None, typer.Option(min=0.001, help="Seconds of inference before 503. Default: serve.request_timeout_s.")] = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """HTTP inference: POST /predict (JSON {"instances": [...]} or a PNG/JPEG), GET /health, GET /metadata."""
+    import dataclasses
+
+    from . import server
+
+    cfg, predictor = _predictor(model, threads)
+    overrides = {"host": host, "port": port, "max_body_bytes": max_body_bytes, "max_instances": max_instances,
+                 "request_timeout_s": request_timeout}
+    limits = dataclasses.replace(cfg.serve, **{k: v for k, v in overrides.items() if v is not None})
+    server.serve(predictor, limits, cfg.predict.top_k)
+
+
+@app.command()
+def pipeline(
+    impl: Annotated[list[Impl] | None, typer.Option(help="Implementation(s) to run; repeat for both. Default: impls in params.yaml.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-S", help="Override a param, DVC style (train.lr=0.05); "
+                                                   "repeatable. Runs as a DVC experiment; params.yaml is untouched.")] = None,
+    name: Annotated[str | None, typer.Option(help="Name of the DVC experiment (with --set).")] = None,
+) -> None:
+    """Run the training pipeline as a Prefect flow, one task per DVC stage. Without a Prefect server configured
+    (PREFECT_API_URL) it uses Prefect's ephemeral mode; nothing to start first."""
+    from pipelines.dvc_stages import StageFailed
+    from pipelines.flows import training_pipeline
+
+    root = str((_project or Path(".")).resolve())
+    try:
+        result = training_pipeline(impls=[i.value for i in impl or []] or None, overrides=set_ or [],
+                                   experiment_name=name, project_dir=root)
+    except StageFailed as exc:
+        raise PipelineError(f"pipeline stage {exc}") from None
+    for impl_name, metrics in result["impls"].items():
+        typer.echo(f"{impl_name}: test accuracy {metrics['test_accuracy']:.4f}  {metrics['mlflow_run_url']}")
+    if result["experiment"]:
+        typer.echo(f"DVC experiment: {result['experiment']} (dvc exp show)")
+
+
+ERROR_FILE_ENV = "SOFTMAX_MLOPS_ERROR_FILE"
+
+
+def main() -> None:
+    try:
+        app()
+    except PipelineError as exc:
+        typer.echo(f"softmax-mlops: error: {exc}", err=True)
+        if error_file := os.environ.get(ERROR_FILE_ENV):  # lets an orchestrator report the one-line reason
+            Path(error_file).write_text(str(exc), encoding="utf-8")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("softmax-mlops: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

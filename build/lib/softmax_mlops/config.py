@@ -1,0 +1,253 @@
+"""Typed view of params.yaml: the one place configuration is read and environment overrides are resolved.
+
+Every module takes a :class:`Config` instead of reading files or environment variables itself, so a path,
+hyperparameter or URI has exactly one definition (params.yaml) and one loader (here).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import PipelineError
+
+PARAMS_FILE = "params.yaml"
+IMPLS = ("scratch", "concise")
+LR_SCHEDULES = ("constant", "cosine")
+MIRROR_ENV = "FASHION_MNIST_MIRROR"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where each stage reads and writes. dvc.yaml interpolates the same four folders from params.yaml."""
+
+    root: Path
+    prepared: Path
+    models: Path
+    metrics: Path
+    reports: Path
+
+    @property
+    def train_data(self) -> Path:
+        return self.prepared / "train.npz"
+
+    @property
+    def test_data(self) -> Path:
+        return self.prepared / "test.npz"
+
+    @property
+    def data_summary(self) -> Path:
+        return self.prepared / "summary.json"
+
+    def weights(self, impl: str) -> Path:
+        return self.models / impl / "weights.npz"
+
+    def run_info(self, impl: str) -> Path:
+        """The MLflow run that train opened, so later stages log into the same run."""
+        return self.models / impl / "mlflow_run.json"
+
+    def history(self, impl: str) -> Path:
+        return self.metrics / impl / "history.csv"
+
+    def train_metrics(self, impl: str) -> Path:
+        return self.metrics / impl / "train.json"
+
+    def eval_metrics(self, impl: str) -> Path:
+        return self.metrics / impl / "eval.json"
+
+    def confusion(self, impl: str) -> Path:
+        return self.metrics / impl / "confusion.csv"
+
+    def onnx(self, impl: str) -> Path:
+        return self.models / impl / "model.onnx"
+
+    def model_card(self, impl: str) -> Path:
+        return self.models / impl / "model.json"
+
+    def parity(self, impl: str) -> Path:
+        return self.models / impl / "parity.json"
+
+    def report_dir(self, impl: str) -> Path:
+        return self.reports / impl
+
+    @property
+    def compare_json(self) -> Path:
+        return self.reports / "compare.json"
+
+    @property
+    def compare_md(self) -> Path:
+        return self.reports / "compare.md"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 256
+    lr: float = 0.1
+    epochs: int = 5
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.epochs < 1:
+            raise PipelineError(f"train.batch_size and train.epochs must be >= 1, got {self.batch_size}, {self.epochs}")
+        if not self.lr > 0:
+            raise PipelineError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise PipelineError("train.momentum must be in [0, 1) and train.weight_decay >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise PipelineError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    grid_images: int = 18
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = 18
+    champion_min_accuracy: float = 0.82
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    batch_size: int = 4096
+    top_k: int = 3
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or not 1 <= self.top_k <= 10:
+            raise PipelineError("predict.batch_size must be >= 1 and predict.top_k between 1 and 10")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = "models/scratch/model.onnx"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 1 << 20
+    max_instances: int = 256
+    request_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class BatchInferenceConfig:
+    input: str = "data/incoming"
+    output_dir: str = "predictions"
+    model: str = "models:/softmax-mlops-scratch@champion"
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    tracking_uri: str
+    experiment: str
+    ui_url: str = "http://127.0.0.1:5000"
+
+    @property
+    def is_local_sqlite(self) -> bool:
+        return self.tracking_uri.startswith("sqlite:")
+
+    @property
+    def artifact_location(self) -> str | None:
+        """With the embedded SQLite store, artifacts live beside the database file (mlartifacts/), so every
+        process that shares the database (a stage in an experiment worktree, say) shares the artifacts too."""
+        if not self.is_local_sqlite:
+            return None
+        return (Path(self.tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+
+    def run_url(self, experiment_id: str, run_id: str) -> str:
+        base = self.tracking_uri if self.tracking_uri.startswith(("http://", "https://")) else self.ui_url
+        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+    def registered_model(self, impl: str) -> str:
+        """One registered model per implementation, e.g. softmax-mlops-scratch."""
+        return f"{self.experiment}-{impl}"
+
+
+@dataclass(frozen=True)
+class Config:
+    root: Path
+    paths: Paths
+    mirror: str
+    impls: tuple[str, ...]
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    export: ExportConfig
+    predict: PredictConfig
+    serve: ServeConfig
+    batch_inference: BatchInferenceConfig
+    mlflow: MlflowConfig
+
+
+def _section(cls: type, raw: dict[str, Any] | None, name: str) -> Any:
+    """Build a dataclass from a params.yaml section, naming unknown keys and wrong types."""
+    raw = raw or {}
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise PipelineError(f"{PARAMS_FILE}: unknown key(s) in '{name}': {', '.join(unknown)}")
+    values = {}
+    for key, value in raw.items():
+        expected = {"int": int, "float": float, "str": str}[str(known[key].type)]
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise PipelineError(f"{PARAMS_FILE}: {name}.{key} must be {expected.__name__}, got {value!r}")
+        values[key] = value
+    return cls(**values)
+
+
+def resolve_tracking_uri(uri: str, root: Path) -> str:
+    """Anchor a relative sqlite path at the project root, so every stage and test finds the same database."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and uri != prefix + ":memory:":
+        return prefix + str((root / uri[len(prefix):]).resolve())
+    return uri
+
+
+def load(root: str | Path | None = None) -> Config:
+    """Read ``params.yaml`` from ``root`` (default: the working directory, which is where DVC runs stages)."""
+    root = Path(root or os.getcwd()).resolve()
+    params_path = root / PARAMS_FILE
+    try:
+        raw = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise PipelineError(f"no {PARAMS_FILE} in {root}: run from the project root") from None
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{params_path} is not valid YAML: {exc}".replace("\n", " ")) from None
+
+    paths_raw = raw.get("paths") or {}
+    try:
+        paths = Paths(root=root, **{k: root / paths_raw[k] for k in ("prepared", "models", "metrics", "reports")})
+    except KeyError as exc:
+        raise PipelineError(f"{PARAMS_FILE}: paths.{exc.args[0]} is missing") from None
+
+    impls = tuple(raw.get("impls") or IMPLS)
+    if bad := [i for i in impls if i not in IMPLS]:
+        raise PipelineError(f"{PARAMS_FILE}: unknown impl(s) {bad}; choose from {', '.join(IMPLS)}")
+
+    mlflow_raw = raw.get("mlflow") or {}
+    tracking_uri = os.environ.get(TRACKING_URI_ENV) or mlflow_raw.get("tracking_uri") or "sqlite:///mlflow.db"
+    return Config(
+        root=root,
+        paths=paths,
+        mirror=os.environ.get(MIRROR_ENV) or (raw.get("ingest") or {}).get("mirror") or "",
+        impls=impls,
+        train=_section(TrainConfig, raw.get("train"), "train"),
+        evaluate=_section(EvaluateConfig, raw.get("evaluate"), "evaluate"),
+        export=_section(ExportConfig, raw.get("export"), "export"),
+        predict=_section(PredictConfig, raw.get("predict"), "predict"),
+        serve=_section(ServeConfig, raw.get("serve"), "serve"),
+        batch_inference=_section(BatchInferenceConfig, raw.get("batch_inference"), "batch_inference"),
+        mlflow=MlflowConfig(
+            tracking_uri=resolve_tracking_uri(tracking_uri, root),
+            experiment=mlflow_raw.get("experiment") or "softmax-mlops",
+            ui_url=mlflow_raw.get("ui_url") or "http://127.0.0.1:5000",
+        ),
+    )

@@ -1,0 +1,168 @@
+"""Fashion-MNIST through torchvision's own download and md5 check, turned into plain uint8/int64 arrays.
+
+The ingest stage downloads into a fresh temporary folder every time: torchvision only checks that extracted
+files *exist* before skipping a download, so reusing a folder could read a truncated file without noticing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import tempfile
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .atomic import atomic_path, write_json
+from .errors import PipelineError
+
+if TYPE_CHECKING:
+    from .config import Paths
+
+# The textbook's labels (d2l `get_fashion_mnist_labels`), in class-id order.
+CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+NUM_CLASSES = len(CLASS_NAMES)
+IMAGE_SHAPE = (28, 28)
+
+
+def mirror_url(mirror: str) -> str:
+    """A local folder or a URL, as the base URL torchvision appends file names to."""
+    if "://" not in mirror:
+        folder = Path(mirror).expanduser().resolve()
+        if not folder.is_dir():
+            raise PipelineError(f"Fashion-MNIST mirror folder {mirror!r} does not exist")
+        return folder.as_uri() + "/"
+    return mirror if mirror.endswith("/") else mirror + "/"
+
+
+class _FileHandlerWithLength(urllib.request.FileHandler):
+    """urllib's file:// responses lack ``.length``, which torchvision's progress bar reads."""
+
+    def file_open(self, req):  # noqa: ANN001 - urllib's signature
+        response = super().file_open(req)
+        response.length = int(response.headers.get("Content-length") or 0) or None
+        return response
+
+
+@contextlib.contextmanager
+def _file_urls_supported() -> Iterator[None]:
+    previous = urllib.request._opener  # noqa: SLF001 - restore whatever opener was installed before
+    urllib.request.install_opener(urllib.request.build_opener(_FileHandlerWithLength))
+    try:
+        yield
+    finally:
+        urllib.request.install_opener(previous)
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _diagnose(raw_folder: Path, resources: Sequence[tuple[str, str]], base_url: str, error: Exception) -> str:
+    """Name the file that failed and why, in one line, instead of torchvision's multi-line message."""
+    for filename, md5 in resources:
+        path = raw_folder / filename
+        if not path.exists():
+            reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            return f"could not download {filename} from {base_url} (expected md5 {md5}): {reason}"
+        actual = file_md5(path)
+        if actual != md5:
+            return (f"{filename} from {base_url} is corrupted or truncated: md5 {actual}, expected {md5} "
+                    f"({path.stat().st_size} bytes)")
+    return f"Fashion-MNIST could not be read: {error}".replace("\n", " ")
+
+
+def _dataset_class(mirror: str, resources: Sequence[tuple[str, str]] | None) -> type:
+    from torchvision.datasets import FashionMNIST
+
+    attrs: dict[str, object] = {}
+    if mirror:
+        attrs["mirrors"] = [mirror_url(mirror)]
+    if resources is not None:
+        attrs["resources"] = list(resources)
+    return type("FashionMNIST", (FashionMNIST,), attrs)
+
+
+def torchvision_dataset(mirror: str, root: str | Path, train: bool, transform=None):  # noqa: ANN001, ANN201
+    """torchvision's FashionMNIST from the configured mirror (for the textbook-style reference benchmark)."""
+    with _file_urls_supported():
+        return _dataset_class(mirror, None)(root, train=train, download=True, transform=transform)
+
+
+def fetch(mirror: str = "", resources: Sequence[tuple[str, str]] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Download (or copy from a mirror), md5-verify and decode both splits.
+
+    ``resources`` replaces torchvision's (file name, md5) list; tests use it to serve small generated IDX files
+    through the very same download path.
+    """
+    dataset_cls = _dataset_class(mirror, resources)
+    base_url = dataset_cls.mirrors[0]
+
+    with tempfile.TemporaryDirectory(prefix="fashion-mnist-") as tmp, _file_urls_supported():
+        splits = {}
+        try:
+            for split in ("train", "test"):
+                ds = dataset_cls(tmp, train=split == "train", download=True)
+                splits[split] = (ds.data.numpy().astype(np.uint8), ds.targets.numpy().astype(np.int64))
+        except (RuntimeError, OSError, ValueError) as exc:
+            raw_folder = Path(tmp) / "FashionMNIST" / "raw"
+            raise PipelineError(_diagnose(raw_folder, dataset_cls.resources, base_url, exc)) from None
+    return splits
+
+
+def arrays_md5(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    """A content hash of the decoded data: stable across npz containers, so MLflow runs can be matched to data."""
+    digest = hashlib.md5()
+    for split in sorted(splits):
+        for array in splits[split]:
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def summarize(splits: dict[str, tuple[np.ndarray, np.ndarray]], resources: Sequence[tuple[str, str]]) -> dict:
+    summary: dict = {}
+    for split, (images, labels) in splits.items():
+        counts = np.bincount(labels, minlength=NUM_CLASSES)
+        summary[split] = {"count": int(len(labels)), "per_class": dict(zip(CLASS_NAMES, map(int, counts)))}
+    summary["data_md5"] = arrays_md5(splits)
+    summary["source_md5"] = dict(resources)
+    return summary
+
+
+def save_split(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        np.savez(tmp, images=images, labels=labels)
+
+
+def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a prepared split (no pickle), checking what a hand-edited or stale file could get wrong."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            images, labels = npz["images"], npz["labels"]
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing: run `dvc repro ingest` (or `softmax-mlops ingest`) first") from None
+    except (KeyError, ValueError, OSError) as exc:
+        raise PipelineError(f"{path} is not a prepared split (images, labels): {exc}") from None
+    if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE or labels.shape != images.shape[:1]:
+        raise PipelineError(f"{path}: expected uint8 images [N, 28, 28] and N labels, got "
+                            f"{images.dtype} {images.shape} and {labels.shape}")
+    return images, labels.astype(np.int64, copy=False)
+
+
+def ingest(mirror: str, paths: Paths, resources: Sequence[tuple[str, str]] | None = None) -> dict:
+    """The ingest stage: fetch and verify everything first, then write, so a failure writes nothing."""
+    from torchvision.datasets import FashionMNIST
+
+    splits = fetch(mirror, resources)
+    save_split(paths.train_data, *splits["train"])
+    save_split(paths.test_data, *splits["test"])
+    summary = summarize(splits, resources if resources is not None else FashionMNIST.resources)
+    write_json(paths.data_summary, summary)
+    return summary

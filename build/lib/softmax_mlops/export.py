@@ -1,0 +1,107 @@
+"""The export stage: ONNX model, parity against torch, model card, and the MLflow registry.
+
+The graph takes raw uint8 pixels and does the cast, /255 and flatten itself (it wraps the same
+SoftmaxRegression module that MLflow's torch model is), so no client has to re-implement preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from torch import nn
+
+from .atomic import atomic_path, write_json
+from .config import Config
+from .data import CLASS_NAMES, load_split
+from .errors import PipelineError
+from .models import SoftmaxRegression, load_weights
+
+INPUT, OUTPUTS = "image", ("logits", "probabilities")
+PARITY_BATCH_SIZES = (1, 7, 10000)
+PARITY_MAX_ABS_DIFF = 1e-5
+
+
+class ExportedSoftmaxRegression(nn.Module):
+    """uint8 image [N, 28, 28] -> (logits, probabilities), both float32 [N, 10]."""
+
+    def __init__(self, W: torch.Tensor, b: torch.Tensor) -> None:
+        super().__init__()
+        self.model = SoftmaxRegression(W, b)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model.logits64(image)
+        return logits.to(torch.float32), torch.softmax(logits, dim=1).to(torch.float32)
+
+
+def export_onnx(module: nn.Module, path, opset: int) -> None:  # noqa: ANN001
+    """torch's dynamo exporter, with the batch axis declared dynamic and checked afterwards: an example batch
+    the exporter specialises on would silently give a fixed-size model."""
+    import onnx
+
+    example = torch.zeros((3, 28, 28), dtype=torch.uint8)
+    with atomic_path(path) as tmp:
+        torch.onnx.export(module.eval(), (example,), str(tmp), dynamo=True, opset_version=opset,
+                          input_names=[INPUT], output_names=list(OUTPUTS), external_data=False,
+                          dynamic_shapes={"image": {0: torch.export.Dim("batch")}}, verbose=False)
+        graph = onnx.load(str(tmp)).graph
+        batch_dims = [v.type.tensor_type.shape.dim[0] for v in (*graph.input, *graph.output)]
+        if any(d.dim_value or not d.dim_param for d in batch_dims):
+            raise PipelineError(f"ONNX export of {path} lost the dynamic batch axis")
+
+
+def check_parity(module: nn.Module, onnx_path, images: np.ndarray) -> dict:  # noqa: ANN001
+    """onnxruntime against torch over ``images`` at several batch sizes: max abs difference and argmax match."""
+    from .inference import Predictor
+
+    with torch.no_grad():
+        torch_logits, torch_probs = (t.numpy() for t in module(torch.from_numpy(images)))
+    predictor = Predictor(onnx_path)
+    report = {}
+    for batch_size in PARITY_BATCH_SIZES:
+        chunks = [predictor.run(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+        logits = np.concatenate([c[0] for c in chunks])
+        probs = np.concatenate([c[1] for c in chunks])
+        report[f"batch_{batch_size}"] = {
+            "max_abs_diff_logits": float(np.abs(logits - torch_logits).max()),
+            "max_abs_diff_probabilities": float(np.abs(probs - torch_probs).max()),
+            "argmax_match": float((logits.argmax(1) == torch_logits.argmax(1)).mean()),
+        }
+    report["images"] = len(images)
+    report["max_abs_diff"] = max(max(r["max_abs_diff_logits"], r["max_abs_diff_probabilities"])
+                                 for k, r in report.items() if k.startswith("batch_"))
+    report["argmax_match"] = min(r["argmax_match"] for k, r in report.items() if k.startswith("batch_"))
+    return report
+
+
+def run(cfg: Config, impl: str) -> dict:
+    from . import tracking
+
+    paths = cfg.paths
+    with tracking.resume_run(cfg, impl, f"export@{impl}") as run:
+        W, b = load_weights(paths.weights(impl))
+        images, _ = load_split(paths.test_data)
+        test_accuracy = json.loads(paths.eval_metrics(impl).read_text())["test_accuracy"]
+        module = ExportedSoftmaxRegression(W, b).eval()
+        export_onnx(module, paths.onnx(impl), cfg.export.opset)
+
+        parity = check_parity(module, paths.onnx(impl), images)
+        write_json(paths.parity(impl), parity)
+        if parity["max_abs_diff"] > PARITY_MAX_ABS_DIFF or parity["argmax_match"] < 1.0:
+            raise PipelineError(f"ONNX parity failed for {impl}: max abs diff {parity['max_abs_diff']:.2e} "
+                                f"(limit {PARITY_MAX_ABS_DIFF}), argmax match {parity['argmax_match']:.4%}")
+        write_json(paths.model_card(impl), {
+            "impl": impl, "class_names": list(CLASS_NAMES), "opset": cfg.export.opset,
+            "input": {"name": INPUT, "dtype": "uint8", "shape": ["N", 28, 28]},
+            "outputs": [{"name": name, "dtype": "float32", "shape": ["N", 10]} for name in OUTPUTS],
+            "mlflow_run_id": run.info.run_id, "test_accuracy": test_accuracy,
+            "data_md5": tracking.data_md5(cfg), "registered_model": cfg.mlflow.registered_model(impl)})
+
+        import mlflow
+
+        mlflow.log_metrics({"onnx_max_abs_diff": parity["max_abs_diff"], "onnx_argmax_match": parity["argmax_match"]})
+        mlflow.log_artifact(str(paths.parity(impl)))
+        version = tracking.log_and_register_onnx(cfg, impl, paths.onnx(impl), paths.model_card(impl),
+                                                 images[:5], module, test_accuracy)
+    return {"parity": parity, "test_accuracy": test_accuracy, **version}

@@ -1,0 +1,104 @@
+"""onnxruntime inference shared by the batch CLI and the HTTP service. No torch: the serving image has none.
+
+A model is named by a path (a .onnx file or its folder) or by an MLflow URI (models:/name@alias), which is
+downloaded once. model.json, written beside the .onnx by the export stage, supplies class names and metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .data import CLASS_NAMES
+from .errors import PipelineError
+
+
+def available_cpus() -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup v2/v1 CPU quota if one is set.
+    os.cpu_count() reports the host's cores, which oversubscribes a container limited to fewer."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota_files = (("/sys/fs/cgroup/cpu.max", None),
+                   ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
+    for quota_file, period_file in quota_files:
+        try:
+            if period_file is None:
+                quota, period = Path(quota_file).read_text().split()[:2]
+            else:
+                quota, period = Path(quota_file).read_text().strip(), Path(period_file).read_text().strip()
+            if quota not in ("max", "-1") and int(quota) > 0:
+                cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+            break
+        except (OSError, ValueError):
+            continue
+    return max(1, cpus)
+
+
+def resolve_model(source: str, tracking_uri: str | None = None) -> Path:
+    """A local .onnx path for ``source``: a file, a folder holding model.onnx, or models:/name@alias."""
+    if source.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        try:
+            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
+        except Exception as exc:  # noqa: BLE001 - mlflow raises many types; all mean "cannot have that model"
+            raise PipelineError(f"cannot load {source} from {tracking_uri or 'MLflow'}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        path = folder / "model.onnx"
+    else:
+        path = Path(source)
+        if path.is_dir():
+            path = path / "model.onnx"
+    if not path.is_file():
+        raise PipelineError(f"no ONNX model at {source}: run `dvc repro` to export one, or pass another --model")
+    return path
+
+
+def _model_card(onnx_path: Path) -> dict:
+    for candidate in (onnx_path.with_name("model.json"), onnx_path.parent / "extra_files" / "model.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return {"class_names": list(CLASS_NAMES)}
+
+
+class Predictor:
+    """An onnxruntime session over the exported model: uint8 [N, 28, 28] in, logits and probabilities out."""
+
+    def __init__(self, model_path: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or available_cpus()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types are not importable
+            raise PipelineError(f"{model_path} is not a loadable ONNX model: {str(exc).splitlines()[0]}") from None
+        self.path = Path(model_path)
+        self.metadata = _model_card(self.path)
+        self.class_names = list(self.metadata.get("class_names", CLASS_NAMES))
+        self.threads = options.intra_op_num_threads
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, probabilities = self.session.run(["logits", "probabilities"], {"image": images})
+        return logits, probabilities
+
+    def top_k(self, images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k most probable class ids per image and their probabilities, most probable first."""
+        _, probabilities = self.run(images)
+        ids = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        return ids, np.take_along_axis(probabilities, ids, axis=1)
+
+    def describe(self, ids: np.ndarray, probabilities: np.ndarray) -> list[dict]:
+        """JSON-ready predictions: the top class and the top-k list, with class names."""
+        names = self.class_names
+        return [{"class_id": int(row[0]), "class_name": names[row[0]], "probability": float(p[0]),
+                 "top_k": [{"class_id": int(c), "class_name": names[c], "probability": float(q)}
+                           for c, q in zip(row, p)]}
+                for row, p in zip(ids, probabilities)]

@@ -1,0 +1,173 @@
+"""Readers for batch inference: IDX (gzipped or raw), .npy and folders of images, each yielding uint8
+[n, 28, 28] batches with an id per image. Memory stays bounded: raw IDX and .npy are memory-mapped and
+gzipped IDX is decompressed as a stream, so inputs larger than RAM work.
+"""
+
+from __future__ import annotations
+
+import gzip
+import mmap
+import struct
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PipelineError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+PIXELS = 28 * 28
+
+
+@dataclass
+class Source:
+    """``count`` is known up front for arrays (for the progress bar); ``batches`` yields (ids, images)."""
+
+    count: int
+    batches: Iterator[tuple[list[str] | np.ndarray, np.ndarray]]
+
+
+def _as_images(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.dtype != np.uint8:
+        raise PipelineError(f"{path}: expected uint8 pixels, got {array.dtype}")
+    if array.ndim == 2 and array.shape[1] == PIXELS:
+        return array.reshape(-1, 28, 28)
+    if array.ndim == 3 and array.shape[1:] == (28, 28):
+        return array
+    raise PipelineError(f"{path}: expected shape [N, 28, 28] or [N, 784], got {list(array.shape)}")
+
+
+def _mapped_batches(path: Path, offset: int, count: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Memory-map ``count`` images at ``offset`` and hand out copies of one batch at a time.
+
+    Pages already read are dropped from the mapping (MADV_DONTNEED), so the resident size stays around one
+    batch instead of growing to the whole file as a plain memory map would.
+    """
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        images = np.frombuffer(mapped, dtype=np.uint8, count=count * PIXELS, offset=offset).reshape(count, 28, 28)
+        released = 0
+        for start in range(0, count, batch_size):
+            stop = min(start + batch_size, count)
+            batch = images[start:stop].copy()
+            done = (offset + stop * PIXELS) // mmap.PAGESIZE * mmap.PAGESIZE
+            if done > released and hasattr(mapped, "madvise"):
+                mapped.madvise(mmap.MADV_DONTNEED, released, done - released)
+                released = done
+            yield np.arange(start, stop), batch
+        del images  # the mapping cannot close while a numpy view still exports its buffer
+
+
+def _read_idx_header(fh, path: Path) -> tuple[tuple[int, ...], int]:  # noqa: ANN001
+    head = fh.read(4)
+    if len(head) < 4 or head[:2] != b"\0\0":
+        raise PipelineError(f"{path} is not an IDX file (bad magic number)")
+    if head[2] != 0x08:
+        raise PipelineError(f"{path}: IDX data type 0x{head[2]:02x} is not unsigned bytes (0x08)")
+    ndim = head[3]
+    dims_raw = fh.read(4 * ndim)
+    if len(dims_raw) < 4 * ndim:
+        raise PipelineError(f"{path}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", dims_raw)
+    if ndim == 1:
+        raise PipelineError(f"{path} is an IDX label file, not images")
+    if dims[1:] not in ((28, 28), (PIXELS,)):
+        raise PipelineError(f"{path}: expected IDX images [N, 28, 28], got {list(dims)}")
+    return dims, 4 + 4 * ndim
+
+
+def _open_idx(path: Path, batch_size: int) -> Source:
+    with open(path, "rb") as fh:
+        gzipped = fh.read(2) == b"\x1f\x8b"
+    if not gzipped:
+        with open(path, "rb") as fh:
+            dims, offset = _read_idx_header(fh, path)
+        expected = offset + int(np.prod(dims))
+        if path.stat().st_size < expected:
+            raise PipelineError(f"{path} is truncated: {path.stat().st_size} bytes, header promises {expected}")
+        return Source(dims[0], _mapped_batches(path, offset, dims[0], batch_size))
+
+    fh = gzip.open(path, "rb")
+    try:
+        dims, _ = _read_idx_header(fh, path)
+    except (OSError, EOFError) as exc:
+        fh.close()
+        raise PipelineError(f"{path} is not a readable gzip file: {exc}") from None
+
+    def stream() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        with fh:
+            for start in range(0, dims[0], batch_size):
+                n = min(batch_size, dims[0] - start)
+                try:
+                    raw = fh.read(n * PIXELS)
+                except (OSError, EOFError) as exc:
+                    raise PipelineError(f"{path} is corrupted: {exc}") from None
+                if len(raw) < n * PIXELS:
+                    raise PipelineError(f"{path} is truncated: image {start + len(raw) // PIXELS} of {dims[0]} is incomplete")
+                yield np.arange(start, start + n), np.frombuffer(raw, dtype=np.uint8).reshape(n, 28, 28)
+
+    return Source(dims[0], stream())
+
+
+def _open_npy(path: Path, batch_size: int) -> Source:
+    """numpy reads and checks the header (no pickle); the pixels are then streamed from a memory map."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise PipelineError(f"{path} is not a readable .npy array: {str(exc).splitlines()[0]}") from None
+    images = _as_images(array, path)
+    if not images.flags.c_contiguous:
+        raise PipelineError(f"{path}: Fortran-ordered arrays are not supported; save it with np.save(np.ascontiguousarray(a))")
+    count, offset = len(images), array.offset
+    del array, images
+    return Source(count, _mapped_batches(path, offset, count, batch_size))
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Any PNG/JPEG as the model sees images: 8-bit grayscale, 28x28 (Pillow; torchvision already brings it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("L").resize((28, 28), Image.Resampling.BILINEAR), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise PipelineError(f"{path}: not a readable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def _open_folder(folder: Path, batch_size: int, skip_bad: bool, files: list[Path] | None = None) -> Source:
+    files = files or sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise PipelineError(f"{folder}: no PNG or JPEG images found")
+
+    def stream() -> Iterator[tuple[list[str], np.ndarray]]:
+        names, pixels = [], []
+        for path in files:
+            try:
+                pixels.append(load_image(path))
+            except PipelineError as exc:
+                if not skip_bad:
+                    raise
+                print(f"softmax-mlops: warning: skipped {exc}", file=sys.stderr)
+                continue
+            names.append(str(path.relative_to(folder)))
+            if len(names) == batch_size:
+                yield names, np.stack(pixels)
+                names, pixels = [], []
+        if names:
+            yield names, np.stack(pixels)
+
+    return Source(len(files), stream())
+
+
+def open_source(path: Path, batch_size: int, skip_bad: bool = False) -> Source:
+    """Pick the reader from what ``path`` is: a folder, an image, a .npy, or anything else read as IDX."""
+    if not path.exists():
+        raise PipelineError(f"{path} does not exist")
+    if path.is_dir():
+        return _open_folder(path, batch_size, skip_bad)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return _open_folder(path.parent, batch_size, skip_bad, files=[path])
+    if path.suffix.lower() == ".npy":
+        return _open_npy(path, batch_size)
+    return _open_idx(path, batch_size)

@@ -1,0 +1,172 @@
+"""MLflow conventions: one experiment, one run per (pipeline execution, implementation).
+
+train@{impl} opens the run and records its id in models/{impl}/mlflow_run.json; evaluate and export reopen
+that run by id, so a single run holds the params, the per-epoch curves, the test metrics and the models.
+A stage that raises leaves its run FAILED (mlflow's ActiveRun does that on exit with an exception).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+from .atomic import write_json
+from .config import Config, TrainConfig
+from .errors import PipelineError
+
+PREFECT_FLOW_RUN_ENV = "PREFECT_FLOW_RUN_ID"
+
+
+def _git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def data_md5(cfg: Config) -> str:
+    try:
+        return json.loads(cfg.paths.data_summary.read_text())["data_md5"]
+    except (OSError, ValueError, KeyError):
+        return "unknown"
+
+
+def setup(cfg: Config) -> str:
+    """Point MLflow at the configured store and return the experiment id, creating the experiment if needed.
+
+    With the embedded SQLite default, artifacts go beside the database (see MlflowConfig.artifact_location)
+    rather than wherever the process happens to run; a remote tracking server keeps its own artifact root.
+    """
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    try:
+        experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        return mlflow.create_experiment(cfg.mlflow.experiment, artifact_location=cfg.mlflow.artifact_location)
+    except mlflow.exceptions.MlflowException as exc:
+        raise PipelineError(f"MLflow at {cfg.mlflow.tracking_uri} is not usable: {exc.message}") from None
+
+
+def _stage_tags(cfg: Config, stage: str) -> dict[str, str]:
+    tags = {"dvc_stage": stage, "git_commit": _git_commit(cfg.root), "data_md5": data_md5(cfg)}
+    if flow_run := os.environ.get(PREFECT_FLOW_RUN_ENV):
+        tags["prefect_flow_run_id"] = flow_run
+    if exp := os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = exp
+    return tags
+
+
+@contextlib.contextmanager
+def start_run(cfg: Config, impl: str) -> Iterator[mlflow.ActiveRun]:
+    """Open the run for train@{impl}."""
+    experiment_id = setup(cfg)
+    run_name = f"{impl}-{os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else impl
+    tags = _stage_tags(cfg, f"train@{impl}") | {"impl": impl, "dvc_stages": f"train@{impl}"}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+        yield run
+
+
+def save_run_info(path: Path, run: mlflow.ActiveRun) -> None:
+    write_json(path, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
+
+
+@contextlib.contextmanager
+def resume_run(cfg: Config, impl: str, stage: str) -> Iterator[mlflow.ActiveRun]:
+    """Reopen the run that train@{impl} started, and record that ``stage`` touched it."""
+    info_path = cfg.paths.run_info(impl)
+    try:
+        run_id = json.loads(info_path.read_text())["run_id"]
+    except (OSError, ValueError, KeyError):
+        raise PipelineError(f"{info_path} is missing or unreadable: run the train@{impl} stage first") from None
+    setup(cfg)
+    try:
+        previous = mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise PipelineError(f"MLflow run {run_id} (from {info_path}) is not in {cfg.mlflow.tracking_uri}; "
+                            f"rerun train with `dvc repro --force train@{impl}`") from None
+    stages = previous.data.tags.get("dvc_stages", "")
+    with mlflow.start_run(run_id=run_id) as run:
+        tags = _stage_tags(cfg, stage)
+        tags["dvc_stages"] = ",".join(filter(None, [*stages.split(","), stage]))
+        mlflow.set_tags(tags)
+        yield run
+
+
+def log_params(impl: str, hp: TrainConfig) -> None:
+    mlflow.log_params({"impl": impl, **asdict(hp)})
+
+
+def log_epoch(metrics) -> None:  # noqa: ANN001 - train.EpochMetrics; not imported to keep this module light
+    values = asdict(metrics)
+    epoch = values.pop("epoch")
+    values["epoch_seconds"] = values.pop("seconds")
+    mlflow.log_metrics(values, step=epoch)
+
+
+def log_files(*paths: Path, artifact_path: str | None = None) -> None:
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def pip_requirements(*packages: str) -> list[str]:
+    """Pinned from the running environment, so MLflow need not spend seconds inferring them."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in packages]
+
+
+def log_torch_model(W, b, example_images: np.ndarray) -> None:  # noqa: ANN001
+    """Log the deployable torch module (uint8 images -> logits) with a signature and an input example.
+
+    Saved as a torch.export program ('pt2') rather than a pickle, so loading it back runs no pickled code.
+    """
+    import torch
+    from mlflow.models import infer_signature
+
+    from .models import SoftmaxRegression
+
+    module = SoftmaxRegression(W, b).eval()
+    with torch.no_grad():
+        example_logits = module(torch.from_numpy(example_images)).numpy()
+    mlflow.pytorch.log_model(
+        module, name="model", serialization_format="pt2",
+        signature=infer_signature(example_images, example_logits), input_example=example_images,
+        pip_requirements=pip_requirements("torch", "numpy"))
+
+
+def log_and_register_onnx(cfg: Config, impl: str, onnx_path: Path, model_card: Path, example_images: np.ndarray,
+                          module, test_accuracy: float) -> dict:  # noqa: ANN001
+    """Log the ONNX model into the current run, register it, point @candidate at it, and move @champion to it
+    only if its test accuracy passes the gate in params.yaml (export.champion_min_accuracy)."""
+    import onnx
+    import torch
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        logits, probabilities = (t.numpy() for t in module(torch.from_numpy(example_images)))
+    name = cfg.mlflow.registered_model(impl)
+    info = mlflow.onnx.log_model(
+        onnx.load(str(onnx_path)), name="onnx_model", registered_model_name=name, save_as_external_data=False,
+        signature=infer_signature(example_images, {"logits": logits, "probabilities": probabilities}),
+        input_example=example_images, extra_files=[str(model_card)],
+        pip_requirements=pip_requirements("onnxruntime", "onnx", "numpy"))
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    client.set_registered_model_tag(name, "impl", impl)
+    client.set_model_version_tag(name, version, "test_accuracy", f"{test_accuracy:.4f}")
+    client.set_registered_model_alias(name, "candidate", version)
+    gate = cfg.export.champion_min_accuracy
+    promoted = test_accuracy >= gate
+    if promoted:
+        client.set_registered_model_alias(name, "champion", version)
+    mlflow.set_tags({"registered_model": name, "registered_version": version, "champion": str(promoted).lower()})
+    return {"registered_model": name, "version": version, "champion": promoted, "gate": gate}

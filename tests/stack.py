@@ -1,0 +1,156 @@
+"""Starting and stopping real servers for integration tests: PostgreSQL, MLflow, a Prefect server with the
+process pool, the deployments and a worker. Everything binds to 127.0.0.1 on free ports and is stopped by
+the Processes context manager, whatever happens."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processes:
+    """Start processes; on exit stop them in reverse order with SIGINT (a Prefect worker ignores SIGTERM)."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen] = []
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def start(self, *cmd: str, cwd: Path, env: dict) -> subprocess.Popen:
+        proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        self.started.append(proc)
+        return proc
+
+    def __exit__(self, *exc) -> None:
+        for proc in reversed(self.started):
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_http(url: str, proc: subprocess.Popen) -> None:
+    while True:
+        assert proc.poll() is None, f"{proc.args} exited:\n{proc.stdout.read()}"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+
+
+def run(*cmd: str, cwd: Path, env: dict) -> str:
+    result = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{cmd}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def start_prefect(procs: Processes, root: Path, env: dict) -> None:
+    """A Prefect server (env says where: PREFECT_API_URL, and PREFECT_API_DATABASE_CONNECTION_URL if not
+    SQLite), the process pool, `prefect deploy --all` from prefect.yaml, and a worker."""
+    port = env["PREFECT_API_URL"].split(":")[-1].split("/")[0]
+    server = procs.start("prefect", "server", "start", "--host", "127.0.0.1", "--port", port, cwd=root, env=env)
+    wait_http(f"{env['PREFECT_API_URL']}/health", server)
+    run("prefect", "work-pool", "create", "softmax-mlops", "--type", "process", cwd=root, env=env)
+    run("prefect", "--no-prompt", "deploy", "--all", cwd=root, env=env)
+    procs.start("prefect", "worker", "start", "--pool", "softmax-mlops", cwd=root, env=env)
+
+
+def prefect_env(root: Path, home: Path, port: int) -> dict:
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "2",
+           "SOFTMAX_MLOPS_PROJECT_DIR": str(root)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def prefect_call(env: dict, fn):
+    """Run ``fn(client)`` against the server named in ``env``."""
+    import prefect.settings
+    from prefect import get_client
+
+    async def main():
+        async with get_client() as client:
+            return await fn(client)
+
+    with prefect.settings.temporary_settings(updates={prefect.settings.PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        return asyncio.run(main())
+
+
+def run_deployment_and_wait(env: dict, name: str):
+    """Trigger a deployment now and wait for its flow run to end; returns (flow run id, final state)."""
+    async def trigger(client):
+        deployment = await client.read_deployment_by_name(name)
+        return (await client.create_flow_run_from_deployment(deployment.id)).id
+
+    flow_run_id = prefect_call(env, trigger)
+
+    async def state(client):
+        return (await client.read_flow_run(flow_run_id)).state
+
+    while not (current := prefect_call(env, state)).is_final():
+        time.sleep(2)
+    return flow_run_id, current
+
+
+class PostgreSQL:
+    """A throwaway PostgreSQL cluster from Debian's packages on 127.0.0.1 (trust auth, user softmax)."""
+
+    def __init__(self) -> None:
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        self.bin = Path(found[-1]).parent if found else None
+        self.port = free_port()
+
+    @property
+    def available(self) -> bool:
+        return self.bin is not None
+
+    def _as_owner(self, *cmd: str) -> list[str]:
+        # PostgreSQL refuses to run as root: use its own system user when the tests run as root (CI does)
+        return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else list(cmd)
+
+    def __enter__(self) -> PostgreSQL:
+        self.data = Path(tempfile.mkdtemp(prefix="softmax-mlops-pg-"))
+        if os.geteuid() == 0:
+            shutil.chown(self.data, "postgres", "postgres")
+        subprocess.run(self._as_owner(str(self.bin / "initdb"), "-D", str(self.data), "-U", "softmax",
+                                      "--auth=trust", "--no-sync"), check=True, capture_output=True)
+        subprocess.run(self._as_owner(str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "-l",
+                                      str(self.data / "server.log"), "-o",
+                                      f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off",
+                                      "start"), check=True, capture_output=True)
+        return self
+
+    def create_database(self, name: str) -> str:
+        self.psql("postgres", f"CREATE DATABASE {name}")
+        return f"softmax@127.0.0.1:{self.port}/{name}"
+
+    def psql(self, database: str, sql: str) -> str:
+        return subprocess.run([str(self.bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "softmax",
+                               "-d", database, "-tAc", sql], check=True, capture_output=True, text=True).stdout.strip()
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run(self._as_owner(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"),
+                       capture_output=True)
+        shutil.rmtree(self.data, ignore_errors=True)
