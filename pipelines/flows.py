@@ -110,7 +110,9 @@ def batch_inference(input_path: str | None = None, output_path: str | None = Non
     source = root / (input_path or cfg.batch_inference.input)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     output = root / (output_path or Path(cfg.batch_inference.output_dir) / f"{source.stem}-{stamp}.csv")
-    model = model or cfg.batch_inference.model
+    from softmax_mlops.inference import model_source
+
+    model = model_source(model or cfg.batch_inference.model, root)
     predictor = load_predictor(model, cfg.mlflow.tracking_uri)
     count = task(predict.run, name="predict")(source, output, predictor, cfg.predict.batch_size,
                                               cfg.predict.top_k, None, skip_bad, False)

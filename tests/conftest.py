@@ -21,6 +21,15 @@ from helpers import copy_project, write_mirror  # noqa: E402
 from softmax_mlops import config, data  # noqa: E402
 from softmax_mlops.errors import PipelineError  # noqa: E402
 
+@pytest.fixture(autouse=True)
+def _tracking_uri_stays_in_its_test():
+    """mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI, which config.load() honours: without this,
+    one test's MLflow store would leak into every later test and subprocess. Tests use their own stores."""
+    os.environ.pop(config.TRACKING_URI_ENV, None)
+    yield
+    os.environ.pop(config.TRACKING_URI_ENV, None)
+
+
 @pytest.fixture
 def idx_mirror(tmp_path):
     splits, resources = write_mirror(tmp_path / "mirror")

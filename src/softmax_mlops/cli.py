@@ -110,10 +110,11 @@ ThreadsOpt = Annotated[int | None, typer.Option(
 
 
 def _predictor(model: str | None, threads: int | None):
-    from .inference import Predictor, resolve_model
+    from .inference import Predictor, model_source, resolve_model
 
     cfg = _config()
-    return cfg, Predictor(resolve_model(model or cfg.serve.model, cfg.mlflow.tracking_uri), threads)
+    source = model or model_source(cfg.serve.model, cfg.root)  # --model is relative to where you are
+    return cfg, Predictor(resolve_model(source, cfg.mlflow.tracking_uri), threads)
 
 
 @app.command()

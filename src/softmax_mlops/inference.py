@@ -37,9 +37,18 @@ def available_cpus() -> int:
     return max(1, cpus)
 
 
+def is_mlflow_uri(source: str) -> bool:
+    return source.startswith(("models:/", "runs:/"))
+
+
+def model_source(source: str, base: Path) -> str:
+    """A model named in params.yaml or a flow parameter: relative paths are taken from the project root."""
+    return source if is_mlflow_uri(source) or Path(source).is_absolute() else str(base / source)
+
+
 def resolve_model(source: str, tracking_uri: str | None = None) -> Path:
     """A local .onnx path for ``source``: a file, a folder holding model.onnx, or models:/name@alias."""
-    if source.startswith(("models:/", "runs:/")):
+    if is_mlflow_uri(source):
         import mlflow
 
         if tracking_uri:
