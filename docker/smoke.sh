@@ -33,9 +33,12 @@ image="localhost/softmax-mlops-serve:smoke"
 container="softmax-mlops-smoke-$$"
 port=${PORT:-18000}
 
+dangling_before=$(podman images -q --filter dangling=true | sort)
 cleanup() {
   podman rm -f "$container" >/dev/null 2>&1 || true
   podman rmi -f "$image" >/dev/null 2>&1 || true
+  # the build stage's untagged image: remove only the ones this run created
+  comm -13 <(echo "$dangling_before") <(podman images -q --filter dangling=true | sort) | xargs -r podman rmi -f >/dev/null 2>&1 || true
   [ "${KEEP_BASE:-0}" = 1 ] || podman rmi -f "$base" >/dev/null 2>&1 || true
   rm -rf "$work"
 }
