@@ -110,10 +110,12 @@ ThreadsOpt = Annotated[int | None, typer.Option(
 
 
 def _predictor(model: str | None, threads: int | None):
-    from .inference import Predictor, model_source, resolve_model
+    from .inference import Predictor, is_mlflow_uri, model_source, resolve_model
 
     cfg = _config()
     source = model or model_source(cfg.serve.model, cfg.root)  # --model is relative to where you are
+    if is_mlflow_uri(source):  # the registry may be slow to answer (or retrying): say what we wait for
+        typer.echo(f"softmax-mlops: loading {source} from {cfg.mlflow.tracking_uri}", err=True)
     return cfg, Predictor(resolve_model(source, cfg.mlflow.tracking_uri), threads)
 
 
