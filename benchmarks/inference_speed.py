@@ -27,7 +27,8 @@ from softmax_mlops import config
 from softmax_mlops.data import load_split
 
 
-def best_of(fn, repeats: int = 20) -> float:  # noqa: ANN001
+def median_seconds(fn, repeats: int = 20) -> float:  # noqa: ANN001
+    """Median wall time of ``fn`` over ``repeats`` calls, after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
@@ -48,8 +49,8 @@ def ort_vs_torch(cfg: config.Config, impl: str, images: np.ndarray) -> None:
     predictor = Predictor(cfg.paths.onnx(impl))
     tensor = torch.from_numpy(images)
     with torch.no_grad():
-        torch_s = best_of(lambda: module(tensor))
-    ort_s = best_of(lambda: predictor.run(images))
+        torch_s = median_seconds(lambda: module(tensor))
+    ort_s = median_seconds(lambda: predictor.run(images))
     print(f"10,000 test images : onnxruntime {ort_s * 1e3:6.2f} ms, torch eager {torch_s * 1e3:6.2f} ms "
           f"-> onnxruntime {torch_s / ort_s:.1f}x faster")
 

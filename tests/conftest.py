@@ -21,6 +21,14 @@ from helpers import copy_project, write_mirror  # noqa: E402
 from softmax_mlops import config, data  # noqa: E402
 from softmax_mlops.errors import PipelineError  # noqa: E402
 
+@pytest.fixture(autouse=True, scope="session")
+def _tests_use_their_own_mlflow_stores():
+    """Every test uses an MLflow store in its own project copy: a MLFLOW_TRACKING_URI exported in the
+    developer's shell must not send test runs to their server (module fixtures start before the per-test
+    fixture below, so clear it once for the session too)."""
+    os.environ.pop(config.TRACKING_URI_ENV, None)
+
+
 @pytest.fixture(autouse=True)
 def _tracking_uri_stays_in_its_test():
     """mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI, which config.load() honours: without this,

@@ -2,7 +2,6 @@
 failures, the run summary and batch inference."""
 
 import csv
-import subprocess
 
 import mlflow
 import pytest
@@ -20,9 +19,7 @@ def project(real_splits, prefect_harness, tmp_path_factory):
     from pipelines.flows import training_pipeline
 
     root = copy_project(tmp_path_factory.mktemp("flows"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv(config.TRACKING_URI_ENV, raising=False)
-        state = training_pipeline(project_dir=str(root), return_state=True)
+    state = training_pipeline(project_dir=str(root), return_state=True)
     assert state.is_completed(), state.message
     return root, state
 

@@ -13,20 +13,13 @@ pytestmark = pytest.mark.realdata
 
 
 @pytest.fixture(scope="module")
-def repo(real_splits, tmp_path_factory, monkeypatch_module):
-    """One full `dvc repro` in a fresh copy, shared by the tests below. Depending on real_splits makes it
-    fail in CI (and skip elsewhere) when the genuine data cannot be had."""
-    monkeypatch_module.delenv(config.TRACKING_URI_ENV, raising=False)  # the embedded SQLite default
+def repo(real_splits, tmp_path_factory):
+    """One full `dvc repro` in a fresh copy (embedded SQLite MLflow), shared by the tests below. Depending on
+    real_splits makes it fail in CI (and skip elsewhere) when the genuine data cannot be had."""
     dest = copy_project(tmp_path_factory.mktemp("e2e"))
     result = run_tool("dvc", "repro", cwd=dest)
     assert result.returncode == 0, result.stdout + result.stderr
     return dest
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
 
 
 @pytest.fixture(scope="module")

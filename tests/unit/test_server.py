@@ -2,9 +2,7 @@
 
 import io
 import json
-import socket
-import subprocess
-import time
+import os
 
 import httpx
 import numpy as np
@@ -12,34 +10,21 @@ import pytest
 from PIL import Image
 
 from helpers import REPO
+from stack import Processes, free_port, wait_http
 
 MAX_BODY, MAX_INSTANCES = 200_000, 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(onnx_model):
     port = free_port()
-    proc = subprocess.Popen(["softmax-mlops", "serve", "-m", str(onnx_model[0]), "--port", str(port),
-                             "--max-body-bytes", str(MAX_BODY), "--max-instances", str(MAX_INSTANCES)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait()
+    with Processes() as procs:
+        proc = procs.start("softmax-mlops", "serve", "-m", str(onnx_model[0]), "--port", str(port),
+                           "--max-body-bytes", str(MAX_BODY), "--max-instances", str(MAX_INSTANCES),
+                           cwd=REPO, env=dict(os.environ))
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health", proc)
+        yield url
 
 
 def png(pixels: np.ndarray) -> bytes:
