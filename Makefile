@@ -1,6 +1,7 @@
 # The two entry points the README opens with. Both work on a fresh machine with Python 3.11:
 #   make run    create .venv, install from requirements.lock, run the whole pipeline (dvc repro)
 #   make test   the same setup, then the test suite (unit tests and real-data integration tests)
+#   make stack-test   build the images and test docker/compose.yaml as containers (Docker, or podman)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 # DVC runs each stage's `cmd` through the shell: the venv's console scripts must be on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test bench lock clean
+.PHONY: setup run test stack-test bench lock clean
 
 setup: $(STAMP)
 
@@ -22,6 +23,9 @@ run: setup
 
 test: setup
 	pytest $(PYTEST_ARGS)
+
+stack-test: setup
+	python docker/stack_test.py
 
 bench: setup
 	python benchmarks/train_speed.py

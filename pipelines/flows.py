@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
@@ -90,32 +91,49 @@ def training_pipeline(impls: list[str] | None = None, overrides: list[str] | Non
     return {"impls": summary, "experiment": experiment, "stages": stages, "reproduced": reproduced}
 
 
-@task(retries=2, retry_delay_seconds=10)
+@task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
 def load_predictor(model: str, tracking_uri: str):
-    """Resolving models:/name@alias asks the MLflow server, which may be briefly unreachable."""
+    """Resolving models:/name@alias asks the MLflow server, which may be briefly unreachable. Never cached:
+    the result is an onnxruntime session, which cannot be hashed or pickled."""
     from softmax_mlops.inference import Predictor, resolve_model
 
     return Predictor(resolve_model(model, tracking_uri))
+
+
+def _nothing_to_predict(source: Path) -> str | None:
+    """Why there is nothing to do, for an inbox that is missing or holds no images; None when there is work."""
+    from softmax_mlops.inputs import image_files
+
+    if not source.exists():
+        return f"{source} does not exist"
+    if source.is_dir() and not image_files(source):
+        return f"{source} holds no PNG or JPEG images"
+    return None
 
 
 @flow(name="batch-inference", log_prints=True)
 def batch_inference(input_path: str | None = None, output_path: str | None = None, model: str | None = None,
                     skip_bad: bool = False, project_dir: str | None = None) -> dict:
     """Predict every image of a folder, IDX or .npy file with an exported model; the output is atomic.
-    Defaults come from params.yaml (batch_inference)."""
+    Defaults come from params.yaml (batch_inference). An empty or missing inbox is a normal night: the run
+    completes with "nothing to predict" and writes nothing."""
     from softmax_mlops import predict
+    from softmax_mlops.inference import model_source
 
     root = Path(project_dir or os.getcwd()).resolve()
     cfg = config.load(root)
     source = root / (input_path or cfg.batch_inference.input)
+    if reason := _nothing_to_predict(source):
+        print(f"nothing to predict: {reason}")
+        create_markdown_artifact(key="batch-inference", markdown=f"Nothing to predict: {reason}.\n")
+        return {"images": 0, "output": None, "model": None}
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     output = root / (output_path or Path(cfg.batch_inference.output_dir) / f"{source.stem}-{stamp}.csv")
-    from softmax_mlops.inference import model_source
-
     model = model_source(model or cfg.batch_inference.model, root)
     predictor = load_predictor(model, cfg.mlflow.tracking_uri)
-    count = task(predict.run, name="predict")(source, output, predictor, cfg.predict.batch_size,
-                                              cfg.predict.top_k, None, skip_bad, False)
+    count = task(predict.run, name="predict", cache_policy=NO_CACHE)(
+        source, output, predictor, cfg.predict.batch_size, cfg.predict.top_k, None, skip_bad, False)
+    print(f"predicted {count} images from {source} with {model} into {output}")
     create_markdown_artifact(key="batch-inference", markdown=f"Predicted **{count}** images from `{source}` "
                                                              f"with `{model}` into `{output}`.\n")
     return {"images": count, "output": str(output), "model": model}

@@ -109,14 +109,15 @@ ThreadsOpt = Annotated[int | None, typer.Option(
     min=1, help="onnxruntime intra-op threads. Default: the CPUs this process may use (affinity and cgroup quota).")]
 
 
-def _predictor(model: str | None, threads: int | None):
-    from .inference import Predictor, is_mlflow_uri, model_source, resolve_model
+def _predictor(model: str | None, threads: int | None, wait_s: float = 0.0):
+    from .inference import Predictor, is_mlflow_uri, model_source, wait_for_model
 
     cfg = _config()
     source = model or model_source(cfg.serve.model, cfg.root)  # --model is relative to where you are
     if is_mlflow_uri(source):  # the registry may be slow to answer (or retrying): say what we wait for
         typer.echo(f"softmax-mlops: loading {source} from {cfg.mlflow.tracking_uri}", err=True)
-    return cfg, Predictor(resolve_model(source, cfg.mlflow.tracking_uri), threads)
+    path = wait_for_model(source, cfg.mlflow.tracking_uri, wait_s, lambda line: typer.echo(line, err=True))
+    return cfg, Predictor(path, threads)
 
 
 @app.command()
@@ -153,13 +154,18 @@ def serve(
     max_instances: Annotated[int | None, typer.Option(min=1, help="Images per request; more get 413. Default: serve.max_instances.")] = None,
     request_timeout: Annotated[float | None, typer.Option(min=0.001, help="Seconds of inference before 503. Default: serve.request_timeout_s.")] = None,
     threads: ThreadsOpt = None,
+    model_wait: Annotated[float | None, typer.Option(
+        min=0, envvar="SOFTMAX_MLOPS_MODEL_WAIT_S",
+        help="Seconds to keep retrying a models:/ URI that has no version yet (a fresh registry). "
+             "Default: serve.model_wait_s.")] = None,
 ) -> None:
     """HTTP inference: POST /predict (JSON {"instances": [...]} or a PNG/JPEG), GET /health, GET /metadata."""
     import dataclasses
 
     from . import server
 
-    cfg, predictor = _predictor(model, threads)
+    wait_s = model_wait if model_wait is not None else _config().serve.model_wait_s
+    cfg, predictor = _predictor(model, threads, wait_s)
     overrides = {"host": host, "port": port, "max_body_bytes": max_body_bytes, "max_instances": max_instances,
                  "request_timeout_s": request_timeout}
     limits = dataclasses.replace(cfg.serve, **{k: v for k, v in overrides.items() if v is not None})

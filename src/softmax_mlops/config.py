@@ -20,6 +20,9 @@ IMPLS = ("scratch", "concise")
 LR_SCHEDULES = ("constant", "cosine")
 MIRROR_ENV = "FASHION_MNIST_MIRROR"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+# The MLflow UI as a browser reaches it. In a container stack the tracking URI is an in-network name
+# (http://mlflow:5000) that a browser cannot open, so links need the published address instead.
+UI_URL_ENV = "SOFTMAX_MLOPS_MLFLOW_UI_URL"
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,7 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     max_instances: int = 256
     request_timeout_s: float = 10.0
+    model_wait_s: float = 0.0      # how long to wait for a models:/ URI that does not resolve yet
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ class BatchInferenceConfig:
 class MlflowConfig:
     tracking_uri: str
     experiment: str
-    ui_url: str = "http://127.0.0.1:5000"
+    ui_url: str = "http://127.0.0.1:5000"  # where a browser opens the MLflow UI (links in summaries)
 
     @property
     def is_local_sqlite(self) -> bool:
@@ -162,8 +166,7 @@ class MlflowConfig:
         return (Path(self.tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
 
     def run_url(self, experiment_id: str, run_id: str) -> str:
-        base = self.tracking_uri if self.tracking_uri.startswith(("http://", "https://")) else self.ui_url
-        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return f"{self.ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
     def registered_model(self, impl: str) -> str:
         """One registered model per implementation, e.g. softmax-mlops-scratch."""
@@ -211,6 +214,15 @@ def resolve_tracking_uri(uri: str, root: Path) -> str:
     return uri
 
 
+def _ui_url(tracking_uri: str, configured: str | None) -> str:
+    """The MLflow UI for links: the environment override, else a tracking server's own address, else params."""
+    if override := os.environ.get(UI_URL_ENV):
+        return override
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri
+    return configured or "http://127.0.0.1:5000"
+
+
 def load(root: str | Path | None = None) -> Config:
     """Read ``params.yaml`` from ``root`` (default: the working directory, which is where DVC runs stages)."""
     root = Path(root or os.getcwd()).resolve()
@@ -248,6 +260,6 @@ def load(root: str | Path | None = None) -> Config:
         mlflow=MlflowConfig(
             tracking_uri=resolve_tracking_uri(tracking_uri, root),
             experiment=mlflow_raw.get("experiment") or "softmax-mlops",
-            ui_url=mlflow_raw.get("ui_url") or "http://127.0.0.1:5000",
+            ui_url=_ui_url(tracking_uri, mlflow_raw.get("ui_url")),
         ),
     )

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,29 @@ def resolve_model(source: str, tracking_uri: str | None = None) -> Path:
     if not path.is_file():
         raise PipelineError(f"no ONNX model at {source}: run `dvc repro` to export one, or pass another --model")
     return path
+
+
+def wait_for_model(source: str, tracking_uri: str | None, wait_s: float,
+                   say: Callable[[str], None] = print) -> Path:
+    """resolve_model, retried with a capped exponential back-off for up to ``wait_s`` seconds.
+
+    A service started beside a fresh registry (the compose stack) has nothing to serve until the first
+    training run registers a champion. Waiting here, with one line per attempt, beats a container that
+    restarts every second; the wait is bounded, so a wrong URI still ends in one clear error.
+    """
+    deadline = time.monotonic() + wait_s
+    delay = 2.0
+    while True:
+        try:
+            return resolve_model(source, tracking_uri)
+        except PipelineError as exc:
+            remaining = deadline - time.monotonic()
+            if not is_mlflow_uri(source) or remaining <= 0:
+                raise
+            pause = min(delay, remaining)
+            say(f"softmax-mlops: {exc}; retrying in {pause:.0f} s (for up to {remaining:.0f} s more)")
+            time.sleep(pause)
+            delay = min(delay * 2, 60.0)
 
 
 def _model_card(onnx_path: Path) -> dict:

@@ -135,8 +135,13 @@ def load_image(path: Path) -> np.ndarray:
         raise PipelineError(f"{path}: not a readable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The PNG/JPEG files under ``folder`` (recursively), in a stable order."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def _open_folder(folder: Path, batch_size: int, skip_bad: bool, files: list[Path] | None = None) -> Source:
-    files = files or sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = files or image_files(folder)
     if not files:
         raise PipelineError(f"{folder}: no PNG or JPEG images found")
 

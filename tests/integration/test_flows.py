@@ -107,7 +107,7 @@ def test_failing_stage_fails_the_flow_with_its_name_and_reason(project):
     assert run_tool("git", "worktree", "list", cwd=root).stdout.count("\n") == 1
 
 
-def test_batch_inference_writes_predictions_for_a_folder(project, tmp_path):
+def test_batch_inference_writes_predictions_for_a_folder(project, tmp_path, caplog):
     from pipelines.flows import batch_inference
 
     root, _ = project
@@ -120,6 +120,24 @@ def test_batch_inference_writes_predictions_for_a_folder(project, tmp_path):
     rows = list(csv.DictReader((root / "predictions/out.csv").open()))
     assert result["images"] == 12 and [r["id"] for r in rows] == [f"{i:02d}.png" for i in range(12)]
     assert sum(int(r["class_id"]) == labels[i] for i, r in enumerate(rows)) >= 8
+    # the tasks take an onnxruntime session: no cache key is computed from it (it cannot be hashed)
+    assert "HashError" not in caplog.text and "cannot pickle" not in caplog.text
+
+
+@pytest.mark.parametrize("inbox", ["missing", "empty"])
+def test_batch_inference_with_nothing_to_predict_completes(project, inbox):
+    from pipelines.flows import batch_inference
+
+    root, _ = project
+    folder = root / "data" / f"inbox-{inbox}"
+    if inbox == "empty":
+        folder.mkdir(parents=True)
+        (folder / "notes.txt").write_text("not an image")
+    state = batch_inference(input_path=str(folder.relative_to(root)), model="models/scratch",
+                            project_dir=str(root), return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result() == {"images": 0, "output": None, "model": None}
+    assert not (root / "predictions" / f"inbox-{inbox}").exists()
 
 
 def real_test_images(root):

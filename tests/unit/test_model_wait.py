@@ -1,0 +1,65 @@
+"""Waiting for a model that a fresh registry does not hold yet (the compose stack's inference service starts
+before the first training run registers a champion), on a real MLflow SQLite store."""
+
+import threading
+import time
+
+import mlflow
+import pytest
+
+from softmax_mlops.errors import PipelineError
+from softmax_mlops.inference import wait_for_model
+
+URI = "models:/waiting-test@champion"
+
+
+@pytest.fixture()
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("wait")
+    return uri
+
+
+def register_champion(uri, folder, delay):
+    time.sleep(delay)
+    mlflow.set_tracking_uri(uri)
+    (folder / "model.onnx").write_bytes(b"not really onnx: resolve only needs the file")
+    client = mlflow.MlflowClient(uri)
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(folder / "model.onnx"), artifact_path="model")
+        source = mlflow.get_artifact_uri("model")
+    client.create_registered_model("waiting-test")
+    version = client.create_model_version("waiting-test", source, run_id=run.info.run_id)
+    client.set_registered_model_alias("waiting-test", "champion", version.version)
+
+
+def test_without_a_wait_a_missing_model_fails_at_once_in_one_line(store):
+    with pytest.raises(PipelineError) as error:
+        wait_for_model(URI, store, 0, lambda line: None)
+    assert URI in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_wait_is_bounded_and_says_what_it_waits_for(store):
+    said = []
+    with pytest.raises(PipelineError):
+        wait_for_model(URI, store, 3, said.append)
+    assert said and all(URI in line and "retrying in" in line for line in said)
+
+
+def test_a_champion_registered_during_the_wait_is_served(store, tmp_path):
+    (tmp_path / "artifacts").mkdir()
+    writer = threading.Thread(target=register_champion, args=(store, tmp_path / "artifacts", 3))
+    writer.start()
+    said = []
+    try:
+        path = wait_for_model(URI, store, 120, said.append)
+    finally:
+        writer.join()
+    assert path.name == "model.onnx" and path.is_file()
+    assert said, "the first attempts, before the champion existed, were reported"
+
+
+def test_a_local_path_is_never_waited_for(tmp_path):
+    with pytest.raises(PipelineError, match="no ONNX model"):
+        wait_for_model(str(tmp_path / "missing.onnx"), None, 60, lambda line: pytest.fail(line))
