@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 PROJECT = "softmax-mlops"
 SERVICES = ("postgres", "mlflow", "prefect-server", "prefect-worker", "inference")
+BUILT_BY = ("prefect-worker", "inference", "postgres")  # the services whose builds make the stack's images
 IMAGES = ("softmax-mlops-pipeline:latest", "softmax-mlops-serve:latest")
 STANDIN_IMAGES = ("localhost/softmax-mlops-postgres-standin:latest",)
 MLFLOW, PREFECT, INFERENCE = "http://127.0.0.1:5000", "http://127.0.0.1:4200", "http://127.0.0.1:8000"
@@ -253,6 +254,31 @@ def feed_inbox(engine: Engine, images: np.ndarray, labels: np.ndarray, workdir: 
     engine.run(engine.name, "cp", f"{inbox}/.", f"{engine.container('prefect-worker')}:/app/data/incoming/")
 
 
+def check_volume_owners(engine: Engine) -> None:
+    """Named volumes are writable by the images' user (uid 10001), as Docker seeds them from the image."""
+    owners = engine.exec("prefect-worker", "stat", "-c", "%u %n", "/app/.dvc/cache", "/app/data",
+                         "/app/data/incoming", "/app/predictions").split("\n")
+    owners.append(engine.exec("mlflow", "stat", "-c", "%u %n", "/mlartifacts").strip())
+    if wrong := [line for line in owners if line and not line.startswith("10001 ")]:
+        raise StackFailed(f"volumes not owned by uid 10001: {wrong}")
+    log("volumes owned by uid 10001: " + ", ".join(line.split()[1] for line in owners if line))
+
+
+def check_links(engine: Engine) -> None:
+    """Links that people open point at the published UIs, not at in-network names."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["training-metrics"])))
+    if not artifacts or f"]({MLFLOW}/#/experiments/" not in str(artifacts[0].data):
+        raise StackFailed(f"the training-metrics artifact does not link to {MLFLOW}: {artifacts[:1]}")
+    worker_log = engine.compose("logs", "prefect-worker").stdout.decode(errors="replace")
+    if f"{PREFECT}/runs/" not in worker_log or "http://prefect-server:4200/runs" in worker_log:
+        raise StackFailed(f"the worker's 'View at' links do not use {PREFECT}")
+    log(f"links: run summary -> {MLFLOW}, worker log -> {PREFECT}")
+
+
 def predictions_on_volume(engine: Engine) -> dict[str, str]:
     """The batch-inference CSVs on the predictions volume: name -> content."""
     listing = engine.exec("prefect-worker", "sh", "-c", "ls /app/predictions/*.csv 2>/dev/null || true").split()
@@ -320,11 +346,14 @@ def main() -> int:
             if "CA_BUNDLE" not in engine.env and ca.is_file():  # a TLS-intercepting proxy needs the host's CAs
                 engine.env["CA_BUNDLE"] = str(ca)
             built += [*IMAGES, *(STANDIN_IMAGES if standins else ())]
-            engine.compose("build", capture=False)
+            # One build per image: mlflow and prefect-server run the worker's image, and podman-compose would
+            # build it three times side by side (buildah does not cache COPY --from between those builds).
+            engine.compose("build", *BUILT_BY, capture=False)
         with step("2. up -d (compose.yaml, unchanged)"):
             engine.compose("up", "-d", capture=False)
         with step("3. wait for healthy services"):
             wait_healthy(engine, SERVICES[:4], args.timeout)
+            check_volume_owners(engine)
         images, labels = test_images(mirror)
         with prefect_client_env(workdir):
             with step("4. training deployment"):
@@ -337,6 +366,7 @@ def main() -> int:
                     f"@champion v{before['champion']} (test accuracy {before['accuracy']})")
                 if before["finished"] < 2 or before["models"] != sorted(MODELS) or before["champion"] is None:
                     raise StackFailed(f"MLflow does not hold two finished runs, both models and @champion: {before}")
+                check_links(engine)
             with step("6. inference on the 10,000 test images"):
                 wait_healthy(engine, ("inference",), args.timeout)
                 accuracy = served_accuracy(images, labels)
@@ -350,6 +380,9 @@ def main() -> int:
                     raise StackFailed(f"batch-inference/nightly-batch-inference ended {state}")
                 predictions = predictions_on_volume(engine)
                 log(f"predictions {sorted(predictions)}: accuracy {check_predictions(predictions):.4f}")
+                worker_log = engine.compose("logs", "prefect-worker").stdout.decode(errors="replace")
+                if "HashError" in worker_log or "Traceback" in worker_log:
+                    raise StackFailed("the worker logged a traceback (see `compose logs prefect-worker`)")
             with step("8. Prefect and MLflow UIs"):
                 for url in (f"{PREFECT}/", f"{MLFLOW}/"):
                     status, body = http(url)
@@ -372,6 +405,9 @@ def main() -> int:
                         "dvc cache": cache_after == cache_before and int(cache_after) > 0,
                         "predictions": predictions_on_volume(engine) == predictions}
                 log(f"after restart: {kept} (DVC cache files {cache_after})")
+                restarts = engine.run(engine.name, "inspect", "--format", "{{.RestartCount}}",
+                                      engine.container("inference")).stdout.decode().strip()
+                kept["inference did not restart"] = restarts == "0"
                 if not all(kept.values()):
                     raise StackFailed(f"lost across down/up: {[k for k, v in kept.items() if not v]}")
     except (StackFailed, subprocess.TimeoutExpired, OSError) as exc:

@@ -1,7 +1,10 @@
 """Atomic writes: every output appears whole or not at all.
 
 An interrupted stage must not leave a half-written file that DVC or a later stage would take for a result,
-so each writer gets a temporary path beside the target (same filesystem, so the rename is atomic).
+so each writer gets a temporary path beside the target (same filesystem, so the rename is atomic). Every
+rename is remembered, so a stage that fails later can take back what it wrote (``all_or_nothing``). Files get
+the permissions a plain ``open()`` would give (0666 less the umask), not mkstemp's private 0600, so another
+user, or the uid of a container sharing the volume, can read them (MLflow copies the mode into its artifacts).
 """
 
 from __future__ import annotations
@@ -14,23 +17,60 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import PipelineError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()
+_written: list[Path] = []  # every target renamed into place by this process, in order
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write; rename it onto ``target`` only if the block succeeds.
 
-    The temporary name keeps the target's suffix, because numpy and matplotlib choose formats by suffix.
+    The temporary name keeps the target's suffix, because numpy and matplotlib choose formats by suffix. An
+    OSError while writing (a read-only or full filesystem) becomes one line that names ``target``.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
+        os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, target)
+        _written.append(target)
+    except OSError as exc:
+        if exc.filename not in (None, str(tmp_path), str(target), str(target.parent)):
+            raise PipelineError(f"{exc.filename}: {exc.strerror or exc}") from None
+        raise PipelineError(f"cannot write {target}: {exc.strerror or exc}") from None
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def all_or_nothing() -> Iterator[None]:
+    """Remove every file written inside the block if the block fails or is interrupted: a stage leaves its
+    complete outputs or none (DVC has already removed the previous ones before running the stage)."""
+    start = len(_written)
+    try:
+        yield
+    except BaseException as exc:
+        if isinstance(exc, SystemExit) and exc.code in (0, None):  # the CLI framework's normal exit
+            raise
+        for path in _written[start:]:
+            path.unlink(missing_ok=True)
+        del _written[start:]
+        raise
 
 
 def write_text(target: str | Path, text: str) -> None:

@@ -1,8 +1,9 @@
 """`softmax-mlops`: one command per DVC stage, plus the tools users run by hand.
 
 dvc.yaml calls these commands, so running a stage by hand and through `dvc repro` is the same code. Expected
-failures (PipelineError) print one line and exit 1; heavy imports wait until a command needs them, so
-`--help` stays fast.
+failures (PipelineError, and a tracking server or disk that fails) print one line and exit 1; Ctrl-C and
+SIGTERM print "interrupted" and exit 130; either way a stage takes back the outputs it wrote. Heavy imports
+wait until a command needs them, so `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -153,6 +154,9 @@ def serve(
     max_body_bytes: Annotated[int | None, typer.Option(min=1, help="Larger requests get 413. Default: serve.max_body_bytes.")] = None,
     max_instances: Annotated[int | None, typer.Option(min=1, help="Images per request; more get 413. Default: serve.max_instances.")] = None,
     request_timeout: Annotated[float | None, typer.Option(min=0.001, help="Seconds of inference before 503. Default: serve.request_timeout_s.")] = None,
+    read_timeout: Annotated[float | None, typer.Option(min=0.001, help="Seconds for a request's headers, then its body, to arrive (else 408). Default: serve.read_timeout_s.")] = None,
+    max_connections: Annotated[int | None, typer.Option(min=1, help="Open connections at once; more get 503. Default: serve.max_connections.")] = None,
+    max_image_pixels: Annotated[int | None, typer.Option(min=1, help="Uploaded images declaring more pixels get 413. Default: serve.max_image_pixels.")] = None,
     threads: ThreadsOpt = None,
     model_wait: Annotated[float | None, typer.Option(
         min=0, envvar="SOFTMAX_MLOPS_MODEL_WAIT_S",
@@ -167,7 +171,8 @@ def serve(
     wait_s = model_wait if model_wait is not None else _config().serve.model_wait_s
     cfg, predictor = _predictor(model, threads, wait_s)
     overrides = {"host": host, "port": port, "max_body_bytes": max_body_bytes, "max_instances": max_instances,
-                 "request_timeout_s": request_timeout}
+                 "request_timeout_s": request_timeout, "read_timeout_s": read_timeout,
+                 "max_connections": max_connections, "max_image_pixels": max_image_pixels}
     limits = dataclasses.replace(cfg.serve, **{k: v for k, v in overrides.items() if v is not None})
     server.serve(predictor, limits, cfg.predict.top_k)
 
@@ -199,17 +204,43 @@ def pipeline(
 ERROR_FILE_ENV = "SOFTMAX_MLOPS_ERROR_FILE"
 
 
+def _fail(message: str) -> None:
+    typer.echo(f"softmax-mlops: error: {message}", err=True)
+    if error_file := os.environ.get(ERROR_FILE_ENV):  # lets an orchestrator report the one-line reason
+        Path(error_file).write_text(message, encoding="utf-8")
+    sys.exit(1)
+
+
+def _outside_failure(exc: Exception) -> str | None:
+    """One line for failures of what the pipeline depends on (the tracking server, the disk), which libraries
+    raise as their own exception types; None for anything else, which is a bug and keeps its traceback."""
+    mlflow_errors = sys.modules.get("mlflow.exceptions")
+    if mlflow_errors and isinstance(exc, mlflow_errors.MlflowException):
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or sys.modules["mlflow"].get_tracking_uri()
+        return f"MLflow at {uri} failed: {str(exc.message).splitlines()[0] if exc.message else type(exc).__name__}"
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return None
+
+
 def main() -> None:
+    from .atomic import all_or_nothing
+    from .lifecycle import Interrupted, follow_stage_runner, interrupt_on_signals
+
+    interrupt_on_signals()
+    follow_stage_runner()
     try:
-        app()
+        with all_or_nothing():  # a failed or interrupted command takes back the outputs it wrote
+            app()
     except PipelineError as exc:
-        typer.echo(f"softmax-mlops: error: {exc}", err=True)
-        if error_file := os.environ.get(ERROR_FILE_ENV):  # lets an orchestrator report the one-line reason
-            Path(error_file).write_text(str(exc), encoding="utf-8")
-        sys.exit(1)
-    except KeyboardInterrupt:
-        typer.echo("softmax-mlops: interrupted", err=True)
+        _fail(str(exc))
+    except (Interrupted, KeyboardInterrupt) as exc:
+        typer.echo(f"softmax-mlops: interrupted ({exc or 'SIGINT'})", err=True)
         sys.exit(130)
+    except Exception as exc:
+        if (reason := _outside_failure(exc)) is None:
+            raise
+        _fail(reason)
 
 
 if __name__ == "__main__":

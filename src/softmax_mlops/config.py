@@ -138,6 +138,9 @@ class ServeConfig:
     max_instances: int = 256
     request_timeout_s: float = 10.0
     model_wait_s: float = 0.0      # how long to wait for a models:/ URI that does not resolve yet
+    read_timeout_s: float = 10.0   # a request's headers, and then its body, must arrive within this
+    max_connections: int = 64      # open connections; more are answered 503 and closed
+    max_image_pixels: int = 4194304  # an uploaded image's declared width x height; more get 413
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,9 @@ class MlflowConfig:
     tracking_uri: str
     experiment: str
     ui_url: str = "http://127.0.0.1:5000"  # where a browser opens the MLflow UI (links in summaries)
+    http_retries: int = 3                  # retries of a failed request to a tracking server
+    http_timeout_s: float = 10.0           # per request; with the retries' back-off, a dead server is
+                                           # reported in about http_retries x http_timeout_s + 7 s
 
     @property
     def is_local_sqlite(self) -> bool:
@@ -214,6 +220,21 @@ def resolve_tracking_uri(uri: str, root: Path) -> str:
     return uri
 
 
+HTTP_BUDGET_ENV = {  # MLflow's own settings for its HTTP client; a value already in the environment wins
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "http_retries",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "http_timeout_s",
+}
+
+
+def apply_http_budget(mlflow_cfg: MlflowConfig) -> None:
+    """Bound how long a dead tracking server can stall a command. MLflow's defaults (7 retries, back-off
+    factor 2, 120 s timeouts) meant minutes of silence before the error; its back-off factor is set to 1 (the
+    sleeps are then 1, 2, 4 s...), the retries and timeout come from params.yaml (mlflow.http_*)."""
+    for env, field in HTTP_BUDGET_ENV.items():
+        os.environ.setdefault(env, str(int(getattr(mlflow_cfg, field))))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
 def _ui_url(tracking_uri: str, configured: str | None) -> str:
     """The MLflow UI for links: the environment override, else a tracking server's own address, else params."""
     if override := os.environ.get(UI_URL_ENV):
@@ -244,8 +265,14 @@ def load(root: str | Path | None = None) -> Config:
     if bad := [i for i in impls if i not in IMPLS]:
         raise PipelineError(f"{PARAMS_FILE}: unknown impl(s) {bad}; choose from {', '.join(IMPLS)}")
 
-    mlflow_raw = raw.get("mlflow") or {}
-    tracking_uri = os.environ.get(TRACKING_URI_ENV) or mlflow_raw.get("tracking_uri") or "sqlite:///mlflow.db"
+    mlflow_raw = dict(raw.get("mlflow") or {})
+    tracking_uri = os.environ.get(TRACKING_URI_ENV) or mlflow_raw.pop("tracking_uri", None) or "sqlite:///mlflow.db"
+    mlflow_raw.pop("tracking_uri", None)
+    mlflow_cfg = _section(MlflowConfig, {
+        **mlflow_raw, "tracking_uri": resolve_tracking_uri(tracking_uri, root),
+        "experiment": mlflow_raw.get("experiment") or "softmax-mlops",
+        "ui_url": _ui_url(tracking_uri, mlflow_raw.get("ui_url"))}, "mlflow")
+    apply_http_budget(mlflow_cfg)
     return Config(
         root=root,
         paths=paths,
@@ -257,9 +284,5 @@ def load(root: str | Path | None = None) -> Config:
         predict=_section(PredictConfig, raw.get("predict"), "predict"),
         serve=_section(ServeConfig, raw.get("serve"), "serve"),
         batch_inference=_section(BatchInferenceConfig, raw.get("batch_inference"), "batch_inference"),
-        mlflow=MlflowConfig(
-            tracking_uri=resolve_tracking_uri(tracking_uri, root),
-            experiment=mlflow_raw.get("experiment") or "softmax-mlops",
-            ui_url=_ui_url(tracking_uri, mlflow_raw.get("ui_url")),
-        ),
+        mlflow=mlflow_cfg,
     )

@@ -47,16 +47,20 @@ def _mapped_batches(path: Path, offset: int, count: int, batch_size: int) -> Ite
     """
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         images = np.frombuffer(mapped, dtype=np.uint8, count=count * PIXELS, offset=offset).reshape(count, 28, 28)
-        released = 0
-        for start in range(0, count, batch_size):
-            stop = min(start + batch_size, count)
-            batch = images[start:stop].copy()
-            done = (offset + stop * PIXELS) // mmap.PAGESIZE * mmap.PAGESIZE
-            if done > released and hasattr(mapped, "madvise"):
-                mapped.madvise(mmap.MADV_DONTNEED, released, done - released)
-                released = done
-            yield np.arange(start, stop), batch
-        del images  # the mapping cannot close while a numpy view still exports its buffer
+        try:
+            released = 0
+            for start in range(0, count, batch_size):
+                stop = min(start + batch_size, count)
+                batch = images[start:stop].copy()
+                done = (offset + stop * PIXELS) // mmap.PAGESIZE * mmap.PAGESIZE
+                if done > released and hasattr(mapped, "madvise"):
+                    mapped.madvise(mmap.MADV_DONTNEED, released, done - released)
+                    released = done
+                yield np.arange(start, stop), batch
+        finally:
+            # the mapping cannot close while a numpy view still exports its buffer: drop the view first, also
+            # when the generator is closed early (Ctrl-C, SIGTERM, an error downstream)
+            del images
 
 
 def _read_idx_header(fh, path: Path) -> tuple[tuple[int, ...], int]:  # noqa: ANN001
@@ -114,8 +118,9 @@ def _open_npy(path: Path, batch_size: int) -> Source:
     """numpy reads and checks the header (no pickle); the pixels are then streamed from a memory map."""
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise PipelineError(f"{path} is not a readable .npy array: {str(exc).splitlines()[0]}") from None
+    except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty or cut-short file
+        reason = str(exc).splitlines()[0] if str(exc) else "the file is empty or cut short"
+        raise PipelineError(f"{path} is not a readable .npy array: {reason}") from None
     images = _as_images(array, path)
     if not images.flags.c_contiguous:
         raise PipelineError(f"{path}: Fortran-ordered arrays are not supported; save it with np.save(np.ascontiguousarray(a))")
@@ -125,14 +130,13 @@ def _open_npy(path: Path, batch_size: int) -> Source:
 
 
 def load_image(path: Path) -> np.ndarray:
-    """Any PNG/JPEG as the model sees images: 8-bit grayscale, 28x28 (Pillow; torchvision already brings it)."""
-    from PIL import Image, UnidentifiedImageError
+    """Any PNG/JPEG as the model sees images: 8-bit grayscale, 28x28 (see images.py)."""
+    from .images import ImageError, decode
 
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("L").resize((28, 28), Image.Resampling.BILINEAR), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise PipelineError(f"{path}: not a readable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        return decode(path)
+    except ImageError as exc:
+        raise PipelineError(f"{path}: {exc}") from None
 
 
 def image_files(folder: Path) -> list[Path]:

@@ -30,8 +30,19 @@ def output_format(path: Path, requested: str | None) -> str:
                             "or pass --format") from None
 
 
+def refuse_overwriting_input(input_path: Path, output: Path) -> None:
+    """An output never replaces an input: not the input file itself (by path or hard link), and nothing inside
+    an input folder (the next run would read its own predictions as images, or the output could replace one)."""
+    source, target = input_path.resolve(), output.resolve()
+    same = target == source or (target.exists() and source.exists() and target.samefile(source))
+    if same or (source.is_dir() and target.is_relative_to(source)):
+        raise PipelineError(f"refusing to write {output}: it is {'the input' if same else 'inside the input folder'} "
+                            f"{input_path}; choose another --output")
+
+
 def run(input_path: Path, output: Path, predictor: Predictor, batch_size: int, top_k: int,
         fmt: str | None = None, skip_bad: bool = False, progress: bool = True) -> int:
+    refuse_overwriting_input(input_path, output)
     fmt = output_format(output, fmt)
     source = open_source(input_path, batch_size, skip_bad)
     names = predictor.class_names

@@ -1,24 +1,31 @@
 """HTTP inference over onnxruntime: POST /predict, GET /health, GET /metadata.
 
 Bad input always gets a 4xx with a JSON {"error": ...} that says what was wrong, and the service keeps
-serving: 400 undecodable JSON or image, 413 too large (body bytes or instance count), 415 unsupported
-content type, 422 JSON that is not 28x28 integers in 0..255. Inference slower than the time limit gets 503.
+serving: 400 undecodable JSON or image, 408 a request that arrives too slowly, 413 too large (body bytes,
+instance count, image pixels), 415 unsupported content type, 422 JSON that is not 28x28 integers in 0..255.
+Only the server's own limits answer 5xx: inference slower than the time limit (503), and more open
+connections than the cap (503). Images are decoded in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .config import ServeConfig
 from .errors import PipelineError
+from .images import ImageError, decode
 from .inference import Predictor
+
+log = logging.getLogger("softmax_mlops.server")
 
 IMAGE_TYPES = ("image/png", "image/jpeg")
 
@@ -29,17 +36,32 @@ class BadRequest(Exception):
         self.status, self.message = status, message
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """Read at most ``limit`` bytes: a declared Content-Length over it is refused before reading anything."""
+class ClientGone(Exception):
+    """The client closed the connection before sending its whole request: nobody is left to answer."""
+
+
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """Read at most ``limit`` bytes within ``timeout`` seconds: a declared Content-Length over the limit is
+    refused before reading anything, and a body that trickles in too slowly gets 408."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise BadRequest(413, f"request body of {declared} bytes is over the {limit}-byte limit")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(413, f"request body is over the {limit}-byte limit")
-        chunks.append(chunk)
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(413, f"request body is over the {limit}-byte limit")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise BadRequest(408, f"request body not received within {timeout} s") from None
+    except ClientDisconnect:
+        raise ClientGone() from None
     return b"".join(chunks)
 
 
@@ -49,6 +71,8 @@ def parse_instances(body: bytes, max_instances: int) -> np.ndarray:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(400, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest(400, "malformed JSON: nested too deeply") from None
     if not isinstance(payload, dict) or "instances" not in payload:
         raise BadRequest(422, 'expected a JSON object {"instances": [image, ...]}')
     instances = payload["instances"]
@@ -58,7 +82,7 @@ def parse_instances(body: bytes, max_instances: int) -> np.ndarray:
         raise BadRequest(413, f"{len(instances)} instances is over the limit of {max_instances} per request")
     try:
         array = np.asarray(instances)
-    except (ValueError, OverflowError):
+    except (ValueError, OverflowError, TypeError, RecursionError):
         raise BadRequest(422, "every instance must be a 28x28 list of integers (rows of unequal length)") from None
     if array.dtype.kind not in "iuf" or array.dtype.kind == "b":
         raise BadRequest(422, "pixel values must be numbers (integers 0..255)")
@@ -76,17 +100,11 @@ def parse_instances(body: bytes, max_instances: int) -> np.ndarray:
     return array.astype(np.uint8)
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            pixels = image.convert("L").resize((28, 28), Image.Resampling.BILINEAR)
-            return np.asarray(pixels, dtype=np.uint8)[None]
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        raise BadRequest(400, "the uploaded file is not a readable PNG or JPEG image") from None
+        return decode(data, max_pixels)[None]
+    except ImageError as exc:
+        raise BadRequest(413 if "over the limit" in str(exc) else 400, f"the uploaded file: {exc}") from None
 
 
 async def _images_from(request: Request, limits: ServeConfig) -> np.ndarray:
@@ -94,11 +112,11 @@ async def _images_from(request: Request, limits: ServeConfig) -> np.ndarray:
     if content_type not in ("application/json", "multipart/form-data", *IMAGE_TYPES):
         raise BadRequest(415, f"unsupported content type {content_type or '(none)'!r}: send application/json "
                               "{\"instances\": [...]}, an image/png or image/jpeg body, or a multipart file upload")
-    body = await _read_body(request, limits.max_body_bytes)
+    body = await _read_body(request, limits.max_body_bytes, limits.read_timeout_s)
     if content_type == "application/json":
-        return parse_instances(body, limits.max_instances)
+        return await run_in_threadpool(parse_instances, body, limits.max_instances)
     if content_type in IMAGE_TYPES:
-        return decode_image(body)
+        return await run_in_threadpool(decode_image, body, limits.max_image_pixels)
 
     async def replay() -> dict:
         return {"type": "http.request", "body": body, "more_body": False}
@@ -110,7 +128,26 @@ async def _images_from(request: Request, limits: ServeConfig) -> np.ndarray:
     uploads = [v for v in form.values() if hasattr(v, "read")]
     if not uploads:
         raise BadRequest(422, "the multipart body holds no file: upload the image as a file field")
-    return decode_image(await uploads[0].read())
+    return await run_in_threadpool(decode_image, await uploads[0].read(), limits.max_image_pixels)
+
+
+ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+ERRORS = {400: "undecodable JSON or image", 408: "request too slow", 413: "too large", 415: "unsupported type",
+          422: "not 28x28 integers in 0..255", 503: "inference over the time limit"}
+_IMAGE = {"type": "array", "minItems": 28, "maxItems": 28, "items": {
+    "type": "array", "minItems": 28, "maxItems": 28, "items": {"type": "integer", "minimum": 0, "maximum": 255}}}
+_FILE = {"type": "string", "format": "binary"}
+# /predict reads its body itself (three content types, size and time limits), so FastAPI cannot infer the
+# schema: describe it here, for clients and for schemathesis-style fuzzers.
+PREDICT_BODY = {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["instances"], "properties": {
+        "instances": {"type": "array", "minItems": 1, "maxItems": 256, "items": {"oneOf": [
+            _IMAGE, {"type": "array", "minItems": 784, "maxItems": 784,
+                     "items": {"type": "integer", "minimum": 0, "maximum": 255}}]}}}}},
+    "image/png": {"schema": _FILE},
+    "image/jpeg": {"schema": _FILE},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": _FILE}, "required": ["file"]}},
+}}
 
 
 def create_app(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> FastAPI:
@@ -123,7 +160,13 @@ def create_app(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> Fas
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+        # keep the exception's headers: a 405 must say which methods are allowed (Allow)
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, _: ClientGone) -> JSONResponse:
+        log.info("client %s disconnected before sending its whole request", request.client)
+        return JSONResponse({"error": "client disconnected"}, status_code=400)
 
     @app.get("/health")
     async def health() -> dict:
@@ -133,7 +176,9 @@ def create_app(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> Fas
     async def metadata() -> dict:
         return predictor.metadata
 
-    @app.post("/predict")
+    @app.post("/predict", openapi_extra={"requestBody": PREDICT_BODY},
+              responses={code: {"description": text, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+                         for code, text in ERRORS.items()})
     async def predict(request: Request) -> dict:
         images = await _images_from(request, limits)
         try:
@@ -146,10 +191,67 @@ def create_app(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> Fas
     return app
 
 
+def protocol(limits: ServeConfig) -> type:
+    """uvicorn's httptools protocol with two more limits of its own.
+
+    uvicorn bounds the idle time between requests (timeout_keep_alive) but not a request whose headers
+    trickle in, so a slow client could hold a connection for ever; and it accepts any number of connections.
+    Here a request's headers must arrive within ``read_timeout_s`` of its first byte (or of the connection),
+    else 408 and close; and a connection past ``max_connections`` gets 503 and is closed at once.
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    def reply(transport: asyncio.Transport, status: str, message: str) -> None:
+        body = json.dumps({"error": message}).encode()
+        transport.write(f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                        f"content-length: {len(body)}\r\n\r\n".encode() + body)
+        transport.close()
+
+    class LimitedHttpToolsProtocol(HttpToolsProtocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > limits.max_connections:
+                reply(transport, "503 Service Unavailable",
+                      f"more than {limits.max_connections} open connections: try again later")
+                return
+            self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(limits.read_timeout_s, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _too_slow(self) -> None:
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                reply(self.transport, "408 Request Timeout",
+                      f"request headers not received within {limits.read_timeout_s} s")
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return LimitedHttpToolsProtocol
+
+
 def serve(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> None:
     import uvicorn
 
-    if limits.max_body_bytes < 1 or limits.max_instances < 1 or limits.request_timeout_s <= 0:
+    if min(limits.max_body_bytes, limits.max_instances, limits.max_connections, limits.max_image_pixels) < 1 \
+            or limits.request_timeout_s <= 0 or limits.read_timeout_s <= 0:
         raise PipelineError("serve limits must be positive")
     uvicorn.run(create_app(predictor, limits, top_k), host=limits.host, port=limits.port, log_level="info",
-                timeout_keep_alive=5)
+                timeout_keep_alive=5, http=protocol(limits), timeout_graceful_shutdown=5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -65,12 +66,42 @@ def _stage_tags(cfg: Config, stage: str) -> dict[str, str]:
     return tags
 
 
+def _owner() -> dict[str, str]:
+    return {"host": socket.gethostname(), "pid": str(os.getpid())}
+
+
+def fail_orphaned_runs(experiment_id: str, impl: str) -> list[str]:
+    """Mark FAILED the RUNNING runs of ``impl`` whose process, on this host, is gone.
+
+    A run can only be ended while its tracking server answers: a stage that lost the server mid-run (or was
+    killed with SIGKILL) leaves its run RUNNING. The next train@{impl} on the same host ends it.
+    """
+    client = mlflow.MlflowClient()
+    orphans = []
+    for run in client.search_runs([experiment_id], f"tags.impl = '{impl}' and attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if tags.get("host") != socket.gethostname() or not tags.get("pid", "").isdigit():
+            continue
+        try:
+            os.kill(int(tags["pid"]), 0)
+            continue  # still running (or the pid was reused): leave it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        client.set_terminated(run.info.run_id, "FAILED")
+        client.set_tag(run.info.run_id, "ended_by", f"train@{impl} (its process {tags['pid']} was gone)")
+        orphans.append(run.info.run_id)
+    return orphans
+
+
 @contextlib.contextmanager
 def start_run(cfg: Config, impl: str) -> Iterator[mlflow.ActiveRun]:
-    """Open the run for train@{impl}."""
+    """Open the run for train@{impl}, after ending any run a dead process left RUNNING."""
     experiment_id = setup(cfg)
+    fail_orphaned_runs(experiment_id, impl)
     run_name = f"{impl}-{os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else impl
-    tags = _stage_tags(cfg, f"train@{impl}") | {"impl": impl, "dvc_stages": f"train@{impl}"}
+    tags = _stage_tags(cfg, f"train@{impl}") | {"impl": impl, "dvc_stages": f"train@{impl}"} | _owner()
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         yield run
 
@@ -95,7 +126,7 @@ def resume_run(cfg: Config, impl: str, stage: str) -> Iterator[mlflow.ActiveRun]
                             f"rerun train with `dvc repro --force train@{impl}`") from None
     stages = previous.data.tags.get("dvc_stages", "")
     with mlflow.start_run(run_id=run_id) as run:
-        tags = _stage_tags(cfg, stage)
+        tags = _stage_tags(cfg, stage) | _owner()
         tags["dvc_stages"] = ",".join(filter(None, [*stages.split(","), stage]))
         mlflow.set_tags(tags)
         yield run
@@ -112,9 +143,20 @@ def log_epoch(metrics) -> None:  # noqa: ANN001 - train.EpochMetrics; not import
     mlflow.log_metrics(values, step=epoch)
 
 
+@contextlib.contextmanager
+def artifact_store() -> Iterator[None]:
+    """A read-only or full artifact store is one line naming where the artifacts go, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        where = mlflow.get_artifact_uri() if mlflow.active_run() else mlflow.get_tracking_uri()
+        raise PipelineError(f"cannot store MLflow artifacts at {where}: {exc.strerror or exc}") from None
+
+
 def log_files(*paths: Path, artifact_path: str | None = None) -> None:
-    for path in paths:
-        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+    with artifact_store():
+        for path in paths:
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
 def pip_requirements(*packages: str) -> list[str]:
@@ -137,10 +179,11 @@ def log_torch_model(W, b, example_images: np.ndarray) -> None:  # noqa: ANN001
     module = SoftmaxRegression(W, b).eval()
     with torch.no_grad():
         example_logits = module(torch.from_numpy(example_images)).numpy()
-    mlflow.pytorch.log_model(
-        module, name="model", serialization_format="pt2",
-        signature=infer_signature(example_images, example_logits), input_example=example_images,
-        pip_requirements=pip_requirements("torch", "numpy"))
+    with artifact_store():
+        mlflow.pytorch.log_model(
+            module, name="model", serialization_format="pt2",
+            signature=infer_signature(example_images, example_logits), input_example=example_images,
+            pip_requirements=pip_requirements("torch", "numpy"))
 
 
 def log_and_register_onnx(cfg: Config, impl: str, onnx_path: Path, model_card: Path, example_images: np.ndarray,
@@ -154,11 +197,12 @@ def log_and_register_onnx(cfg: Config, impl: str, onnx_path: Path, model_card: P
     with torch.no_grad():
         logits, probabilities = (t.numpy() for t in module(torch.from_numpy(example_images)))
     name = cfg.mlflow.registered_model(impl)
-    info = mlflow.onnx.log_model(
-        onnx.load(str(onnx_path)), name="onnx_model", registered_model_name=name, save_as_external_data=False,
-        signature=infer_signature(example_images, {"logits": logits, "probabilities": probabilities}),
-        input_example=example_images, extra_files=[str(model_card)],
-        pip_requirements=pip_requirements("onnxruntime", "onnx", "numpy"))
+    with artifact_store():
+        info = mlflow.onnx.log_model(
+            onnx.load(str(onnx_path)), name="onnx_model", registered_model_name=name, save_as_external_data=False,
+            signature=infer_signature(example_images, {"logits": logits, "probabilities": probabilities}),
+            input_example=example_images, extra_files=[str(model_card)],
+            pip_requirements=pip_requirements("onnxruntime", "onnx", "numpy"))
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
     client.set_registered_model_tag(name, "impl", impl)

@@ -86,7 +86,7 @@ def test_bad_inputs_name_the_file(tmp_path, make, message):
 def test_bad_image_fails_or_is_skipped_as_asked(tmp_path, capsys):
     Image.new("L", (28, 28), 9).save(tmp_path / "good.png")
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    with pytest.raises(PipelineError, match="bad.png: not a readable image"):
+    with pytest.raises(PipelineError, match="bad.png: not a readable PNG or JPEG image"):
         collect(open_source(tmp_path, batch_size=4))
     ids, _ = collect(open_source(tmp_path, batch_size=4, skip_bad=True))
     assert ids == ["good.png"] and "skipped" in capsys.readouterr().err
