@@ -40,10 +40,12 @@ def _options(
     _project = project
 
 
-def _config():
+def _config(standalone: bool = False):
+    """params.yaml of the project. ``standalone`` (predict and serve with an explicit --model): outside a
+    project, run on the built-in defaults instead of failing for want of a params.yaml."""
     from . import config
 
-    return config.load(_project)
+    return config.load(_project, missing_ok=standalone)
 
 
 @app.command()
@@ -113,7 +115,7 @@ ThreadsOpt = Annotated[int | None, typer.Option(
 def _predictor(model: str | None, threads: int | None, wait_s: float = 0.0):
     from .inference import Predictor, is_mlflow_uri, model_source, wait_for_model
 
-    cfg = _config()
+    cfg = _config(standalone=model is not None)
     source = model or model_source(cfg.serve.model, cfg.root)  # --model is relative to where you are
     if is_mlflow_uri(source):  # the registry may be slow to answer (or retrying): say what we wait for
         typer.echo(f"softmax-mlops: loading {source} from {cfg.mlflow.tracking_uri}", err=True)
@@ -168,7 +170,7 @@ def serve(
 
     from . import server
 
-    wait_s = model_wait if model_wait is not None else _config().serve.model_wait_s
+    wait_s = model_wait if model_wait is not None else _config(standalone=model is not None).serve.model_wait_s
     cfg, predictor = _predictor(model, threads, wait_s)
     overrides = {"host": host, "port": port, "max_body_bytes": max_body_bytes, "max_instances": max_instances,
                  "request_timeout_s": request_timeout, "read_timeout_s": read_timeout,

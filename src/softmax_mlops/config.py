@@ -244,14 +244,21 @@ def _ui_url(tracking_uri: str, configured: str | None) -> str:
     return configured or "http://127.0.0.1:5000"
 
 
-def load(root: str | Path | None = None) -> Config:
-    """Read ``params.yaml`` from ``root`` (default: the working directory, which is where DVC runs stages)."""
+DEFAULT_PATHS = {"prepared": "data/prepared", "models": "models", "metrics": "metrics", "reports": "reports"}
+
+
+def load(root: str | Path | None = None, missing_ok: bool = False) -> Config:
+    """Read ``params.yaml`` from ``root`` (default: the working directory, which is where DVC runs stages).
+    With ``missing_ok``, a folder without one gets the built-in defaults (predict and serve with an explicit
+    model work from anywhere)."""
     root = Path(root or os.getcwd()).resolve()
     params_path = root / PARAMS_FILE
     try:
         raw = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise PipelineError(f"no {PARAMS_FILE} in {root}: run from the project root") from None
+        if not missing_ok:
+            raise PipelineError(f"no {PARAMS_FILE} in {root}: run from the project root") from None
+        raw = {"paths": DEFAULT_PATHS}
     except yaml.YAMLError as exc:
         raise PipelineError(f"{params_path} is not valid YAML: {exc}".replace("\n", " ")) from None
 
