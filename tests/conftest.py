@@ -21,6 +21,17 @@ from helpers import copy_project, write_mirror  # noqa: E402
 from softmax_mlops import config, data  # noqa: E402
 from softmax_mlops.errors import PipelineError  # noqa: E402
 
+def _absolute_mirror() -> None:
+    """`FASHION_MNIST_MIRROR=../shared/fashion-mnist make test` (the README's command): a relative folder means
+    relative to where the tests were started, but many tests run stages in copies of the project elsewhere."""
+    mirror = os.environ.get(config.MIRROR_ENV, "")
+    if mirror and "://" not in mirror and not Path(mirror).is_absolute():
+        os.environ[config.MIRROR_ENV] = str(Path(mirror).resolve())
+
+
+_absolute_mirror()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _tests_use_their_own_mlflow_stores():
     """Every test uses an MLflow store in its own project copy: a MLFLOW_TRACKING_URI exported in the

@@ -1,0 +1,95 @@
+"""Property-based fuzzing of the HTTP service on a real server: thousands of generated requests (JSON of any
+shape, near-miss instances, random bytes under every content type, multipart bodies, odd methods and
+paths), and not one may get a 5xx or a non-JSON error."""
+
+import json
+import os
+import subprocess
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import REPO
+from stack import free_port, wait_http
+
+MAX_BODY, MAX_INSTANCES = 100_000, 8
+EXAMPLES = 500  # per test: the five tests below send about 2,500 requests
+
+
+@pytest.fixture(scope="module")
+def server(onnx_model, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("fuzz") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            ["softmax-mlops", "serve", "-m", str(onnx_model[0]), "--port", str(port), "--max-body-bytes",
+             str(MAX_BODY), "--max-instances", str(MAX_INSTANCES)],
+            cwd=REPO, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_http(f"{url}/health", proc)
+            with httpx.Client(base_url=url, timeout=30) as client:
+                yield client
+            assert proc.poll() is None, "the server died"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+def check(response: httpx.Response) -> None:
+    assert response.status_code < 500, (response.status_code, response.text[:300])
+    if response.status_code >= 400:
+        assert isinstance(response.json().get("error"), str), response.text[:300]
+
+
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+scalars = st.none() | st.booleans() | st.integers(-300, 300) | st.integers() | st.floats(allow_nan=True) \
+    | st.text(max_size=5)
+any_json = st.recursive(scalars, lambda inner: st.lists(inner, max_size=5)
+                        | st.dictionaries(st.text(max_size=5), inner, max_size=4), max_leaves=40)
+pixel = st.integers(-2, 258) | st.floats(-1, 256) | st.sampled_from([True, None, "7", 1e308])
+row = st.lists(pixel, min_size=27, max_size=29)
+near_image = st.lists(row, min_size=27, max_size=29) | st.lists(pixel, min_size=783, max_size=785)
+CONTENT_TYPES = ["application/json", "image/png", "image/jpeg", "multipart/form-data; boundary=b",
+                 "multipart/form-data", "text/plain", "", "application/json; charset=latin-1", "image/png; x=y"]
+
+
+@FUZZ
+@given(body=any_json)
+def test_any_json_document(server, body):
+    check(server.post("/predict", content=json.dumps(body), headers={"content-type": "application/json"}))
+
+
+@FUZZ
+@given(instances=st.lists(near_image, min_size=0, max_size=3))
+def test_near_miss_instances(server, instances):
+    check(server.post("/predict", json={"instances": instances}))
+
+
+@FUZZ
+@given(body=st.binary(max_size=2000), content_type=st.sampled_from(CONTENT_TYPES))
+def test_random_bytes_under_every_content_type(server, body, content_type):
+    check(server.post("/predict", content=body, headers={"content-type": content_type}))
+
+
+@FUZZ
+@given(prefix=st.sampled_from([b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"--b\r\nContent-Disposition: form-data; "
+                                b'name="file"; filename="x.png"\r\n\r\n']), tail=st.binary(max_size=3000))
+def test_truncated_and_corrupt_images_and_uploads(server, prefix, tail):
+    content_type = "multipart/form-data; boundary=b" if prefix.startswith(b"--") else "image/png"
+    check(server.post("/predict", content=prefix + tail, headers={"content-type": content_type}))
+
+
+@FUZZ
+@given(method=st.sampled_from(["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "POST"]),
+       path=st.sampled_from(["/predict", "/health", "/metadata", "/nope", "/predict/", "/%00", "/docs"]),
+       query=st.text(max_size=20))
+def test_methods_and_paths(server, method, path, query):
+    response = server.request(method, path, params={"q": query} if query else None)
+    assert response.status_code < 500
+    if response.status_code >= 400 and method != "HEAD":
+        assert "error" in response.json()
