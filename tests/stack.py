@@ -5,6 +5,7 @@ the Processes context manager, whatever happens."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import os
 import shutil
@@ -58,6 +59,26 @@ def wait_http(url: str, proc: subprocess.Popen) -> None:
         except httpx.TransportError:
             pass
         time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def serving(model: Path, log: Path, *options: str):
+    """`softmax-mlops serve` on a free port of 127.0.0.1, its output in ``log`` (a pipe nobody reads could
+    fill up and stall it); yields (base URL, port). SIGTERM at the end, as `docker stop` sends."""
+    from helpers import REPO
+
+    port = free_port()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["softmax-mlops", "serve", "-m", str(model), "--port", str(port), *options],
+                                cwd=REPO, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_http(f"{url}/health", proc)
+            yield url, port
+            assert proc.poll() is None, "the server died"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 def run(*cmd: str, cwd: Path, env: dict) -> str:

@@ -3,16 +3,13 @@ shape, near-miss instances, random bytes under every content type, multipart bod
 paths), and not one may get a 5xx or a non-JSON error."""
 
 import json
-import os
-import subprocess
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import REPO
-from stack import free_port, wait_http
+from stack import serving
 
 MAX_BODY, MAX_INSTANCES = 100_000, 8
 EXAMPLES = 500  # per test: the five tests below send about 2,500 requests
@@ -20,22 +17,10 @@ EXAMPLES = 500  # per test: the five tests below send about 2,500 requests
 
 @pytest.fixture(scope="module")
 def server(onnx_model, tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("fuzz") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            ["softmax-mlops", "serve", "-m", str(onnx_model[0]), "--port", str(port), "--max-body-bytes",
-             str(MAX_BODY), "--max-instances", str(MAX_INSTANCES)],
-            cwd=REPO, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_http(f"{url}/health", proc)
-            with httpx.Client(base_url=url, timeout=30) as client:
-                yield client
-            assert proc.poll() is None, "the server died"
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    with serving(onnx_model[0], log, "--max-body-bytes", str(MAX_BODY), "--max-instances", str(MAX_INSTANCES)) \
+            as (url, _), httpx.Client(base_url=url, timeout=30) as client:
+        yield client
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 

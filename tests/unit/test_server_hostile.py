@@ -3,9 +3,7 @@ and bodies, too many connections, decompression bombs, formats that are not PNG/
 
 import io
 import json
-import os
 import socket
-import subprocess
 import time
 
 import httpx
@@ -13,28 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import REPO
-from stack import free_port, wait_http
+from stack import serving
 
 READ_TIMEOUT, MAX_CONNECTIONS, MAX_PIXELS = 1.0, 8, 1_000_000
 
 
 @pytest.fixture(scope="module")
 def server(onnx_model, tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            ["softmax-mlops", "serve", "-m", str(onnx_model[0]), "--port", str(port), "--read-timeout",
-             str(READ_TIMEOUT), "--max-connections", str(MAX_CONNECTIONS), "--max-image-pixels", str(MAX_PIXELS)],
-            cwd=REPO, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_http(f"{url}/health", proc)
-            yield url, port, log
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    with serving(onnx_model[0], log, "--read-timeout", str(READ_TIMEOUT), "--max-connections",
+                 str(MAX_CONNECTIONS), "--max-image-pixels", str(MAX_PIXELS)) as (url, port):
+        yield url, port, log
 
 
 def raw_connection(port: int) -> socket.socket:
