@@ -26,7 +26,11 @@ SIZE = (28, 28)
 
 
 class ImageError(ValueError):
-    """Not a readable PNG/JPEG, or too large; the message says which."""
+    """Not a readable PNG/JPEG; the message says why."""
+
+
+class ImageTooLarge(ImageError):
+    """The header declares more pixels than allowed; nothing was decoded."""
 
 
 def to_gray(image) -> np.ndarray:  # noqa: ANN001 - a PIL.Image.Image; PIL is imported lazily
@@ -54,7 +58,7 @@ def decode(source: bytes | Path | BinaryIO, max_pixels: int | None = None) -> np
         with Image.open(fp, formats=FORMATS) as image:
             width, height = image.size  # from the header: nothing is decoded yet
             if max_pixels is not None and width * height > max_pixels:
-                raise ImageError(f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels")
+                raise ImageTooLarge(f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels")
             gray = Image.fromarray(to_gray(image), "L")
             return np.asarray(gray.resize(SIZE, Image.Resampling.BILINEAR), dtype=np.uint8)
     except ImageError:

@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 
 from .config import ServeConfig
 from .errors import PipelineError
-from .images import ImageError, decode
+from .images import ImageError, ImageTooLarge, decode
 from .inference import Predictor
 
 log = logging.getLogger("softmax_mlops.server")
@@ -104,7 +104,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         return decode(data, max_pixels)[None]
     except ImageError as exc:
-        raise BadRequest(413 if "over the limit" in str(exc) else 400, f"the uploaded file: {exc}") from None
+        raise BadRequest(413 if isinstance(exc, ImageTooLarge) else 400, f"the uploaded file: {exc}") from None
 
 
 async def _images_from(request: Request, limits: ServeConfig) -> np.ndarray:
