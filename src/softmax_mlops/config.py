@@ -156,7 +156,7 @@ class MlflowConfig:
     experiment: str
     ui_url: str = "http://127.0.0.1:5000"  # where a browser opens the MLflow UI (links in summaries)
     http_retries: int = 3                  # retries of a failed request to a tracking server
-    http_timeout_s: float = 10.0           # per request; with the retries' back-off, a dead server is
+    http_timeout_s: int = 10               # per request (MLflow takes whole seconds); with the retries' back-off, a dead server is
                                            # reported in about http_retries x http_timeout_s + 7 s
 
     @property
@@ -231,7 +231,7 @@ def apply_http_budget(mlflow_cfg: MlflowConfig) -> None:
     factor 2, 120 s timeouts) meant minutes of silence before the error; its back-off factor is set to 1 (the
     sleeps are then 1, 2, 4 s...), the retries and timeout come from params.yaml (mlflow.http_*)."""
     for env, field in HTTP_BUDGET_ENV.items():
-        os.environ.setdefault(env, str(int(getattr(mlflow_cfg, field))))
+        os.environ.setdefault(env, str(getattr(mlflow_cfg, field)))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 
@@ -273,8 +273,8 @@ def load(root: str | Path | None = None, missing_ok: bool = False) -> Config:
         raise PipelineError(f"{PARAMS_FILE}: unknown impl(s) {bad}; choose from {', '.join(IMPLS)}")
 
     mlflow_raw = dict(raw.get("mlflow") or {})
-    tracking_uri = os.environ.get(TRACKING_URI_ENV) or mlflow_raw.pop("tracking_uri", None) or "sqlite:///mlflow.db"
-    mlflow_raw.pop("tracking_uri", None)
+    configured_uri = mlflow_raw.pop("tracking_uri", None)
+    tracking_uri = os.environ.get(TRACKING_URI_ENV) or configured_uri or "sqlite:///mlflow.db"
     mlflow_cfg = _section(MlflowConfig, {
         **mlflow_raw, "tracking_uri": resolve_tracking_uri(tracking_uri, root),
         "experiment": mlflow_raw.get("experiment") or "softmax-mlops",
