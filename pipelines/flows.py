@@ -39,14 +39,16 @@ def run_stage(workspace: Path, stage: str) -> bool:
 
 
 def _summary(cfg: config.Config, workspace: Path, impls: list[str]) -> dict:
-    paths = config.load(workspace).paths
+    from softmax_mlops.tracking import train_run
+
+    ws_cfg = config.load(workspace)
     summary = {}
     for impl in impls:
-        run = json.loads(paths.run_info(impl).read_text())
-        evaluation = json.loads(paths.eval_metrics(impl).read_text())
+        run = train_run(ws_cfg, impl).info
+        evaluation = json.loads(ws_cfg.paths.eval_metrics(impl).read_text())
         summary[impl] = {"test_accuracy": evaluation["test_accuracy"], "macro_f1": evaluation["macro_f1"],
-                         "mlflow_run_id": run["run_id"],
-                         "mlflow_run_url": cfg.mlflow.run_url(run["experiment_id"], run["run_id"])}
+                         "mlflow_run_id": run.run_id,
+                         "mlflow_run_url": cfg.mlflow.run_url(run.experiment_id, run.run_id)}
     return summary
 
 

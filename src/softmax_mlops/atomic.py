@@ -75,6 +75,22 @@ def all_or_nothing() -> Iterator[None]:
         raise
 
 
+def write_npz(target: str | Path, **arrays: Any) -> None:
+    """Like np.savez, but byte-for-byte reproducible: np.savez stamps every zip member with the current time,
+    so the same arrays gave a new file (and a new md5 in dvc.lock) on every run. Members are stored
+    uncompressed with a fixed date; np.load reads the file as usual."""
+    import zipfile
+
+    import numpy as np
+
+    with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            member.external_attr = 0o644 << 16
+            with archive.open(member, "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asanyarray(array), allow_pickle=False)
+
+
 def write_text(target: str | Path, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")

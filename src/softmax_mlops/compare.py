@@ -16,8 +16,7 @@ ROWS = (  # (label, source file, key)
     ("train accuracy (end of last epoch)", "train", "train_acc"),
     ("train accuracy (running, last epoch)", "train", "train_acc_running"),
     ("train loss (last epoch)", "train", "loss"),
-    ("seconds per epoch", "train", "seconds_per_epoch"),
-)
+)  # no timings and no MLflow run ids: the report is a DVC output, a function of code, data and params
 
 
 def _read(path) -> dict:  # noqa: ANN001
@@ -31,12 +30,9 @@ def run(cfg: Config) -> dict:
     paths = cfg.paths
     results = {}
     for impl in cfg.impls:
-        run_info = _read(paths.run_info(impl))
-        results[impl] = {"train": _read(paths.train_metrics(impl)), "eval": _read(paths.eval_metrics(impl)),
-                         "mlflow_run_id": run_info["run_id"]}
+        results[impl] = {"train": _read(paths.train_metrics(impl)), "eval": _read(paths.eval_metrics(impl))}
 
-    report: dict = {"impls": {impl: {key: r[src][key] for _, src, key in ROWS} | {"mlflow_run_id": r["mlflow_run_id"]}
-                              for impl, r in results.items()}}
+    report: dict = {"impls": {impl: {key: r[src][key] for _, src, key in ROWS} for impl, r in results.items()}}
     if len(cfg.impls) == 2:
         (W1, b1), (W2, b2) = (load_weights(paths.weights(impl)) for impl in cfg.impls)
         a, b = (report["impls"][impl]["test_accuracy"] for impl in cfg.impls)
@@ -59,7 +55,6 @@ def _markdown(cfg: Config, report: dict) -> str:
              "| metric | " + " | ".join(impls) + " |", "|---|" + "---:|" * len(impls)]
     for label, _, key in ROWS:
         lines.append(f"| {label} | " + " | ".join(f"{report['impls'][i][key]:.4f}" for i in impls) + " |")
-    lines.append("| MLflow run | " + " | ".join(f"`{report['impls'][i]['mlflow_run_id']}`" for i in impls) + " |")
     if diff := report.get("difference"):
         lines += ["", f"Test accuracies differ by {diff['test_accuracy_points']:.3f} percentage points; "
                       f"the weights by at most {diff['max_abs_weight_diff']:.2e} (W) and {diff['max_abs_bias_diff']:.2e} (b)."]

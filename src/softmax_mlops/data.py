@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .atomic import atomic_path, write_json
+from .atomic import write_json, write_npz
 from .errors import PipelineError
 
 if TYPE_CHECKING:
@@ -137,8 +137,7 @@ def summarize(splits: dict[str, tuple[np.ndarray, np.ndarray]], resources: Seque
 
 
 def save_split(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        np.savez(tmp, images=images, labels=labels)
+    write_npz(path, images=images, labels=labels)
 
 
 def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:

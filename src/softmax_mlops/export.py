@@ -7,6 +7,8 @@ SoftmaxRegression module that MLflow's torch model is), so no client has to re-i
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -91,17 +93,23 @@ def run(cfg: Config, impl: str) -> dict:
         if parity["max_abs_diff"] > PARITY_MAX_ABS_DIFF or parity["argmax_match"] < 1.0:
             raise PipelineError(f"ONNX parity failed for {impl}: max abs diff {parity['max_abs_diff']:.2e} "
                                 f"(limit {PARITY_MAX_ABS_DIFF}), argmax match {parity['argmax_match']:.4%}")
-        write_json(paths.model_card(impl), {
+        card = {
             "impl": impl, "class_names": list(CLASS_NAMES), "opset": cfg.export.opset,
             "input": {"name": INPUT, "dtype": "uint8", "shape": ["N", 28, 28]},
             "outputs": [{"name": name, "dtype": "float32", "shape": ["N", 10]} for name in OUTPUTS],
-            "mlflow_run_id": run.info.run_id, "test_accuracy": test_accuracy,
-            "data_md5": tracking.data_md5(cfg), "registered_model": cfg.mlflow.registered_model(impl)})
+            "test_accuracy": test_accuracy, "data_md5": tracking.data_md5(cfg),
+            "registered_model": cfg.mlflow.registered_model(impl)}
+        # The DVC-tracked card is a function of code, data and params; the copy registered with the model in
+        # MLflow also names the run that produced it (a run id is new on every run).
+        write_json(paths.model_card(impl), card)
 
         import mlflow
 
         mlflow.log_metrics({"onnx_max_abs_diff": parity["max_abs_diff"], "onnx_argmax_match": parity["argmax_match"]})
         mlflow.log_artifact(str(paths.parity(impl)))
-        version = tracking.log_and_register_onnx(cfg, impl, paths.onnx(impl), paths.model_card(impl),
-                                                 images[:5], module, test_accuracy)
+        with tempfile.TemporaryDirectory() as tmp:
+            registered_card = Path(tmp) / "model.json"
+            registered_card.write_text(json.dumps(card | {"mlflow_run_id": run.info.run_id}, indent=2) + "\n")
+            version = tracking.log_and_register_onnx(cfg, impl, paths.onnx(impl), registered_card,
+                                                     images[:5], module, test_accuracy)
     return {"parity": parity, "test_accuracy": test_accuracy, **version}

@@ -106,24 +106,55 @@ def start_run(cfg: Config, impl: str) -> Iterator[mlflow.ActiveRun]:
         yield run
 
 
-def save_run_info(path: Path, run: mlflow.ActiveRun) -> None:
+def _file_md5(path: Path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def save_run_info(path: Path, run: mlflow.ActiveRun, weights: Path) -> None:
+    """Record the run for the later stages, and tag it with the md5 of the weights it produced.
+
+    models/{impl}/mlflow_run.json is not a DVC output (a run id is new on every run, so dvc.lock could never
+    match): when DVC restores train's outputs from its cache without the file, the tag finds the run."""
+    mlflow.set_tag("weights_md5", _file_md5(weights))
     write_json(path, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
+
+
+def _run_id(cfg: Config, impl: str) -> str:
+    info_path = cfg.paths.run_info(impl)
+    try:
+        return json.loads(info_path.read_text())["run_id"]
+    except (OSError, ValueError, KeyError):
+        pass
+    weights = cfg.paths.weights(impl)
+    if weights.is_file():
+        experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+        found = mlflow.MlflowClient().search_runs(
+            [experiment.experiment_id], f"tags.impl = '{impl}' and tags.weights_md5 = '{_file_md5(weights)}'",
+            order_by=["attributes.start_time DESC"], max_results=1) if experiment else []
+        if found:
+            return found[0].info.run_id
+    raise PipelineError(f"{info_path} is missing and no MLflow run in {cfg.mlflow.tracking_uri} produced "
+                        f"{weights}: run the train@{impl} stage first")
+
+
+def train_run(cfg: Config, impl: str):  # noqa: ANN201 - mlflow.entities.Run
+    """The MLflow run that train@{impl} opened for the current weights."""
+    setup(cfg)
+    return mlflow.get_run(_run_id(cfg, impl))
 
 
 @contextlib.contextmanager
 def resume_run(cfg: Config, impl: str, stage: str) -> Iterator[mlflow.ActiveRun]:
     """Reopen the run that train@{impl} started, and record that ``stage`` touched it."""
-    info_path = cfg.paths.run_info(impl)
-    try:
-        run_id = json.loads(info_path.read_text())["run_id"]
-    except (OSError, ValueError, KeyError):
-        raise PipelineError(f"{info_path} is missing or unreadable: run the train@{impl} stage first") from None
     setup(cfg)
+    run_id = _run_id(cfg, impl)
     try:
         previous = mlflow.get_run(run_id)
     except mlflow.exceptions.MlflowException:
-        raise PipelineError(f"MLflow run {run_id} (from {info_path}) is not in {cfg.mlflow.tracking_uri}; "
-                            f"rerun train with `dvc repro --force train@{impl}`") from None
+        raise PipelineError(f"MLflow run {run_id} (from {cfg.paths.run_info(impl)}) is not in "
+                            f"{cfg.mlflow.tracking_uri}; rerun train with `dvc repro --force train@{impl}`") from None
     stages = previous.data.tags.get("dvc_stages", "")
     with mlflow.start_run(run_id=run_id) as run:
         tags = _stage_tags(cfg, stage) | _owner()
@@ -134,6 +165,11 @@ def resume_run(cfg: Config, impl: str, stage: str) -> Iterator[mlflow.ActiveRun]
 
 def log_params(impl: str, hp: TrainConfig) -> None:
     mlflow.log_params({"impl": impl, **asdict(hp)})
+
+
+def log_timing(**seconds: float) -> None:
+    """Wall-clock figures: MLflow keeps them; DVC-tracked files never do (they would change every run)."""
+    mlflow.log_metrics(seconds)
 
 
 def log_epoch(metrics) -> None:  # noqa: ANN001 - train.EpochMetrics; not imported to keep this module light

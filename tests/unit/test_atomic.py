@@ -24,3 +24,27 @@ def test_success_replaces_target_and_keeps_suffix(tmp_path):
     assert np.load(target)["W"].tolist() == [1, 1] and [p.name for p in tmp_path.iterdir()] == ["weights.npz"]
     write_json(tmp_path / "m.json", {"a": 1})
     assert (tmp_path / "m.json").read_text() == '{\n  "a": 1\n}\n'
+
+
+def test_npz_files_are_byte_identical_whatever_the_clock(tmp_path):
+    """np.savez stamps each zip member with the current time, so the same arrays gave a new md5 on every run."""
+    import time
+
+    import numpy as np
+
+    from softmax_mlops.atomic import write_npz
+
+    arrays = {"W": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(4, dtype=np.float32)}
+    write_npz(tmp_path / "a.npz", **arrays)
+    time.sleep(2.1)  # the zip format's clock has 2-second resolution
+    write_npz(tmp_path / "b.npz", **arrays)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as loaded:
+        assert all(np.array_equal(loaded[k], v) and loaded[k].dtype == v.dtype for k, v in arrays.items())
+
+
+def test_files_get_the_umask_permissions_not_0600(tmp_path):
+    from softmax_mlops.atomic import FILE_MODE, write_text
+
+    write_text(tmp_path / "x.txt", "x")
+    assert (tmp_path / "x.txt").stat().st_mode & 0o777 == FILE_MODE

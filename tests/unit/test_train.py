@@ -46,7 +46,7 @@ def test_history_records_every_epoch_and_serialises():
     _, history = train.fit("scratch", hp, toy_data(100, 0), toy_data(50, 1), on_epoch=seen.append, progress=False)
     assert [m.epoch for m in history] == [1, 2] and seen == history
     lines = train.history_csv(history).splitlines()
-    assert lines[0] == "epoch,loss,train_acc_running,train_acc,test_acc,lr,seconds" and len(lines) == 3
+    assert lines[0] == "epoch,loss,train_acc_running,train_acc,test_acc,lr" and len(lines) == 3
 
 
 def test_cosine_schedule_decays_from_lr():

@@ -78,10 +78,9 @@ class SoftmaxRegression(nn.Module):
 
 
 def save_weights(path, W: torch.Tensor, b: torch.Tensor) -> None:  # noqa: ANN001
-    from ..atomic import atomic_path
+    from ..atomic import write_npz
 
-    with atomic_path(path) as tmp:
-        np.savez(tmp, W=W.detach().numpy(), b=b.detach().numpy())
+    write_npz(path, W=W.detach().numpy(), b=b.detach().numpy())
 
 
 def load_weights(path) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
