@@ -23,6 +23,7 @@ from .models import SoftmaxRegression, load_weights
 INPUT, OUTPUTS = "image", ("logits", "probabilities")
 PARITY_BATCH_SIZES = (1, 7, 10000)
 PARITY_MAX_ABS_DIFF = 1e-5
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 
 
 class ExportedSoftmaxRegression(nn.Module):
@@ -47,10 +48,21 @@ def export_onnx(module: nn.Module, path, opset: int) -> None:  # noqa: ANN001
         torch.onnx.export(module.eval(), (example,), str(tmp), dynamo=True, opset_version=opset,
                           input_names=[INPUT], output_names=list(OUTPUTS), external_data=False,
                           dynamic_shapes={"image": {0: torch.export.Dim("batch")}}, verbose=False)
-        graph = onnx.load(str(tmp)).graph
-        batch_dims = [v.type.tensor_type.shape.dim[0] for v in (*graph.input, *graph.output)]
+        model = onnx.load(str(tmp))
+        batch_dims = [v.type.tensor_type.shape.dim[0] for v in (*model.graph.input, *model.graph.output)]
         if any(d.dim_value or not d.dim_param for d in batch_dims):
             raise PipelineError(f"ONNX export of {path} lost the dynamic batch axis")
+        _drop_source_paths(model)
+        onnx.save(model, str(tmp))
+
+
+def _drop_source_paths(model) -> None:  # noqa: ANN001 - onnx.ModelProto
+    """The exporter records each node's Python stack trace, with the absolute paths of our sources and of
+    torch's: the same code checked out elsewhere would give another model.onnx (and another dvc.lock)."""
+    for node in model.graph.node:
+        kept = [p for p in node.metadata_props if p.key != STACK_TRACE_KEY]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
 
 
 def check_parity(module: nn.Module, onnx_path, images: np.ndarray) -> dict:  # noqa: ANN001

@@ -1,6 +1,8 @@
 """The whole pipeline as a user runs it: `dvc repro` in a fresh copy, then what DVC and MLflow hold."""
 
+import difflib
 import json
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -16,10 +18,28 @@ pytestmark = pytest.mark.realdata
 def repo(real_splits, tmp_path_factory):
     """One full `dvc repro` in a fresh copy (embedded SQLite MLflow), shared by the tests below. Depending on
     real_splits makes it fail in CI (and skip elsewhere) when the genuine data cannot be had."""
-    dest = copy_project(tmp_path_factory.mktemp("e2e"))
+    dest = copy_project(tmp_path_factory.mktemp("e2e") / "project")
     result = run_tool("dvc", "repro", cwd=dest)
     assert result.returncode == 0, result.stdout + result.stderr
+    _keep(dest, first_run(dest))
     return dest
+
+
+TRACKED = ("dvc.lock", "data/prepared", "models", "metrics", "reports")
+
+
+def first_run(repo: Path) -> Path:
+    """What the first `dvc repro` wrote, kept aside: later tests here change params and break weights."""
+    return repo.parent / "first-run"
+
+
+def _keep(repo: Path, dest: Path) -> None:
+    for rel in TRACKED:
+        if (repo / rel).is_dir():
+            shutil.copytree(repo / rel, dest / rel, ignore=shutil.ignore_patterns("mlflow_run.json", ".gitignore"))
+        else:
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / rel, dest / rel)
 
 
 @pytest.fixture(scope="module")
@@ -170,22 +190,26 @@ def test_failing_stage_marks_its_run_failed(repo, runs):
 
 def test_a_fresh_clone_reproduces_the_committed_dvc_lock(repo):
     """The committed dvc.lock is what `dvc repro` writes in a fresh copy: every tracked output is a function of
-    code, data and params (no timings, no run ids, no zip timestamps), so git shows no change."""
+    code, data and params (no timings, no run ids, no zip timestamps, no source paths), so git shows no change."""
     from helpers import REPO
 
-    assert (repo / "dvc.lock").read_text() == (REPO / "dvc.lock").read_text(), \
-        run_tool("git", "diff", "--stat", "dvc.lock", cwd=repo).stdout
+    written = (first_run(repo) / "dvc.lock").read_text()
+    assert written == (REPO / "dvc.lock").read_text(), \
+        "dvc.lock differs from what a fresh clone writes:\n" + "\n".join(
+            line for line in difflib.unified_diff((REPO / "dvc.lock").read_text().splitlines(), written.splitlines(),
+                                                  "committed", "fresh clone", lineterm="", n=6))
 
 
 def test_a_second_clean_run_is_byte_identical(repo, tmp_path):
-    """Same code, data, params and seed on the same machine: byte-identical outputs and dvc.lock."""
+    """Same code, data, params and seed on the same machine, in another folder: byte-identical outputs and
+    dvc.lock."""
     second = copy_project(tmp_path / "second")
     result = run_tool("dvc", "repro", cwd=second)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert (second / "dvc.lock").read_text() == (repo / "dvc.lock").read_text()
-    outputs = [p.relative_to(repo) for folder in ("data/prepared", "models", "metrics", "reports")
-               for p in sorted((repo / folder).rglob("*")) if p.is_file() and p.name not in (".gitignore", "mlflow_run.json")]
-    assert outputs and [rel for rel in outputs if (second / rel).read_bytes() != (repo / rel).read_bytes()] == []
+    first = first_run(repo)
+    outputs = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert len(outputs) > 20
+    assert [rel for rel in outputs if (second / rel).read_bytes() != (first / rel).read_bytes()] == []
 
 
 def _imported(repo: Path, *command: str) -> set[str]:

@@ -37,6 +37,17 @@ def test_single_file_without_external_data(onnx_model):
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"]
 
 
+def test_the_file_holds_no_source_paths(onnx_model):
+    """model.onnx is a DVC output: it must not depend on where the code or the venv happens to live (the
+    exporter's per-node stack traces name both), or a fresh clone elsewhere could never match dvc.lock."""
+    from softmax_mlops.export import STACK_TRACE_KEY
+
+    path, _ = onnx_model
+    model = onnx.load(str(path))
+    assert not [p for n in model.graph.node for p in n.metadata_props if p.key == STACK_TRACE_KEY]
+    assert b'File "/' not in path.read_bytes() and b"site-packages" not in path.read_bytes()
+
+
 def test_parity_with_torch_at_batch_1_7_and_10000(onnx_model):
     path, module = onnx_model
     images = np.random.default_rng(0).integers(0, 256, size=(10000, 28, 28), dtype=np.uint8)
