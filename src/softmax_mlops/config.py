@@ -212,11 +212,25 @@ def _section(cls: type, raw: dict[str, Any] | None, name: str) -> Any:
     return cls(**values)
 
 
+EXPERIMENT_COPIES = Path(".dvc") / "tmp" / "exps"
+
+
+def project_root(root: Path) -> Path:
+    """The project a folder belongs to. `dvc exp run --temp` and queued experiments run in a throwaway copy
+    under <project>/.dvc/tmp/exps/; what they record (the MLflow store) belongs to the project itself."""
+    parts = root.parts
+    for i in range(len(parts) - len(EXPERIMENT_COPIES.parts) + 1):
+        if Path(*parts[i:i + len(EXPERIMENT_COPIES.parts)]) == EXPERIMENT_COPIES:
+            return Path(*parts[:i])
+    return root
+
+
 def resolve_tracking_uri(uri: str, root: Path) -> str:
-    """Anchor a relative sqlite path at the project root, so every stage and test finds the same database."""
+    """Anchor a relative sqlite path at the project root (of an experiment copy too), so every stage, every
+    way of running the pipeline and every test finds the same database."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/") and uri != prefix + ":memory:":
-        return prefix + str((root / uri[len(prefix):]).resolve())
+        return prefix + str((project_root(root) / uri[len(prefix):]).resolve())
     return uri
 
 

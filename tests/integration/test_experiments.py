@@ -1,0 +1,56 @@
+"""Every way of running a DVC experiment logs to the project's own MLflow store: in the workspace, in a
+temporary copy (--temp), and queued (--queue, then `dvc queue start`). A copy under .dvc/tmp/exps/ used to
+resolve the default sqlite:///mlflow.db inside itself, and the record was deleted with the copy."""
+
+import contextlib
+import sqlite3
+import time
+
+import pytest
+
+from helpers import copy_project, run_tool
+
+pytestmark = pytest.mark.realdata
+
+
+@pytest.fixture(scope="module")
+def project(real_splits, tmp_path_factory):
+    root = copy_project(tmp_path_factory.mktemp("experiments") / "project")
+    result = run_tool("dvc", "repro", cwd=root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root
+
+
+def runs_named(root, experiment: str) -> list[tuple[str, str]]:
+    """(impl, status) of the project's MLflow runs tagged with a DVC experiment name."""
+    with contextlib.closing(sqlite3.connect(root / "mlflow.db")) as db:
+        return sorted(db.execute(
+            "select i.value, r.status from runs r join tags t on t.run_uuid = r.run_uuid and t.key = 'dvc_exp_name' "
+            "join tags i on i.run_uuid = r.run_uuid and i.key = 'impl' where t.value = ?", (experiment,)).fetchall())
+
+
+@pytest.mark.parametrize("how, lr", [([], 0.05), (["--temp"], 0.07)], ids=["workspace", "temp"])
+def test_exp_run_logs_to_the_project_store(project, how, lr):
+    # each case its own params: DVC's run cache would otherwise restore the outputs without running anything
+    name = f"lr{lr}-{'temp' if how else 'workspace'}"
+    result = run_tool("dvc", "exp", "run", *how, "--name", name, "-S", f"train.lr={lr}", cwd=project)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert runs_named(project, name) == [("concise", "FINISHED"), ("scratch", "FINISHED")]
+    assert not list((project / ".dvc" / "tmp").rglob("mlflow.db")), "no store left inside an experiment copy"
+
+
+def test_queued_experiments_log_to_the_project_store(project):
+    queued = run_tool("dvc", "exp", "run", "--queue", "--name", "queued", "-S", "train.epochs=2", cwd=project)
+    assert queued.returncode == 0, queued.stdout + queued.stderr
+    started = run_tool("dvc", "queue", "start", "--jobs", "1", cwd=project)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        while True:  # bounded by the queue itself: the one task ends in Success or Failed
+            status = run_tool("dvc", "queue", "status", cwd=project).stdout
+            if "queued" in status and ("Success" in status or "Failed" in status):
+                break
+            time.sleep(2)
+        assert "Success" in status, status + run_tool("dvc", "queue", "logs", "queued", cwd=project).stdout
+    finally:
+        run_tool("dvc", "queue", "stop", "--kill", cwd=project)
+    assert runs_named(project, "queued") == [("concise", "FINISHED"), ("scratch", "FINISHED")]
