@@ -2,6 +2,7 @@
 #   make run    create .venv, install from requirements.lock, run the whole pipeline (dvc repro)
 #   make test   the same setup, then the test suite (unit tests and real-data integration tests)
 #   make stack-test   build the images and test docker/compose.yaml as containers (Docker, or podman)
+#   make plots  `dvc plots show`, offline
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 # DVC runs each stage's `cmd` through the shell: the venv's console scripts must be on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test stack-test bench lock clean
+.PHONY: setup run test stack-test plots bench lock clean
 
 setup: $(STAMP)
 
@@ -26,6 +27,15 @@ test: setup
 
 stack-test: setup
 	python docker/stack_test.py
+
+# `dvc plots show` with vega, vega-lite and vega-embed inlined from npm, so the page renders offline
+# (DVC's own page loads them from a CDN). Needs npm once; the template is cached in .dvc/tmp/.
+PLOTS_TEMPLATE := .dvc/tmp/plots-offline.html
+plots: setup $(PLOTS_TEMPLATE)
+	dvc plots show --html-template $(PLOTS_TEMPLATE)
+
+$(PLOTS_TEMPLATE): tools/offline_plots.py
+	$(BIN)/python tools/offline_plots.py $@
 
 bench: setup
 	python benchmarks/train_speed.py

@@ -1,7 +1,14 @@
-"""The compare stage: scratch against concise, side by side, including how far apart their weights ended."""
+"""The compare stage: scratch against concise, side by side, including how far apart their weights ended.
+
+It also writes the two views DVC shows: the headline metrics (the only file declared as metrics) and the
+accuracy curves in long form (one row per epoch, implementation and kind of accuracy), so that DVC's plot can
+colour by kind of accuracy and dash by implementation. The report itself goes into both MLflow runs.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from dataclasses import asdict
 
@@ -16,7 +23,9 @@ ROWS = (  # (label, source file, key)
     ("train accuracy (end of last epoch)", "train", "train_acc"),
     ("train accuracy (running, last epoch)", "train", "train_acc_running"),
     ("train loss (last epoch)", "train", "loss"),
-)  # no timings and no MLflow run ids: the report is a DVC output, a function of code, data and params
+)
+HEADLINE = ("test_accuracy", "macro_f1")  # per implementation, in metrics/headline.json
+CURVES = {"train_acc_running": "train (running)", "train_acc": "train (end of epoch)", "test_acc": "test"}  # no timings and no MLflow run ids: the report is a DVC output, a function of code, data and params
 
 
 def _read(path) -> dict:  # noqa: ANN001
@@ -41,11 +50,32 @@ def run(cfg: Config) -> dict:
                                 "max_abs_bias_diff": float((b1 - b2).abs().max())}
     write_json(paths.compare_json, report)
     write_text(paths.compare_md, _markdown(cfg, report))
+    write_json(paths.headline, {impl: {key: report["impls"][impl][key] for key in HEADLINE} for impl in cfg.impls})
+    write_text(paths.accuracy_curves, accuracy_curves_csv({impl: paths.history(impl) for impl in cfg.impls}))
 
-    from . import plots
+    from . import plots, tracking
 
-    plots.training_curves({impl: paths.history(impl) for impl in cfg.impls}, paths.reports / "compare_curves.png")
+    plots.training_curves({impl: paths.history(impl) for impl in cfg.impls}, paths.compare_curves)
+    for impl in cfg.impls:
+        with tracking.resume_run(cfg, impl, "compare"):
+            tracking.log_files(paths.compare_md, paths.compare_json, paths.compare_curves, artifact_path="compare")
     return report
+
+
+def accuracy_curves_csv(histories: dict) -> str:
+    """Long form: epoch, impl, curve, accuracy."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["epoch", "impl", "curve", "accuracy"])
+    for impl, path in histories.items():
+        try:
+            with open(path, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        except OSError:
+            raise PipelineError(f"{path} is missing or unreadable: run the train stages first") from None
+        for row in rows:
+            writer.writerows((row["epoch"], impl, label, row[key]) for key, label in CURVES.items())
+    return out.getvalue()
 
 
 def _markdown(cfg: Config, report: dict) -> str:

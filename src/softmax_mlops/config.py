@@ -86,6 +86,21 @@ class Paths:
     def compare_md(self) -> Path:
         return self.reports / "compare.md"
 
+    @property
+    def compare_curves(self) -> Path:
+        return self.reports / "compare_curves.png"
+
+    @property
+    def accuracy_curves(self) -> Path:
+        """Every accuracy of both implementations per epoch, one row each: the data of DVC's accuracy plot."""
+        return self.reports / "accuracy_curves.csv"
+
+    @property
+    def headline(self) -> Path:
+        """The only file dvc.yaml declares as metrics: a handful of figures per implementation, so that
+        `dvc metrics show` and `dvc exp show` stay readable. The details are plain outputs."""
+        return self.metrics / "headline.json"
+
 
 @dataclass(frozen=True)
 class TrainConfig:

@@ -54,3 +54,20 @@ def test_queued_experiments_log_to_the_project_store(project):
     finally:
         run_tool("dvc", "queue", "stop", "--kill", cwd=project)
     assert runs_named(project, "queued") == [("concise", "FINISHED"), ("scratch", "FINISHED")]
+
+
+def test_the_readme_exp_show_command_fits_in_about_120_columns(project):
+    """The README's own `dvc exp show` line, run as written, after the experiments above."""
+    import re
+    import shlex
+
+    from helpers import REPO
+
+    (line,) = [l for l in (REPO / "README.md").read_text().splitlines() if l.startswith("dvc exp show")]
+    command = shlex.split(line.split("#")[0])
+    shown = run_tool(*command, cwd=project)
+    assert shown.returncode == 0, shown.stderr
+    rows = shown.stdout.splitlines()
+    assert re.search(r"scratch\.test_accuracy\s+scratch\.macro_f1\s+concise\.test_accuracy", rows[1]), rows[1]
+    assert "lr0.05-workspace" in shown.stdout and "train.lr" in rows[1]
+    assert max(len(row.rstrip()) for row in rows) <= 125

@@ -66,7 +66,7 @@ def test_both_implementations_reach_0_81_and_agree(repo):
 def test_outputs_exist_and_dvc_is_up_to_date(repo):
     for rel in ("data/prepared/summary.json", "metrics/scratch/history.csv", "metrics/concise/confusion.csv",
                 "reports/scratch/confusion.png", "reports/concise/curves.png", "reports/scratch/predictions.png",
-                "reports/compare_curves.png"):
+                "reports/compare_curves.png", "reports/accuracy_curves.csv", "metrics/headline.json"):
         assert (repo / rel).stat().st_size > 0, rel
     status = run_tool("dvc", "status", "--json", cwd=repo)
     assert json.loads(status.stdout) == {}
@@ -91,7 +91,8 @@ def test_one_mlflow_run_per_implementation_with_params_tags_and_epochs(repo, run
         assert run.data.params["lr"] == "0.1" and run.data.params["batch_size"] == "256"
         tags = run.data.tags
         assert tags["git_commit"] == commit and tags["data_md5"] == data_md5
-        assert tags["dvc_stages"] == f"train@{impl},evaluate@{impl},export@{impl}"
+        assert tags["dvc_stages"] == f"train@{impl},evaluate@{impl},export@{impl},compare"
+        assert run.info.run_name == f"{impl}-{commit[:7]}"  # what ran: no DVC experiment, so the short commit
         history = client.get_metric_history(run.info.run_id, "test_acc")
         assert [m.step for m in history] == [1, 2, 3, 4, 5]
         for key in ("train_acc_running", "train_acc", "loss"):
@@ -100,7 +101,9 @@ def test_one_mlflow_run_per_implementation_with_params_tags_and_epochs(repo, run
         assert run.data.metrics["test_accuracy"] == read_json(repo / f"metrics/{impl}/eval.json")["test_accuracy"]
         assert read_json(repo / f"models/{impl}/mlflow_run.json")["run_id"] == run.info.run_id
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"history.csv", "eval.json", "confusion.png", "predictions.png"} <= artifacts
+        assert {"history.csv", "eval.json", "confusion.png", "predictions.png", "curves.png"} <= artifacts
+        compared = {a.path for a in client.list_artifacts(run.info.run_id, "compare")}
+        assert compared == {"compare/compare.md", "compare/compare.json", "compare/compare_curves.png"}
 
 
 def test_logged_torch_model_has_signature_and_predicts_like_the_weights(repo, runs):
@@ -146,6 +149,55 @@ def test_registered_with_candidate_and_champion_aliases(runs, impl):
     assert str(candidate.version) == str(champion.version) == "1"
     assert candidate.run_id == runs[impl].info.run_id
     assert client.get_registered_model(name).tags["impl"] == impl
+
+
+@pytest.mark.parametrize("impl", ["scratch", "concise"])
+def test_registered_version_says_what_it_is_and_loads_for_cpu_with_a_named_input(repo, runs, impl):
+    import numpy as np
+    import yaml
+
+    from softmax_mlops.data import load_split
+
+    client = mlflow.MlflowClient()
+    version = client.get_model_version(f"softmax-mlops-{impl}", "1")
+    run = runs[impl]
+    for fact in (read_json(repo / "data/prepared/summary.json")["data_md5"], run.data.tags["git_commit"],
+                 run.info.run_id, "lr=0.1", "0.8238"):
+        assert fact in version.description, fact
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/softmax-mlops-{impl}/1"))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    assert mlmodel["flavors"]["onnx"]["providers"] == ["CPUExecutionProvider"]
+    assert json.loads(mlmodel["signature"]["inputs"])[0]["name"] == "image"
+    images = load_split(repo / "data/prepared/test.npz")[0][:64]
+    model = mlflow.pyfunc.load_model(str(local))
+    named, unnamed = model.predict({"image": images}), model.predict(images)
+    assert np.array_equal(named["probabilities"], unnamed["probabilities"])
+
+
+def test_dvc_views_are_readable(repo):
+    """`dvc metrics show` is the headline file only; the accuracy plot colours by kind of accuracy and has
+    axis titles; the offline template renders the plots with no CDN."""
+    shown = json.loads(run_tool("dvc", "metrics", "show", "--json", cwd=repo).stdout)
+    (files,) = [rev["data"] for rev in shown.values()]
+    assert list(files) == ["metrics/headline.json"]
+    assert set(files["metrics/headline.json"]["data"]) == {"scratch", "concise"}
+
+    plots = json.loads(run_tool("dvc", "plots", "show", "--json", cwd=repo).stdout)["data"]
+    (accuracy,) = [v for k, v in plots.items() if k.startswith("accuracy per epoch")]
+    spec = accuracy[0]["content"]
+    assert spec["encoding"]["color"]["field"] == "curve" and spec["encoding"]["strokeDash"]["field"] == "impl"
+    assert spec["encoding"]["y"]["title"] == "accuracy"
+    curves = {(d["impl"], d["curve"]) for d in spec["data"]["values"]}
+    assert len(curves) == 6
+
+    template = repo / ".dvc/tmp/plots-offline.html"
+    made = run_tool("python", "tools/offline_plots.py", str(template), cwd=repo)
+    assert made.returncode == 0, made.stderr
+    shown = run_tool("dvc", "plots", "show", "--html-template", str(template), "-o", "offline-plots", cwd=repo)
+    assert shown.returncode == 0, shown.stderr
+    page = (repo / "offline-plots/index.html").read_text(encoding="utf-8")
+    assert '<meta charset="utf-8">' in page and "vegaEmbed" in page
+    assert "<script src=" not in page and "cdn.jsdelivr" not in page
 
 
 def test_predict_from_the_registry_on_the_genuine_idx_file(repo, runs):
