@@ -100,10 +100,26 @@ def start_run(cfg: Config, impl: str) -> Iterator[mlflow.ActiveRun]:
     """Open the run for train@{impl}, after ending any run a dead process left RUNNING."""
     experiment_id = setup(cfg)
     fail_orphaned_runs(experiment_id, impl)
-    run_name = f"{impl}-{os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else impl
     tags = _stage_tags(cfg, f"train@{impl}") | {"impl": impl, "dvc_stages": f"train@{impl}"} | _owner()
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+    tags["mlflow.note.content"] = RUN_NOTE
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name(impl, tags), tags=tags) as run:
         yield run
+
+
+RUN_NOTE = """One run per implementation and pipeline execution: train@, evaluate@, export@ and compare log into it.
+
+- `train_acc_running`, `train_acc` and `test_acc` are per-epoch curves (step = epoch): the running train
+  accuracy averages over the epoch while the weights still change (the textbook's figure), `train_acc` and
+  `test_acc` use the weights at the end of each epoch. `curves.png` overlays the three.
+- `test_accuracy` is the final figure from the evaluate stage, on the saved weights: the same number as the
+  last epoch's `test_acc`, computed from what was shipped.
+- `compare/` holds the scratch-vs-concise report."""
+
+
+def run_name(impl: str, tags: dict[str, str]) -> str:
+    """What ran: the implementation, then the DVC experiment's name, or else the short commit."""
+    what = os.environ.get("DVC_EXP_NAME") or tags.get("git_commit", "unknown")[:7]
+    return f"{impl}-{what}"
 
 
 def _file_md5(path: Path) -> str:
@@ -222,6 +238,22 @@ def log_torch_model(W, b, example_images: np.ndarray) -> None:  # noqa: ANN001
             pip_requirements=pip_requirements("torch", "numpy"))
 
 
+def version_description(cfg: Config, impl: str, test_accuracy: float) -> str:
+    """What a registered version is, readable in the registry UI: data, params, metrics, code and the run."""
+    run = mlflow.active_run()
+    if run is None:
+        raise PipelineError("a model version is registered from inside the export stage's MLflow run")
+    tags = mlflow.get_run(run.info.run_id).data.tags
+    params = ", ".join(f"{k}={v}" for k, v in asdict(cfg.train).items())
+    lines = [f"softmax regression ({impl}), test accuracy {test_accuracy:.4f} on the Fashion-MNIST test set",
+             f"- data md5: {data_md5(cfg)}",
+             f"- params: {params}",
+             f"- git commit: {tags.get('git_commit', 'unknown')}",
+             f"- DVC experiment: {tags.get('dvc_exp_name', '(none: dvc repro)')}",
+             f"- MLflow run: {cfg.mlflow.run_url(run.info.experiment_id, run.info.run_id)}"]
+    return "\n".join(lines)
+
+
 def log_and_register_onnx(cfg: Config, impl: str, onnx_path: Path, model_card: Path, example_images: np.ndarray,
                           module, test_accuracy: float) -> dict:  # noqa: ANN001
     """Log the ONNX model into the current run, register it, point @candidate at it, and move @champion to it
@@ -234,15 +266,19 @@ def log_and_register_onnx(cfg: Config, impl: str, onnx_path: Path, model_card: P
         logits, probabilities = (t.numpy() for t in module(torch.from_numpy(example_images)))
     name = cfg.mlflow.registered_model(impl)
     with artifact_store():
+        # The input is named `image`, as in the graph, so `mlflow models serve` takes {"inputs": {"image": ...}}
+        # as well as an unnamed array; CPU only, since onnxruntime would otherwise warn about CUDA on every load.
         info = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)), name="onnx_model", registered_model_name=name, save_as_external_data=False,
-            signature=infer_signature(example_images, {"logits": logits, "probabilities": probabilities}),
-            input_example=example_images, extra_files=[str(model_card)],
+            signature=infer_signature({"image": example_images}, {"logits": logits, "probabilities": probabilities}),
+            input_example={"image": example_images}, extra_files=[str(model_card)],
+            onnx_execution_providers=["CPUExecutionProvider"],
             pip_requirements=pip_requirements("onnxruntime", "onnx", "numpy"))
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
     client.set_registered_model_tag(name, "impl", impl)
     client.set_model_version_tag(name, version, "test_accuracy", f"{test_accuracy:.4f}")
+    client.update_model_version(name, version, description=version_description(cfg, impl, test_accuracy))
     client.set_registered_model_alias(name, "candidate", version)
     gate = cfg.export.champion_min_accuracy
     promoted = test_accuracy >= gate
