@@ -95,14 +95,15 @@ def compare() -> None:
 @app.command()
 def export(impl: ImplArg) -> None:
     """Export to ONNX (uint8 image -> logits, probabilities), check parity with torch on the test set, and log,
-    register and alias the model in MLflow (@candidate always, @champion past the accuracy gate)."""
+    register and alias the model in MLflow (@candidate always; @champion past the accuracy gate and only when at
+    least as good as the current champion on the same test data)."""
     from . import export as exporting
 
     result = exporting.run(_config(), impl.value)
     parity = result["parity"]
     typer.echo(f"export@{impl.value}: max abs diff {parity['max_abs_diff']:.1e}, argmax match "
                f"{parity['argmax_match']:.2%}; registered {result['registered_model']} v{result['version']}"
-               + (" as @champion" if result["champion"] else f" (@candidate only: accuracy below {result['gate']})"))
+               + f" as @candidate; @champion {result['reason']}")
 
 
 ModelOpt = Annotated[str | None, typer.Option(

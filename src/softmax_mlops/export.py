@@ -95,7 +95,7 @@ def run(cfg: Config, impl: str) -> dict:
     paths = cfg.paths
     with tracking.resume_run(cfg, impl, f"export@{impl}") as run:
         W, b = load_weights(paths.weights(impl))
-        images, _ = load_split(paths.test_data)
+        images, labels = load_split(paths.test_data)
         test_accuracy = json.loads(paths.eval_metrics(impl).read_text())["test_accuracy"]
         module = ExportedSoftmaxRegression(W, b).eval()
         export_onnx(module, paths.onnx(impl), cfg.export.opset)
@@ -122,6 +122,6 @@ def run(cfg: Config, impl: str) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             registered_card = Path(tmp) / "model.json"
             registered_card.write_text(json.dumps(card | {"mlflow_run_id": run.info.run_id}, indent=2) + "\n")
-            version = tracking.log_and_register_onnx(cfg, impl, paths.onnx(impl), registered_card,
-                                                     images[:5], module, test_accuracy)
+            version = tracking.log_and_register_onnx(cfg, impl, paths.onnx(impl), registered_card, module,
+                                                     images, labels)
     return {"parity": parity, "test_accuracy": test_accuracy, **version}

@@ -254,14 +254,19 @@ def version_description(cfg: Config, impl: str, test_accuracy: float) -> str:
     return "\n".join(lines)
 
 
-def log_and_register_onnx(cfg: Config, impl: str, onnx_path: Path, model_card: Path, example_images: np.ndarray,
-                          module, test_accuracy: float) -> dict:  # noqa: ANN001
-    """Log the ONNX model into the current run, register it, point @candidate at it, and move @champion to it
-    only if its test accuracy passes the gate in params.yaml (export.champion_min_accuracy)."""
+def log_and_register_onnx(cfg: Config, impl: str, onnx_path: Path, model_card: Path, module,  # noqa: ANN001
+                          test_images: np.ndarray, test_labels: np.ndarray) -> dict:
+    """Log the ONNX model into the current run and register it; @candidate always moves to it, @champion only
+    past the gate and when it is at least as good as the current champion on the same test data
+    (registry.promote_if_not_worse). The version's description and tags say what it is and what was decided."""
     import onnx
     import torch
     from mlflow.models import infer_signature
 
+    from .inference import Predictor
+    from .registry import promote_if_not_worse, score
+
+    example_images = test_images[:5]
     with torch.no_grad():
         logits, probabilities = (t.numpy() for t in module(torch.from_numpy(example_images)))
     name = cfg.mlflow.registered_model(impl)
@@ -277,12 +282,15 @@ def log_and_register_onnx(cfg: Config, impl: str, onnx_path: Path, model_card: P
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
     client.set_registered_model_tag(name, "impl", impl)
-    client.set_model_version_tag(name, version, "test_accuracy", f"{test_accuracy:.4f}")
-    client.update_model_version(name, version, description=version_description(cfg, impl, test_accuracy))
-    client.set_registered_model_alias(name, "candidate", version)
+    new = score(Predictor(onnx_path), test_images, test_labels)
+    client.set_model_version_tag(name, version, "test_accuracy", f"{new.accuracy:.4f}")
     gate = cfg.export.champion_min_accuracy
-    promoted = test_accuracy >= gate
-    if promoted:
-        client.set_registered_model_alias(name, "champion", version)
-    mlflow.set_tags({"registered_model": name, "registered_version": version, "champion": str(promoted).lower()})
-    return {"registered_model": name, "version": version, "champion": promoted, "gate": gate}
+    decision = promote_if_not_worse(client, name, version, new, gate, cfg.mlflow.tracking_uri,
+                                    test_images, test_labels)
+    client.update_model_version(name, version, description=version_description(cfg, impl, new.accuracy)
+                                + f"\n- @champion: {decision.reason}")
+    mlflow.set_tags({"registered_model": name, "registered_version": version,
+                     "champion": str(decision.promoted).lower(), "champion_reason": decision.reason})
+    mlflow.log_metric("test_nll", new.nll)
+    return {"registered_model": name, "version": version, "champion": decision.promoted, "gate": gate,
+            "reason": decision.reason}

@@ -149,6 +149,7 @@ def test_registered_with_candidate_and_champion_aliases(runs, impl):
     assert str(candidate.version) == str(champion.version) == "1"
     assert candidate.run_id == runs[impl].info.run_id
     assert client.get_registered_model(name).tags["impl"] == impl
+    assert client.get_model_version(name, "1").tags["champion_reason"] == "promoted: 0.8238 ≥ gate 0.8200, no champion before"
 
 
 @pytest.mark.parametrize("impl", ["scratch", "concise"])
@@ -229,6 +230,10 @@ def test_champion_stays_when_a_new_model_misses_the_gate(repo, runs):
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias("softmax-mlops-scratch", "candidate").version) == "2"
     assert str(client.get_model_version_by_alias("softmax-mlops-scratch", "champion").version) == "1"
+    tags = client.get_model_version("softmax-mlops-scratch", "2").tags
+    assert tags["champion_decision"] == "kept" and tags["champion_reason"] == "kept v1: 0.8238 < gate 0.9900"
+    assert "- @champion: kept v1: 0.8238 < gate 0.9900" in client.get_model_version("softmax-mlops-scratch", "2").description
+    assert "kept v1" in result.stdout + result.stderr
 
 
 def test_failing_stage_marks_its_run_failed(repo, runs):
