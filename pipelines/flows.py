@@ -119,7 +119,7 @@ def batch_inference(input_path: str | None = None, output_path: str | None = Non
     """Predict every image of a folder, IDX or .npy file with an exported model; the output is atomic.
     Defaults come from params.yaml (batch_inference). An empty or missing inbox is a normal night: the run
     completes with "nothing to predict" and writes nothing."""
-    from softmax_mlops import predict
+    from softmax_mlops import drift, predict
     from softmax_mlops.inference import model_source
 
     root = Path(project_dir or os.getcwd()).resolve()
@@ -133,12 +133,17 @@ def batch_inference(input_path: str | None = None, output_path: str | None = Non
     output = root / (output_path or Path(cfg.batch_inference.output_dir) / f"{source.stem}-{stamp}.csv")
     model = model_source(model or cfg.batch_inference.model, root)
     predictor = load_predictor(model, cfg.mlflow.tracking_uri)
-    count = task(predict.run, name="predict", cache_policy=NO_CACHE)(
-        source, output, predictor, cfg.predict.batch_size, cfg.predict.top_k, None, skip_bad, False)
-    print(f"predicted {count} images from {source} with {model} into {output}")
-    create_markdown_artifact(key="batch-inference", markdown=f"Predicted **{count}** images from `{source}` "
-                                                             f"with `{model}` into `{output}`.\n")
-    return {"images": count, "output": str(output), "model": model}
+    result = task(predict.run, name="predict", cache_policy=NO_CACHE)(
+        source, output, predictor, cfg.predict.batch_size, cfg.predict.top_k, None, skip_bad, False, cfg.drift)
+    print(f"predicted {result.images} images from {source} with {model} into {output}")
+    markdown = f"Predicted **{result.images}** images from `{source}` with `{model}` into `{output}`.\n"
+    if result.drift is not None:
+        print(drift.summary(result.drift))
+        markdown += "\n" + drift.markdown(result.drift)
+        create_markdown_artifact(key="drift", markdown=drift.markdown(result.drift))
+    create_markdown_artifact(key="batch-inference", markdown=markdown)
+    return {"images": result.images, "output": str(output), "model": model,
+            "drift": result.drift["result"] if result.drift else None}
 
 
 if __name__ == "__main__":

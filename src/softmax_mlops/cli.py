@@ -138,15 +138,20 @@ def predict(
                                            "with a warning, or stop at the first one (default).")] = False,
 ) -> None:
     """Batch inference with onnxruntime: one output row per image (id, class, probability, top-k), streamed in
-    batches with bounded memory and written atomically."""
+    batches with bounded memory and written atomically. With a model that carries a drift reference, the batch
+    is also tested for drift against the test set, and the report is written beside the output."""
     from . import predict as batch
 
     if output_format not in (None, "csv", "jsonl"):
         raise PipelineError(f"--format must be csv or jsonl, not {output_format!r}")
     cfg, predictor = _predictor(model, threads)
-    count = batch.run(input, output, predictor, batch_size or cfg.predict.batch_size, top_k or cfg.predict.top_k,
-                      output_format, skip_bad, progress=sys.stderr.isatty())
-    typer.echo(f"predict: {count} images -> {output}")
+    result = batch.run(input, output, predictor, batch_size or cfg.predict.batch_size, top_k or cfg.predict.top_k,
+                       output_format, skip_bad, progress=sys.stderr.isatty(), drift_cfg=cfg.drift)
+    typer.echo(f"predict: {result.images} images -> {output}")
+    if result.drift is not None:
+        from .drift import report_path, summary
+
+        typer.echo(f"{summary(result.drift)} -> {report_path(output)}")
 
 
 @app.command()

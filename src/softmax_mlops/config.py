@@ -75,6 +75,10 @@ class Paths:
     def parity(self, impl: str) -> Path:
         return self.models / impl / "parity.json"
 
+    def drift_reference(self, impl: str) -> Path:
+        """The test set's softmax outputs and intensities, beside model.onnx: what batches are compared with."""
+        return self.models / impl / "drift_reference.npz"
+
     def report_dir(self, impl: str) -> Path:
         return self.reports / impl
 
@@ -145,6 +149,16 @@ class PredictConfig:
 
 
 @dataclass(frozen=True)
+class DriftConfig:
+    alpha: float = 0.05     # level of each drift test (the per-class KS tests share it through Bonferroni)
+    min_images: int = 200   # smaller batches are reported "not tested"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha < 1 or self.min_images < 1:
+            raise PipelineError("drift.alpha must be between 0 and 1 and drift.min_images >= 1")
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     model: str = "models/scratch/model.onnx"
     host: str = "127.0.0.1"
@@ -204,6 +218,7 @@ class Config:
     evaluate: EvaluateConfig
     export: ExportConfig
     predict: PredictConfig
+    drift: DriftConfig
     serve: ServeConfig
     batch_inference: BatchInferenceConfig
     mlflow: MlflowConfig
@@ -318,6 +333,7 @@ def load(root: str | Path | None = None, missing_ok: bool = False) -> Config:
         evaluate=_section(EvaluateConfig, raw.get("evaluate"), "evaluate"),
         export=_section(ExportConfig, raw.get("export"), "export"),
         predict=_section(PredictConfig, raw.get("predict"), "predict"),
+        drift=_section(DriftConfig, raw.get("drift"), "drift"),
         serve=_section(ServeConfig, raw.get("serve"), "serve"),
         batch_inference=_section(BatchInferenceConfig, raw.get("batch_inference"), "batch_inference"),
         mlflow=mlflow_cfg,

@@ -90,7 +90,8 @@ def check_parity(module: nn.Module, onnx_path, images: np.ndarray) -> dict:  # n
 
 
 def run(cfg: Config, impl: str) -> dict:
-    from . import tracking
+    from . import drift, tracking
+    from .inference import Predictor
 
     paths = cfg.paths
     with tracking.resume_run(cfg, impl, f"export@{impl}") as run:
@@ -114,6 +115,7 @@ def run(cfg: Config, impl: str) -> dict:
         # The DVC-tracked card is a function of code, data and params; the copy registered with the model in
         # MLflow also names the run that produced it (a run id is new on every run).
         write_json(paths.model_card(impl), card)
+        drift.save_reference(paths.drift_reference(impl), Predictor(paths.onnx(impl)).run(images)[1], images)
 
         import mlflow
 
@@ -122,6 +124,6 @@ def run(cfg: Config, impl: str) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             registered_card = Path(tmp) / "model.json"
             registered_card.write_text(json.dumps(card | {"mlflow_run_id": run.info.run_id}, indent=2) + "\n")
-            version = tracking.log_and_register_onnx(cfg, impl, paths.onnx(impl), registered_card, module,
-                                                     images, labels)
+            version = tracking.log_and_register_onnx(cfg, impl, paths.onnx(impl), [registered_card,
+                                                     paths.drift_reference(impl)], module, images, labels)
     return {"parity": parity, "test_accuracy": test_accuracy, **version}

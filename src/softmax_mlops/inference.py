@@ -93,10 +93,18 @@ def wait_for_model(source: str, tracking_uri: str | None, wait_s: float,
             delay = min(delay * 2, 60.0)
 
 
-def _model_card(onnx_path: Path) -> dict:
-    for candidate in (onnx_path.with_name("model.json"), onnx_path.parent / "extra_files" / "model.json"):
+def sidecar(onnx_path: Path, name: str) -> Path | None:
+    """A file that travels with the model: beside model.onnx (DVC's models/{impl}/), or among the extra files
+    of a model downloaded from the MLflow registry."""
+    for candidate in (onnx_path.with_name(name), onnx_path.parent / "extra_files" / name):
         if candidate.is_file():
-            return json.loads(candidate.read_text())
+            return candidate
+    return None
+
+
+def _model_card(onnx_path: Path) -> dict:
+    if card := sidecar(onnx_path, "model.json"):
+        return json.loads(card.read_text())
     return {"class_names": list(CLASS_NAMES)}
 
 
@@ -125,7 +133,10 @@ class Predictor:
 
     def top_k(self, images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k most probable class ids per image and their probabilities, most probable first."""
-        _, probabilities = self.run(images)
+        return self.top_k_of(self.run(images)[1], k)
+
+    @staticmethod
+    def top_k_of(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         ids = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
         return ids, np.take_along_axis(probabilities, ids, axis=1)
 

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .atomic import atomic_path
+from . import drift
+from .atomic import atomic_path, write_json
+from .config import DriftConfig
 from .errors import PipelineError
-from .inference import Predictor
+from .inference import Predictor, sidecar
 from .inputs import open_source
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
@@ -40,10 +43,24 @@ def refuse_overwriting_input(input_path: Path, output: Path) -> None:
                             f"{input_path}; choose another --output")
 
 
+@dataclass(frozen=True)
+class Result:
+    images: int
+    drift: dict | None  # the drift report, written beside the output; None when the model has no reference
+
+
 def run(input_path: Path, output: Path, predictor: Predictor, batch_size: int, top_k: int,
-        fmt: str | None = None, skip_bad: bool = False, progress: bool = True) -> int:
+        fmt: str | None = None, skip_bad: bool = False, progress: bool = True,
+        drift_cfg: DriftConfig | None = None) -> Result:
+    """Predict every image of ``input_path`` into ``output``; with ``drift_cfg`` and a model that carries a drift
+    reference, also test the batch for drift and write the report beside the output (drift.report_path)."""
     refuse_overwriting_input(input_path, output)
     fmt = output_format(output, fmt)
+    reference_path = sidecar(predictor.path, drift.REFERENCE_FILE) if drift_cfg else None
+    if reference_path:
+        refuse_overwriting_input(input_path, drift.report_path(output))
+    reference = drift.load_reference(reference_path) if reference_path else None
+    collector = drift.Collector() if reference is not None else None
     source = open_source(input_path, batch_size, skip_bad)
     names = predictor.class_names
     written = 0
@@ -53,7 +70,10 @@ def run(input_path: Path, output: Path, predictor: Predictor, batch_size: int, t
         if writer:
             writer.writerow(["id", "class_id", "class_name", "probability", "top_k"])
         for ids, images in source.batches:
-            top_ids, top_probs = predictor.top_k(images, top_k)
+            probabilities = predictor.run(images)[1]
+            top_ids, top_probs = predictor.top_k_of(probabilities, top_k)
+            if collector:
+                collector.add(images, probabilities)
             if writer:
                 writer.writerows(
                     (i, row[0], names[row[0]], f"{p[0]:.6f}", ";".join(f"{names[c]}:{q:.6f}" for c, q in zip(row, p)))
@@ -63,4 +83,8 @@ def run(input_path: Path, output: Path, predictor: Predictor, batch_size: int, t
                     fh.write(json.dumps({"id": i if isinstance(i, str) else int(i), **item}) + "\n")
             written += len(images)
             bar.update(len(images))
-    return written
+    report = None
+    if collector and reference is not None and drift_cfg:
+        report = collector.report(reference, drift_cfg.alpha, drift_cfg.min_images)
+        write_json(drift.report_path(output), report)
+    return Result(written, report)

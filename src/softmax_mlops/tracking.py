@@ -254,9 +254,9 @@ def version_description(cfg: Config, impl: str, test_accuracy: float) -> str:
     return "\n".join(lines)
 
 
-def log_and_register_onnx(cfg: Config, impl: str, onnx_path: Path, model_card: Path, module,  # noqa: ANN001
+def log_and_register_onnx(cfg: Config, impl: str, onnx_path: Path, extra_files: list[Path], module,  # noqa: ANN001
                           test_images: np.ndarray, test_labels: np.ndarray) -> dict:
-    """Log the ONNX model into the current run and register it; @candidate always moves to it, @champion only
+    """Log the ONNX model (with its model card and drift reference) into the current run and register it; @candidate always moves to it, @champion only
     past the gate and when it is at least as good as the current champion on the same test data
     (registry.promote_if_not_worse). The version's description and tags say what it is and what was decided."""
     import onnx
@@ -276,7 +276,7 @@ def log_and_register_onnx(cfg: Config, impl: str, onnx_path: Path, model_card: P
         info = mlflow.onnx.log_model(
             onnx.load(str(onnx_path)), name="onnx_model", registered_model_name=name, save_as_external_data=False,
             signature=infer_signature({"image": example_images}, {"logits": logits, "probabilities": probabilities}),
-            input_example={"image": example_images}, extra_files=[str(model_card)],
+            input_example={"image": example_images}, extra_files=[str(f) for f in extra_files],
             onnx_execution_providers=["CPUExecutionProvider"],
             pip_requirements=pip_requirements("onnxruntime", "onnx", "numpy"))
     version = str(info.registered_model_version)

@@ -2,6 +2,7 @@
 failures, the run summary and batch inference."""
 
 import csv
+import json
 
 import mlflow
 import pytest
@@ -122,6 +123,25 @@ def test_batch_inference_writes_predictions_for_a_folder(project, tmp_path, capl
     assert sum(int(r["class_id"]) == labels[i] for i, r in enumerate(rows)) >= 8
     # the tasks take an onnxruntime session: no cache key is computed from it (it cannot be hashed)
     assert "HashError" not in caplog.text and "cannot pickle" not in caplog.text
+    # 12 images are fewer than drift.min_images: the report says so rather than testing on too little
+    assert result["drift"] == "not tested"
+    assert json.loads((root / "predictions/out.drift.json").read_text())["result"] == "not tested"
+
+
+def test_batch_inference_reports_drift_for_inverted_images(project):
+    """The flow's drift check, with its markdown artifact: 300 inverted test images are not what the model saw."""
+    import numpy as np
+
+    from pipelines.flows import batch_inference
+
+    root, _ = project
+    images, _ = real_test_images(root)
+    np.save(root / "inverted.npy", 255 - images[:300])
+    result = batch_inference(input_path="inverted.npy", output_path="predictions/inverted.csv",
+                             model="models/scratch", project_dir=str(root))
+    assert result["images"] == 300 and result["drift"] == "drift"
+    report = json.loads((root / "predictions/inverted.drift.json").read_text())
+    assert report["tests"]["ks_mean_intensity"]["drift"] and report["tests"]["ks_softmax_per_class"]["drift"]
 
 
 @pytest.mark.parametrize("inbox", ["missing", "empty"])
