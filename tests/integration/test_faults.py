@@ -39,9 +39,13 @@ def one_line(stderr: str) -> str:
 
 
 def runs(root: Path) -> list[tuple[str, str]]:
-    """(run id, status) of every run in the project's SQLite store."""
+    """(run id, status) of every run in the project's SQLite store; none while MLflow is still creating it
+    (the file exists before its tables do)."""
     with contextlib.closing(sqlite3.connect(root / "mlflow.db")) as db:
-        return db.execute("select run_uuid, status from runs").fetchall()
+        try:
+            return db.execute("select run_uuid, status from runs").fetchall()
+        except sqlite3.OperationalError:
+            return []
 
 
 def wait_for(predicate, what: str, proc: subprocess.Popen | None = None) -> None:
@@ -88,8 +92,12 @@ def test_sigterm_to_dvc_repro_stops_the_stage_cleanly(fresh, target):
     set_params(root, "train.epochs=400")
     proc = subprocess.Popen(["dvc", "repro", "train@scratch"], cwd=root, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_for(lambda: (root / "mlflow.db").exists() and any(s == "RUNNING" for _, s in runs(root)),
-             "the training run to start", proc)
+    try:
+        wait_for(lambda: (root / "mlflow.db").exists() and any(s == "RUNNING" for _, s in runs(root)),
+                 "the training run to start", proc)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)  # a failed wait must not leave DVC holding the project's lock
+        raise
     if target == "dvc only":
         proc.send_signal(signal.SIGTERM)
     else:
@@ -106,8 +114,12 @@ def test_ctrl_c_on_a_stage_prints_the_cli_line(fresh):
     set_params(root, "train.epochs=400")
     proc = subprocess.Popen(["softmax-mlops", "train", "scratch"], cwd=root, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: (root / "mlflow.db").exists() and any(s == "RUNNING" for _, s in runs(root)),
-             "the training run to start", proc)
+    try:
+        wait_for(lambda: (root / "mlflow.db").exists() and any(s == "RUNNING" for _, s in runs(root)),
+                 "the training run to start", proc)
+    except BaseException:
+        proc.kill()
+        raise
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate()
     assert proc.returncode == 130
