@@ -19,7 +19,7 @@ RUN groupadd --system --gid 999 postgres \
     && chown -R postgres:postgres /var/lib/postgresql /var/run/postgresql \
     && ln -s /usr/lib/postgresql/*/bin /usr/lib/postgresql/bin
 COPY postgres-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
-ENV PGDATA=/var/lib/postgresql/data PATH=/usr/lib/postgresql/bin:$PATH
+ENV PGDATA=/var/lib/postgresql/data PATH=/usr/lib/postgresql/bin:$PATH LANG=C.UTF-8
 USER 999
 EXPOSE 5432
 STOPSIGNAL SIGINT
