@@ -26,6 +26,9 @@ def timed(cmd: list[str], cwd: Path) -> float:
 
 def main() -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # the embedded SQLite default, fresh in the clone
+    mirror = os.environ.get("FASHION_MNIST_MIRROR", "")
+    if mirror and "://" not in mirror:  # relative to where you ran this, not to the clone the stages run in
+        os.environ["FASHION_MNIST_MIRROR"] = str(Path(mirror).resolve())
     with tempfile.TemporaryDirectory() as tmp:
         clone = Path(tmp) / "clone"
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
