@@ -23,9 +23,9 @@ ROWS = (  # (label, source file, key)
     ("train accuracy (end of last epoch)", "train", "train_acc"),
     ("train accuracy (running, last epoch)", "train", "train_acc_running"),
     ("train loss (last epoch)", "train", "loss"),
-)
+)  # no timings and no MLflow run ids: the report is a DVC output, a function of code, data and params
 HEADLINE = ("test_accuracy", "macro_f1")  # per implementation, in metrics/headline.json
-CURVES = {"train_acc_running": "train (running)", "train_acc": "train (end of epoch)", "test_acc": "test"}  # no timings and no MLflow run ids: the report is a DVC output, a function of code, data and params
+CURVES = {"train_acc_running": "train (running)", "train_acc": "train (end of epoch)", "test_acc": "test"}
 
 
 def _read(path) -> dict:  # noqa: ANN001

@@ -92,6 +92,7 @@ def check_parity(module: nn.Module, onnx_path, images: np.ndarray) -> dict:  # n
 def run(cfg: Config, impl: str) -> dict:
     from . import drift, tracking
     from .inference import Predictor
+    from .registry import score_of
 
     paths = cfg.paths
     with tracking.resume_run(cfg, impl, f"export@{impl}") as run:
@@ -115,7 +116,9 @@ def run(cfg: Config, impl: str) -> dict:
         # The DVC-tracked card is a function of code, data and params; the copy registered with the model in
         # MLflow also names the run that produced it (a run id is new on every run).
         write_json(paths.model_card(impl), card)
-        drift.save_reference(paths.drift_reference(impl), Predictor(paths.onnx(impl)).run(images)[1], images)
+        # one onnxruntime pass over the test set serves the drift reference and the champion/challenger score
+        probabilities = Predictor(paths.onnx(impl)).run(images)[1]
+        drift.save_reference(paths.drift_reference(impl), probabilities, images)
 
         import mlflow
 
@@ -125,5 +128,6 @@ def run(cfg: Config, impl: str) -> dict:
             registered_card = Path(tmp) / "model.json"
             registered_card.write_text(json.dumps(card | {"mlflow_run_id": run.info.run_id}, indent=2) + "\n")
             version = tracking.log_and_register_onnx(cfg, impl, paths.onnx(impl), [registered_card,
-                                                     paths.drift_reference(impl)], module, images, labels)
+                                                     paths.drift_reference(impl)], module, images, labels,
+                                                     score_of(probabilities, labels))
     return {"parity": parity, "test_accuracy": test_accuracy, **version}

@@ -38,7 +38,10 @@ class Decision:
 
 
 def score(predictor: Predictor, images: np.ndarray, labels: np.ndarray) -> Score:
-    _, probabilities = predictor.run(images)
+    return score_of(predictor.run(images)[1], labels)
+
+
+def score_of(probabilities: np.ndarray, labels: np.ndarray) -> Score:
     true_class = probabilities.astype(np.float64)[np.arange(len(labels)), labels]
     nll = float(-np.log(np.clip(true_class, np.finfo(np.float64).tiny, 1.0)).mean())
     return Score(accuracy=float((probabilities.argmax(axis=1) == labels).mean()), nll=nll)
@@ -57,9 +60,8 @@ def decide(new: Score, gate: float, champion: tuple[str, Score] | None) -> Decis
     if new.beats_or_ties(old):
         detail = f" (tie; NLL {new.nll:.4f} ≤ {old.nll:.4f})" if tie else ""
         return Decision(True, f"promoted: {new.accuracy:.4f} ≥ champion v{version} {old.accuracy:.4f}{detail}", version)
-    detail = f" (tie; NLL {new.nll:.4f} > {old.nll:.4f})" if tie else ""
-    return Decision(False, f"kept v{version}: {new.accuracy:.4f} < {old.accuracy:.4f}{detail}"
-                    if not tie else f"kept v{version}: {new.accuracy:.4f} = {old.accuracy:.4f}{detail}", version)
+    detail = f"= {old.accuracy:.4f} (tie; NLL {new.nll:.4f} > {old.nll:.4f})" if tie else f"< {old.accuracy:.4f}"
+    return Decision(False, f"kept v{version}: {new.accuracy:.4f} {detail}", version)
 
 
 def current_champion(client, name: str, tracking_uri: str, images: np.ndarray,  # noqa: ANN001 - MlflowClient

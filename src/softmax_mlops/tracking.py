@@ -255,7 +255,7 @@ def version_description(cfg: Config, impl: str, test_accuracy: float) -> str:
 
 
 def log_and_register_onnx(cfg: Config, impl: str, onnx_path: Path, extra_files: list[Path], module,  # noqa: ANN001
-                          test_images: np.ndarray, test_labels: np.ndarray) -> dict:
+                          test_images: np.ndarray, test_labels: np.ndarray, new) -> dict:  # noqa: ANN001 - registry.Score
     """Log the ONNX model (with its model card and drift reference) into the current run and register it; @candidate always moves to it, @champion only
     past the gate and when it is at least as good as the current champion on the same test data
     (registry.promote_if_not_worse). The version's description and tags say what it is and what was decided."""
@@ -263,8 +263,7 @@ def log_and_register_onnx(cfg: Config, impl: str, onnx_path: Path, extra_files: 
     import torch
     from mlflow.models import infer_signature
 
-    from .inference import Predictor
-    from .registry import promote_if_not_worse, score
+    from .registry import promote_if_not_worse
 
     example_images = test_images[:5]
     with torch.no_grad():
@@ -282,7 +281,6 @@ def log_and_register_onnx(cfg: Config, impl: str, onnx_path: Path, extra_files: 
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
     client.set_registered_model_tag(name, "impl", impl)
-    new = score(Predictor(onnx_path), test_images, test_labels)
     client.set_model_version_tag(name, version, "test_accuracy", f"{new.accuracy:.4f}")
     gate = cfg.export.champion_min_accuracy
     decision = promote_if_not_worse(client, name, version, new, gate, cfg.mlflow.tracking_uri,
