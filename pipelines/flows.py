@@ -23,7 +23,7 @@ from softmax_mlops.tracking import PREFECT_FLOW_RUN_ENV
 
 from .dvc_stages import environment, experiment_workspace, reproduce, save_experiment
 
-STAGES_PER_IMPL = ("train", "evaluate", "export")
+STAGES_PER_IMPL = ("train", "evaluate", "calibrate", "export")
 
 
 @task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5,
@@ -65,7 +65,7 @@ def _markdown(summary: dict, overrides: list[str], experiment: str | None) -> st
 @flow(name="training-pipeline", log_prints=True)
 def training_pipeline(impls: list[str] | None = None, overrides: list[str] | None = None,
                       experiment_name: str | None = None, project_dir: str | None = None) -> dict:
-    """Run the DVC stages as tasks: ingest, train/evaluate/export for each implementation, then compare.
+    """Run the DVC stages as tasks: ingest, train/evaluate/calibrate/export for each implementation, then compare.
 
     ``overrides`` take DVC's `-S` form (`train.lr=0.05`); with any, the run is a DVC experiment in a
     throwaway worktree and params.yaml is left as it is.

@@ -68,6 +68,17 @@ def real_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
         pytest.skip(message)
 
 
+@pytest.fixture(scope="session")
+def training_splits(real_splits) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """What the pipeline trains on and holds out: the genuine training images minus the validation split that
+    params.yaml sets aside (as ingest does), the validation split, and the test set."""
+    settings = config.load(Path(__file__).resolve().parents[1]).ingest
+    images, labels = real_splits["train"]
+    val = data.split_validation(images, labels, settings.validation_size, settings.validation_seed)
+    rest = np.setdiff1d(np.arange(len(labels)), val)
+    return {"train": (images[rest], labels[rest]), "val": (images[val], labels[val]), "test": real_splits["test"]}
+
+
 @pytest.fixture
 def project(tmp_path) -> Path:
     return copy_project(tmp_path / "project")

@@ -50,13 +50,14 @@ def _config(standalone: bool = False):
 
 @app.command()
 def ingest() -> None:
-    """Fetch Fashion-MNIST (official mirror, or FASHION_MNIST_MIRROR / ingest.mirror), verify md5s, write
-    data/prepared/{train,test}.npz and summary.json."""
+    """Fetch Fashion-MNIST (official mirror, or FASHION_MNIST_MIRROR / ingest.mirror), verify md5s, set a
+    stratified validation split aside, write data/prepared/{train,val,test}.npz and summary.json."""
     from . import data
 
     cfg = _config()
-    summary = data.ingest(cfg.mirror, cfg.paths)
-    typer.echo(f"ingest: {summary['train']['count']} train, {summary['test']['count']} test images "
+    summary = data.ingest(cfg.ingest, cfg.paths)
+    typer.echo(f"ingest: {summary['train']['count']} train, {summary['val']['count']} validation, "
+               f"{summary['test']['count']} test images "
                f"(data md5 {summary['data_md5']})")
 
 
@@ -78,6 +79,19 @@ def evaluate(impl: ImplArg) -> None:
     metrics = evaluation.run(_config(), impl.value)
     typer.echo(f"evaluate@{impl.value}: test accuracy {metrics['test_accuracy']:.4f}, "
                f"macro-F1 {metrics['macro_f1']:.4f}")
+
+
+@app.command()
+def calibrate(impl: ImplArg) -> None:
+    """Fit a temperature on the validation split; ECE, NLL and Brier on the test set before and after it, and
+    reliability diagrams. The export divides the logits by it."""
+    from . import calibrate as calibration
+
+    report = calibration.run(_config(), impl.value)
+    before, after = report["test"]["before"], report["test"]["after"]
+    typer.echo(f"calibrate@{impl.value}: T = {report['temperature']:.4f}; test ECE {before['ece']:.4f} -> "
+               f"{after['ece']:.4f}, NLL {before['nll']:.4f} -> {after['nll']:.4f}, "
+               f"Brier {before['brier']:.4f} -> {after['brier']:.4f}")
 
 
 @app.command()

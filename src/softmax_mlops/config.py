@@ -40,6 +40,11 @@ class Paths:
         return self.prepared / "train.npz"
 
     @property
+    def val_data(self) -> Path:
+        """The validation split set aside from the training images: for calibration, never for training."""
+        return self.prepared / "val.npz"
+
+    @property
     def test_data(self) -> Path:
         return self.prepared / "test.npz"
 
@@ -65,6 +70,14 @@ class Paths:
 
     def confusion(self, impl: str) -> Path:
         return self.metrics / impl / "confusion.csv"
+
+    def calibration(self, impl: str) -> Path:
+        """The fitted temperature, and ECE, NLL and Brier on the test set before and after it."""
+        return self.metrics / impl / "calibration.json"
+
+    def reliability(self, impl: str) -> Path:
+        """Reliability diagrams before and after temperature scaling."""
+        return self.reports / impl / "reliability.png"
 
     def onnx(self, impl: str) -> Path:
         return self.models / impl / "model.onnx"
@@ -107,6 +120,18 @@ class Paths:
 
 
 @dataclass(frozen=True)
+class IngestConfig:
+    mirror: str = ""             # FASHION_MNIST_MIRROR overrides it
+    validation_size: int = 5000  # training images set aside, stratified by class
+    validation_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.validation_size < 10 or self.validation_seed < 0:
+            raise PipelineError(f"ingest.validation_size must be >= 10 (one image per class) and "
+                                f"ingest.validation_seed >= 0, got {self.validation_size}, {self.validation_seed}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
     batch_size: int = 256
@@ -130,6 +155,18 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     grid_images: int = 18
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    bins: int = 15                     # equal-width confidence bins of the ECE (Guo et al. 2017)
+    initial_temperature: float = 1.5   # where LBFGS starts, as in the reference implementation
+    max_iter: int = 100                # LBFGS iterations at most
+
+    def __post_init__(self) -> None:
+        if self.bins < 1 or not self.initial_temperature > 0 or self.max_iter < 1:
+            raise PipelineError("calibrate.bins and calibrate.max_iter must be >= 1 and "
+                                "calibrate.initial_temperature > 0")
 
 
 @dataclass(frozen=True)
@@ -212,16 +249,22 @@ class MlflowConfig:
 class Config:
     root: Path
     paths: Paths
-    mirror: str
+    ingest: IngestConfig
     impls: tuple[str, ...]
     train: TrainConfig
     evaluate: EvaluateConfig
+    calibrate: CalibrateConfig
     export: ExportConfig
     predict: PredictConfig
     drift: DriftConfig
     serve: ServeConfig
     batch_inference: BatchInferenceConfig
     mlflow: MlflowConfig
+
+    @property
+    def mirror(self) -> str:
+        """Where ingest downloads from: FASHION_MNIST_MIRROR, else ingest.mirror, else torchvision's mirrors."""
+        return self.ingest.mirror
 
 
 def _section(cls: type, raw: dict[str, Any] | None, name: str) -> Any:
@@ -316,6 +359,7 @@ def load(root: str | Path | None = None, missing_ok: bool = False) -> Config:
     if bad := [i for i in impls if i not in IMPLS]:
         raise PipelineError(f"{PARAMS_FILE}: unknown impl(s) {bad}; choose from {', '.join(IMPLS)}")
 
+    ingest_raw = raw.get("ingest") or {}
     mlflow_raw = dict(raw.get("mlflow") or {})
     configured_uri = mlflow_raw.pop("tracking_uri", None)
     tracking_uri = os.environ.get(TRACKING_URI_ENV) or configured_uri or "sqlite:///mlflow.db"
@@ -327,10 +371,12 @@ def load(root: str | Path | None = None, missing_ok: bool = False) -> Config:
     return Config(
         root=root,
         paths=paths,
-        mirror=os.environ.get(MIRROR_ENV) or (raw.get("ingest") or {}).get("mirror") or "",
+        ingest=_section(IngestConfig, {**ingest_raw, "mirror": os.environ.get(MIRROR_ENV) or ingest_raw.get("mirror") or ""},
+                        "ingest"),
         impls=impls,
         train=_section(TrainConfig, raw.get("train"), "train"),
         evaluate=_section(EvaluateConfig, raw.get("evaluate"), "evaluate"),
+        calibrate=_section(CalibrateConfig, raw.get("calibrate"), "calibrate"),
         export=_section(ExportConfig, raw.get("export"), "export"),
         predict=_section(PredictConfig, raw.get("predict"), "predict"),
         drift=_section(DriftConfig, raw.get("drift"), "drift"),

@@ -20,7 +20,7 @@ from .atomic import write_json, write_npz
 from .errors import PipelineError
 
 if TYPE_CHECKING:
-    from .config import Paths
+    from .config import IngestConfig, Paths
 
 # The textbook's labels (d2l `get_fashion_mnist_labels`), in class-id order.
 CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
@@ -126,11 +126,29 @@ def arrays_md5(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
     return digest.hexdigest()
 
 
-def summarize(splits: dict[str, tuple[np.ndarray, np.ndarray]], resources: Sequence[tuple[str, str]]) -> dict:
+def split_validation(images: np.ndarray, labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Indices (sorted) of a seeded, stratified validation split: each class keeps its share of the images.
+
+    scikit-learn's own stratified split, so the class proportions and the seed's meaning are a well-kept
+    library's, not ours."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        _, val = train_test_split(np.arange(len(labels)), test_size=size, stratify=labels, random_state=seed)
+    except ValueError as exc:
+        raise PipelineError(f"ingest.validation_size {size} does not fit {len(labels)} training images: {exc}") from None
+    return np.sort(val)
+
+
+def summarize(splits: dict[str, tuple[np.ndarray, np.ndarray]], resources: Sequence[tuple[str, str]],
+              validation_indices: np.ndarray, seed: int) -> dict:
+    """Counts per split and class, the validation split's indices into the 60,000 training images, and hashes
+    of the source files and of the decoded arrays of every split."""
     summary: dict = {}
     for split, (images, labels) in splits.items():
         counts = np.bincount(labels, minlength=NUM_CLASSES)
         summary[split] = {"count": int(len(labels)), "per_class": dict(zip(CLASS_NAMES, map(int, counts)))}
+    summary["val"] |= {"seed": seed, "indices": validation_indices.tolist()}
     summary["data_md5"] = arrays_md5(splits)
     summary["source_md5"] = dict(resources)
     return summary
@@ -155,13 +173,19 @@ def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.int64, copy=False)
 
 
-def ingest(mirror: str, paths: Paths, resources: Sequence[tuple[str, str]] | None = None) -> dict:
-    """The ingest stage: fetch and verify everything first, then write, so a failure writes nothing."""
+def ingest(settings: IngestConfig, paths: Paths, resources: Sequence[tuple[str, str]] | None = None) -> dict:
+    """The ingest stage: fetch and verify everything first, then write, so a failure writes nothing. The
+    official training images are split into train (what training sees) and val (for calibration)."""
     from torchvision.datasets import FashionMNIST
 
-    splits = fetch(mirror, resources)
-    save_split(paths.train_data, *splits["train"])
-    save_split(paths.test_data, *splits["test"])
-    summary = summarize(splits, resources if resources is not None else FashionMNIST.resources)
+    official = fetch(settings.mirror, resources)
+    images, labels = official["train"]
+    val = split_validation(images, labels, settings.validation_size, settings.validation_seed)
+    rest = np.setdiff1d(np.arange(len(labels)), val, assume_unique=True)
+    splits = {"train": (images[rest], labels[rest]), "val": (images[val], labels[val]), "test": official["test"]}
+    for split, path in (("train", paths.train_data), ("val", paths.val_data), ("test", paths.test_data)):
+        save_split(path, *splits[split])
+    summary = summarize(splits, resources if resources is not None else FashionMNIST.resources, val,
+                        settings.validation_seed)
     write_json(paths.data_summary, summary)
     return summary

@@ -1,5 +1,7 @@
 """The export stage: ONNX model, parity against torch, model card, and the MLflow registry.
 
+The graph divides the logits by the temperature calibrate@{impl} fitted, so its probabilities are calibrated.
+
 The graph takes raw uint8 pixels and does the cast, /255 and flatten itself (it wraps the same
 SoftmaxRegression module that MLflow's torch model is), so no client has to re-implement preprocessing.
 """
@@ -26,15 +28,23 @@ PARITY_MAX_ABS_DIFF = 1e-5
 STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 
 
-class ExportedSoftmaxRegression(nn.Module):
-    """uint8 image [N, 28, 28] -> (logits, probabilities), both float32 [N, 10]."""
+LOGITS_MEANING = ("after temperature: logits = (x W + b) / T, probabilities = softmax(logits); "
+                  "x W + b = logits * T")
 
-    def __init__(self, W: torch.Tensor, b: torch.Tensor) -> None:
+
+class ExportedSoftmaxRegression(nn.Module):
+    """uint8 image [N, 28, 28] -> (logits, probabilities), both float32 [N, 10], temperature-scaled.
+
+    Both outputs are after T, so that softmax(logits) is the served probability whoever computes it (a v2 or
+    MLflow client that asks for logits only, say). Dividing by T never changes an argmax."""
+
+    def __init__(self, W: torch.Tensor, b: torch.Tensor, temperature: float = 1.0) -> None:
         super().__init__()
         self.model = SoftmaxRegression(W, b)
+        self.temperature = temperature
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model.logits64(image)
+        logits = self.model.logits64(image) / self.temperature
         return logits.to(torch.float32), torch.softmax(logits, dim=1).to(torch.float32)
 
 
@@ -91,6 +101,7 @@ def check_parity(module: nn.Module, onnx_path, images: np.ndarray) -> dict:  # n
 
 def run(cfg: Config, impl: str) -> dict:
     from . import drift, tracking
+    from .calibrate import read_temperature
     from .inference import Predictor
     from .registry import score_of
 
@@ -99,7 +110,8 @@ def run(cfg: Config, impl: str) -> dict:
         W, b = load_weights(paths.weights(impl))
         images, labels = load_split(paths.test_data)
         test_accuracy = json.loads(paths.eval_metrics(impl).read_text())["test_accuracy"]
-        module = ExportedSoftmaxRegression(W, b).eval()
+        temperature = read_temperature(cfg, impl)
+        module = ExportedSoftmaxRegression(W, b, temperature).eval()
         export_onnx(module, paths.onnx(impl), cfg.export.opset)
 
         parity = check_parity(module, paths.onnx(impl), images)
@@ -111,6 +123,7 @@ def run(cfg: Config, impl: str) -> dict:
             "impl": impl, "class_names": list(CLASS_NAMES), "opset": cfg.export.opset,
             "input": {"name": INPUT, "dtype": "uint8", "shape": ["N", 28, 28]},
             "outputs": [{"name": name, "dtype": "float32", "shape": ["N", 10]} for name in OUTPUTS],
+            "temperature": temperature, "logits": LOGITS_MEANING,
             "test_accuracy": test_accuracy, "data_md5": tracking.data_md5(cfg),
             "registered_model": cfg.mlflow.registered_model(impl)}
         # The DVC-tracked card is a function of code, data and params; the copy registered with the model in

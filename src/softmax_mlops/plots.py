@@ -76,3 +76,28 @@ def prediction_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarra
                      color="black" if true == pred else "red")
     fig.suptitle(title)
     _save(fig, path)
+
+
+def reliability_diagrams(panels: dict[str, tuple[list[dict], float]], title: str, path: Path) -> None:
+    """One reliability diagram per panel (Guo et al. 2017, figure 1): each bin's accuracy as a bar, the gap to
+    its mean confidence shaded, the diagonal where a calibrated model's bars would end; the bin counts below."""
+    fig, axes = plt.subplots(2, len(panels), figsize=(5 * len(panels), 6.2), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    for (name, (table, ece)), ax, ax_count in zip(panels.items(), axes[0], axes[1]):
+        lower = np.array([row["lower"] for row in table])
+        width = lower[1] - lower[0] if len(lower) > 1 else 1.0
+        filled = [row for row in table if row["count"]]
+        left = np.array([row["lower"] for row in filled])
+        accuracy = np.array([row["accuracy"] for row in filled])
+        confidence = np.array([row["confidence"] for row in filled])
+        ax.bar(left, accuracy, width=width, align="edge", color="tab:blue", edgecolor="black", label="accuracy")
+        ax.bar(left, confidence - accuracy, bottom=accuracy, width=width, align="edge", color="tab:red",
+               alpha=0.3, edgecolor="tab:red", hatch="//", label="gap to mean confidence")
+        ax.plot([0, 1], [0, 1], color="gray", linestyle="--", label="perfect calibration")
+        ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"{name}: ECE {ece:.4f}")
+        ax.legend(loc="upper left", fontsize=8)
+        ax_count.bar(lower, [row["count"] for row in table], width=width, align="edge", color="gray",
+                     edgecolor="black")
+        ax_count.set(xlabel="top-label confidence", ylabel="images", yscale="log")
+    fig.suptitle(title)
+    _save(fig, path)

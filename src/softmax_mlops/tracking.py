@@ -106,13 +106,16 @@ def start_run(cfg: Config, impl: str) -> Iterator[mlflow.ActiveRun]:
         yield run
 
 
-RUN_NOTE = """One run per implementation and pipeline execution: train@, evaluate@, export@ and compare log into it.
+RUN_NOTE = """One run per implementation and pipeline execution: train@, evaluate@, calibrate@, export@ and compare
+log into it. Training sees the training images minus a validation split, which only calibrate@ uses.
 
 - `train_acc_running`, `train_acc` and `test_acc` are per-epoch curves (step = epoch): the running train
   accuracy averages over the epoch while the weights still change (the textbook's figure), `train_acc` and
   `test_acc` use the weights at the end of each epoch. `curves.png` overlays the three.
 - `test_accuracy` is the final figure from the evaluate stage, on the saved weights: the same number as the
   last epoch's `test_acc`, computed from what was shipped.
+- `temperature` was fitted on the validation split; `test_{ece,nll,brier}_{before,after}` score the test set
+  with T = 1 and with it (`reliability.png`). The registered ONNX model divides its logits by it.
 - `compare/` holds the scratch-vs-concise report."""
 
 

@@ -30,8 +30,8 @@ def test_every_stage_ran_as_a_task(project):
 
     root, state = project
     result = state.result()
-    assert result["stages"] == ["ingest", "train@scratch", "evaluate@scratch", "export@scratch",
-                                "train@concise", "evaluate@concise", "export@concise", "compare"]
+    assert result["stages"] == ["ingest", "train@scratch", "evaluate@scratch", "calibrate@scratch", "export@scratch",
+                                "train@concise", "evaluate@concise", "calibrate@concise", "export@concise", "compare"]
     assert result["reproduced"] == result["stages"]  # a fresh copy: everything ran
     import asyncio
 

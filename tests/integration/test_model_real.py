@@ -33,8 +33,10 @@ def tuned_settings() -> dict:
 
 
 @pytest.mark.parametrize("impl", ["scratch", "concise"])
-def test_documented_tuned_setting_reaches_0_845(real_splits, impl):
+def test_documented_tuned_setting_reaches_0_845(training_splits, impl):
+    """On what the pipeline trains on: the training images minus the validation split."""
     settings = tuned_settings()
     assert settings, "README lost its tuned `dvc exp run -S` line"
-    _, history = train.fit(impl, TrainConfig(**settings), real_splits["train"], real_splits["test"], progress=False)
+    _, history = train.fit(impl, TrainConfig(**settings), training_splits["train"], training_splits["test"],
+                           progress=False)
     assert history[-1].test_acc >= 0.845

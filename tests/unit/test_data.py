@@ -15,26 +15,58 @@ def paths_in(tmp_path) -> config.Paths:
                         metrics=tmp_path / "metrics", reports=tmp_path / "reports")
 
 
+def settings(mirror: str, validation_size: int = 20, seed: int = 0) -> config.IngestConfig:
+    return config.IngestConfig(mirror=mirror, validation_size=validation_size, validation_seed=seed)
+
+
 @pytest.mark.parametrize("as_url", [False, True], ids=["folder", "file-url"])
 def test_ingest_round_trips_arrays_from_a_mirror(idx_mirror, tmp_path, as_url):
     folder, splits, resources = idx_mirror
     mirror = folder.as_uri() if as_url else str(folder)
     paths = paths_in(tmp_path)
-    summary = data.ingest(mirror, paths, resources)
-    for split, path in (("train", paths.train_data), ("test", paths.test_data)):
+    summary = data.ingest(settings(mirror), paths, resources)
+    val = np.array(summary["val"]["indices"])
+    rest = np.setdiff1d(np.arange(60), val)
+    expected = {"train": (splits["train"][0][rest], splits["train"][1][rest]),
+                "val": (splits["train"][0][val], splits["train"][1][val]), "test": splits["test"]}
+    for split, path in (("train", paths.train_data), ("val", paths.val_data), ("test", paths.test_data)):
         images, labels = data.load_split(path)
         assert images.dtype == np.uint8 and labels.dtype == np.int64
-        np.testing.assert_array_equal(images, splits[split][0])
-        np.testing.assert_array_equal(labels, splits[split][1])
-    assert summary["train"]["count"] == 60 and summary["test"]["per_class"]["t-shirt"] == 2
+        np.testing.assert_array_equal(images, expected[split][0])
+        np.testing.assert_array_equal(labels, expected[split][1])
+    assert summary["train"]["count"] == 40 and summary["val"]["count"] == 20
+    assert summary["test"]["per_class"]["t-shirt"] == 2
     assert summary["source_md5"] == dict(resources)
-    assert summary["data_md5"] == data.arrays_md5(splits)
+    assert summary["data_md5"] == data.arrays_md5(expected)
+
+
+def test_the_validation_split_is_stratified_disjoint_and_seeded(idx_mirror, tmp_path):
+    """Each class keeps its share (60 images, 6 per class: 20 set aside = 2 per class); the same seed gives
+    the same split, another seed another one."""
+    folder, splits, resources = idx_mirror
+    labels = splits["train"][1]
+    summary = data.ingest(settings(str(folder)), paths_in(tmp_path / "a"), resources)
+    val = summary["val"]["indices"]
+    assert val == sorted(set(val)) and len(val) == 20
+    assert np.bincount(labels[val], minlength=10).tolist() == [2] * 10
+    assert summary["val"]["per_class"] == dict.fromkeys(data.CLASS_NAMES, 2)
+    assert summary["train"]["per_class"] == dict.fromkeys(data.CLASS_NAMES, 4)
+    assert data.ingest(settings(str(folder)), paths_in(tmp_path / "b"), resources)["val"]["indices"] == val
+    assert data.ingest(settings(str(folder), seed=1), paths_in(tmp_path / "c"), resources)["val"]["indices"] != val
+
+
+def test_a_validation_split_larger_than_the_data_is_named_and_writes_nothing(idx_mirror, tmp_path):
+    folder, _, resources = idx_mirror
+    paths = paths_in(tmp_path)
+    with pytest.raises(PipelineError, match="ingest.validation_size 60 does not fit 60 training images"):
+        data.ingest(settings(str(folder), validation_size=60), paths, resources)
+    assert not paths.prepared.exists()
 
 
 def test_npz_files_hold_no_pickles(idx_mirror, tmp_path):
     folder, _, resources = idx_mirror
     paths = paths_in(tmp_path)
-    data.ingest(str(folder), paths, resources)
+    data.ingest(settings(str(folder)), paths, resources)
     with np.load(paths.train_data, allow_pickle=False) as npz:  # would raise on object arrays
         assert set(npz.files) == {"images", "labels"}
 
@@ -45,7 +77,7 @@ def test_truncated_file_names_file_and_md5_and_writes_nothing(idx_mirror, tmp_pa
     (folder / name).write_bytes((folder / name).read_bytes()[:100])
     paths = paths_in(tmp_path)
     with pytest.raises(PipelineError) as err:
-        data.ingest(str(folder), paths, resources)
+        data.ingest(settings(str(folder)), paths, resources)
     message = str(err.value)
     assert name in message and md5 in message and "\n" not in message
     assert not paths.prepared.exists()
@@ -55,7 +87,7 @@ def test_missing_file_is_named(idx_mirror, tmp_path):
     folder, _, resources = idx_mirror
     (folder / resources[1][0]).unlink()
     with pytest.raises(PipelineError, match=f"could not download {resources[1][0]}"):
-        data.ingest(str(folder), paths_in(tmp_path), resources)
+        data.ingest(settings(str(folder)), paths_in(tmp_path), resources)
 
 
 def test_missing_mirror_folder(tmp_path):

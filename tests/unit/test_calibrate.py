@@ -1,0 +1,99 @@
+"""Calibration figures against an independent implementation (torchmetrics) and hand-computed cases, and
+temperature scaling against a known temperature."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from softmax_mlops import calibrate, config
+from softmax_mlops.errors import PipelineError
+
+
+def scaled_problem(true_temperature: float, n: int = 20000, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """Labels drawn from softmax(z), and the logits a model with temperature ``true_temperature`` would give:
+    z * T0. Temperature scaling should then find T = T0."""
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 10, generator=generator, dtype=torch.float64) * 3
+    labels = torch.multinomial(torch.softmax(z, dim=1), 1, generator=generator).squeeze(1).numpy()
+    return z * true_temperature, labels
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 10.0])
+def test_ece_agrees_with_torchmetrics(scale):
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    logits, labels = scaled_problem(1.0, n=5000, seed=int(scale))
+    logits = logits * scale
+    probabilities = torch.softmax(logits, dim=1)
+    ours = calibrate.expected_calibration_error(calibrate.reliability_bins(probabilities.numpy(), labels, 15))
+    # torchmetrics puts a confidence that lies exactly on an edge into the other bin; with continuous
+    # confidences no image does, so the two agree up to torchmetrics' float32
+    theirs = multiclass_calibration_error(probabilities.float(), torch.from_numpy(labels), num_classes=10, n_bins=15,
+                                          norm="l1").item()
+    assert ours == pytest.approx(theirs, abs=1e-5)
+    assert ours > 0.01  # a real miscalibration, not two zeros agreeing
+
+
+def test_hand_computed_ece_nll_and_brier():
+    # confidences 0.9 (right), 0.9 (wrong), 0.65 (right), 0.65 (right):
+    # ECE = 2/4 * |0.5 - 0.9| + 2/4 * |1 - 0.65| = 0.2 + 0.175
+    probabilities = np.array([[0.9, 0.1], [0.9, 0.1], [0.35, 0.65], [0.35, 0.65]])
+    labels = np.array([0, 1, 1, 1])
+    table = calibrate.reliability_bins(probabilities, labels, 15)
+    assert calibrate.expected_calibration_error(table) == pytest.approx(0.375)
+    assert [row["count"] for row in table if row["count"]] == [2, 2]
+    assert sum(1 for row in table if row["accuracy"] is None) == 13
+
+    figures, _ = calibrate.scores(torch.from_numpy(np.log(probabilities)), labels, 1.0, 15)
+    assert figures["nll"] == pytest.approx(-(np.log(0.9) + np.log(0.1) + 2 * np.log(0.65)) / 4)
+    assert figures["brier"] == pytest.approx((0.02 + 1.62 + 2 * 0.245) / 4)
+    assert figures["ece"] == pytest.approx(0.375) and figures["accuracy"] == 0.75
+
+
+@pytest.mark.parametrize("true_temperature", [0.5, 2.0])
+def test_temperature_scaling_finds_the_true_temperature(true_temperature):
+    logits, labels = scaled_problem(true_temperature)
+    fitted = calibrate.fit_temperature(logits, labels, initial=1.5, max_iter=100)
+    assert fitted == pytest.approx(true_temperature, rel=0.03)
+    y = torch.from_numpy(labels)
+    best = calibrate.nll(logits, y, fitted)
+    assert best < calibrate.nll(logits, y, fitted * 1.01) and best < calibrate.nll(logits, y, fitted / 1.01)
+    before, _ = calibrate.scores(logits, labels, 1.0, 15)
+    after, _ = calibrate.scores(logits, labels, fitted, 15)
+    assert after["ece"] < before["ece"] / 3 and after["nll"] < before["nll"] and after["brier"] < before["brier"]
+    assert after["accuracy"] == before["accuracy"]
+
+
+def test_temperature_scaling_is_deterministic():
+    logits, labels = scaled_problem(2.0, n=3000)
+    assert calibrate.fit_temperature(logits, labels, 1.5, 100) == calibrate.fit_temperature(logits, labels, 1.5, 100)
+
+
+def test_the_exported_graph_divides_by_the_temperature(tmp_path):
+    """logits and probabilities are both after T; softmax(logits) = probabilities; argmax is unchanged."""
+    from softmax_mlops.export import ExportedSoftmaxRegression, export_onnx
+    from softmax_mlops.inference import Predictor
+
+    generator = torch.Generator().manual_seed(0)
+    W, b = torch.randn(784, 10, generator=generator) * 0.1, torch.randn(10, generator=generator)
+    images = torch.randint(0, 256, (64, 28, 28), generator=generator, dtype=torch.uint8).numpy()
+    path = tmp_path / "model.onnx"
+    export_onnx(ExportedSoftmaxRegression(W, b, temperature=2.5), path, opset=18)
+    logits, probabilities = Predictor(path).run(images)
+    raw = calibrate.logits64(W, b, images).numpy()
+    np.testing.assert_allclose(logits, raw / 2.5, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(probabilities, torch.softmax(torch.from_numpy(raw / 2.5), dim=1).numpy(), atol=1e-6)
+    assert (logits.argmax(1) == raw.argmax(1)).all()
+
+
+def test_a_missing_or_bad_calibration_file_is_named(tmp_path):
+    (tmp_path / "params.yaml").write_text("paths: {prepared: p, models: m, metrics: metrics, reports: r}\n")
+    cfg = config.load(tmp_path)
+    with pytest.raises(PipelineError, match=r"calibration.json is missing or unreadable: run the calibrate stage"):
+        calibrate.read_temperature(cfg, "scratch")
+    cfg.paths.calibration("scratch").parent.mkdir(parents=True)
+    cfg.paths.calibration("scratch").write_text(json.dumps({"temperature": -1.0}))
+    with pytest.raises(PipelineError, match="temperature must be a positive number, got -1.0"):
+        calibrate.read_temperature(cfg, "scratch")
