@@ -116,7 +116,8 @@ def test_calibration_is_fitted_on_validation_and_recorded_everywhere(repo, runs,
     assert after["nll"] <= before["nll"]  # on this data T improves the held-out NLL as well
 
     shown = json.loads(run_tool("dvc", "metrics", "show", "--json", cwd=repo).stdout)
-    metrics = shown["workspace"]["data"][f"metrics/{impl}/calibration.json"]["data"]
+    (files,) = [rev["data"] for rev in shown.values()]  # one revision, the workspace
+    metrics = files[f"metrics/{impl}/calibration.json"]["data"]
     assert metrics["temperature"] == T and metrics["test"]["after"]["ece"] == after["ece"]
     logged = runs[impl].data.metrics
     assert logged["temperature"] == T and logged["test_ece_after"] == after["ece"]
@@ -234,11 +235,13 @@ def test_registered_version_says_what_it_is_and_loads_for_cpu_with_a_named_input
 
 
 def test_dvc_views_are_readable(repo):
-    """`dvc metrics show` is the headline file only; the accuracy plot colours by kind of accuracy and has
-    axis titles; the offline template renders the plots with no CDN."""
+    """`dvc metrics show` is the headline file and the two calibration files; the accuracy plot colours by kind
+    of accuracy and has axis titles; the reliability diagrams are image plots; the offline template renders
+    the plots with no CDN."""
     shown = json.loads(run_tool("dvc", "metrics", "show", "--json", cwd=repo).stdout)
     (files,) = [rev["data"] for rev in shown.values()]
-    assert list(files) == ["metrics/headline.json"]
+    assert sorted(files) == ["metrics/concise/calibration.json", "metrics/headline.json",
+                             "metrics/scratch/calibration.json"]
     assert set(files["metrics/headline.json"]["data"]) == {"scratch", "concise"}
 
     plots = json.loads(run_tool("dvc", "plots", "show", "--json", cwd=repo).stdout)["data"]
@@ -248,6 +251,7 @@ def test_dvc_views_are_readable(repo):
     assert spec["encoding"]["y"]["title"] == "accuracy"
     curves = {(d["impl"], d["curve"]) for d in spec["data"]["values"]}
     assert len(curves) == 6
+    assert {"reports/scratch/reliability.png", "reports/concise/reliability.png"} <= set(plots)
 
     template = repo / ".dvc/tmp/plots-offline.html"
     made = run_tool("python", "tools/offline_plots.py", str(template), cwd=repo)
