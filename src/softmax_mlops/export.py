@@ -20,9 +20,10 @@ from .atomic import atomic_path, write_json
 from .config import Config
 from .data import CLASS_NAMES, load_split
 from .errors import PipelineError
+from .inference import INPUT_NAME, OUTPUT_NAMES
 from .models import SoftmaxRegression, load_weights
 
-INPUT, OUTPUTS = "image", ("logits", "probabilities")
+INPUT, OUTPUTS = INPUT_NAME, OUTPUT_NAMES
 PARITY_BATCH_SIZES = (1, 7, 10000)
 PARITY_MAX_ABS_DIFF = 1e-5
 STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"

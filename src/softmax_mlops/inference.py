@@ -18,6 +18,9 @@ import numpy as np
 from .data import CLASS_NAMES
 from .errors import PipelineError
 
+INPUT_NAME = "image"                          # uint8 [N, 28, 28]
+OUTPUT_NAMES = ("logits", "probabilities")    # float32 [N, 10] each, both after the temperature
+
 
 def available_cpus() -> int:
     """CPUs this process may really use: its affinity mask, capped by a cgroup v2/v1 CPU quota if one is set.
@@ -128,7 +131,7 @@ class Predictor:
         self.threads = options.intra_op_num_threads
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, probabilities = self.session.run(["logits", "probabilities"], {"image": images})
+        logits, probabilities = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
         return logits, probabilities
 
     def top_k(self, images: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
-"""HTTP inference over onnxruntime: POST /predict, GET /health, GET /metadata.
+"""HTTP inference over onnxruntime: POST /predict, GET /health, GET /metadata; the Open Inference Protocol
+(KServe v2) under /v2; and MLflow's scoring protocol (POST /invocations, GET /ping, GET /version).
 
 Bad input always gets a 4xx with a JSON {"error": ...} that says what was wrong, and the service keeps
 serving: 400 undecodable JSON or image, 408 a request that arrives too slowly, 413 too large (body bytes,
@@ -15,7 +16,7 @@ import logging
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -23,17 +24,19 @@ from starlette.requests import ClientDisconnect
 from .config import ServeConfig
 from .errors import PipelineError
 from .images import ImageError, ImageTooLarge, decode
-from .inference import Predictor
+from .inference import OUTPUT_NAMES, Predictor
+from .protocols import HEADER_LENGTH, as_array, check_pixels, load_json
+from .protocols import ProtocolError as BadRequest
 
 log = logging.getLogger("softmax_mlops.server")
 
 IMAGE_TYPES = ("image/png", "image/jpeg")
 
 
-class BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
+
+
+class InferenceTimeout(Exception):
+    """Inference ran over serve.request_timeout_s: the server's own limit, answered 503."""
 
 
 class ClientGone(Exception):
@@ -67,12 +70,7 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
 
 def parse_instances(body: bytes, max_instances: int) -> np.ndarray:
     """{"instances": [28x28 integers in 0..255, ...]} -> uint8 [N, 28, 28]. Flat 784-long lists are accepted too."""
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(400, f"malformed JSON: {exc}") from None
-    except RecursionError:
-        raise BadRequest(400, "malformed JSON: nested too deeply") from None
+    payload = load_json(body)
     if not isinstance(payload, dict) or "instances" not in payload:
         raise BadRequest(422, 'expected a JSON object {"instances": [image, ...]}')
     instances = payload["instances"]
@@ -80,24 +78,10 @@ def parse_instances(body: bytes, max_instances: int) -> np.ndarray:
         raise BadRequest(422, '"instances" must be a non-empty list of 28x28 images')
     if len(instances) > max_instances:
         raise BadRequest(413, f"{len(instances)} instances is over the limit of {max_instances} per request")
-    try:
-        array = np.asarray(instances)
-    except (ValueError, OverflowError, TypeError, RecursionError):
-        raise BadRequest(422, "every instance must be a 28x28 list of integers (rows of unequal length)") from None
-    if array.dtype.kind not in "iuf" or array.dtype.kind == "b":
-        raise BadRequest(422, "pixel values must be numbers (integers 0..255)")
-    if array.shape[1:] == (784,):
-        array = array.reshape(-1, 28, 28)
-    if array.shape[1:] != (28, 28):
+    array = as_array(instances, "every instance (28x28 integers)")
+    if array.shape[1:] not in ((784,), (28, 28)):
         raise BadRequest(422, f"each instance must be 28x28 (or 784 long); got shape {list(array.shape[1:])}")
-    if array.dtype.kind == "f":
-        if not np.isfinite(array).all():
-            raise BadRequest(422, "pixel values must be finite integers; found NaN or infinity")
-        if (array != np.round(array)).any():
-            raise BadRequest(422, "pixel values must be integers 0..255; found fractions")
-    if array.min() < 0 or array.max() > 255:
-        raise BadRequest(422, f"pixel values must be in 0..255; found {array.min()}..{array.max()}")
-    return array.astype(np.uint8)
+    return check_pixels(array, max_instances)
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
@@ -151,11 +135,19 @@ PREDICT_BODY = {"required": True, "content": {
 
 
 def create_app(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> FastAPI:
+    from . import __version__, protocols
+
     app = FastAPI(title="softmax-mlops inference", version="1",
-                  description="Fashion-MNIST softmax regression, served by onnxruntime.")
+                  description="Fashion-MNIST softmax regression, served by onnxruntime: its own /predict, the Open "
+                              "Inference Protocol (KServe v2) under /v2, and MLflow's scoring protocol "
+                              "(/invocations, /ping, /version).")
+    model_name = predictor.metadata.get("registered_model") or "softmax-mlops"
 
     @app.exception_handler(BadRequest)
-    async def _bad_request(_: Request, exc: BadRequest) -> JSONResponse:
+    async def _bad_request(request: Request, exc: BadRequest) -> JSONResponse:
+        if request.url.path == "/invocations":  # MLflow's error shape; it answers bad input with 400
+            status = exc.status if exc.status in (408, 413, 415) else 400
+            return JSONResponse({"error_code": "BAD_REQUEST", "message": exc.message}, status_code=status)
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
@@ -167,6 +159,25 @@ def create_app(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> Fas
     async def _client_gone(request: Request, _: ClientGone) -> JSONResponse:
         log.info("client %s disconnected before sending its whole request", request.client)
         return JSONResponse({"error": "client disconnected"}, status_code=400)
+
+    async def run_model(images: np.ndarray) -> dict[str, np.ndarray]:
+        """Both outputs, in a worker thread, within the time limit (else 503: the server's limit, not the
+        client's input)."""
+        try:
+            results = await asyncio.wait_for(run_in_threadpool(predictor.run, images), timeout=limits.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise InferenceTimeout(f"inference took longer than {limits.request_timeout_s} s") from None
+        return dict(zip(OUTPUT_NAMES, results))
+
+    @app.exception_handler(InferenceTimeout)
+    async def _timeout(_: Request, exc: InferenceTimeout) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=503)
+
+    async def body_of(request: Request, *allowed: str) -> bytes:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type and content_type not in allowed:
+            raise BadRequest(415, f"unsupported content type {content_type!r}: send {' or '.join(allowed)}")
+        return await _read_body(request, limits.max_body_bytes, limits.read_timeout_s)
 
     @app.get("/health")
     async def health() -> dict:
@@ -181,12 +192,61 @@ def create_app(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> Fas
                          for code, text in ERRORS.items()})
     async def predict(request: Request) -> dict:
         images = await _images_from(request, limits)
-        try:
-            ids, probabilities = await asyncio.wait_for(
-                run_in_threadpool(predictor.top_k, images, top_k), timeout=limits.request_timeout_s)
-        except asyncio.TimeoutError:
-            return JSONResponse({"error": f"inference took longer than {limits.request_timeout_s} s"}, status_code=503)
-        return {"predictions": predictor.describe(ids, probabilities)}
+        probabilities = (await run_model(images))["probabilities"]
+        return {"predictions": predictor.describe(*predictor.top_k_of(probabilities, top_k))}
+
+    # --- Open Inference Protocol (KServe v2 REST) ---
+    def known(name: str) -> None:
+        if name != model_name:
+            raise BadRequest(404, f"unknown model {name!r}: this server has {model_name!r}")
+
+    @app.get("/v2")
+    async def v2_server() -> dict:
+        return {"name": "softmax-mlops", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/health/live")
+    async def v2_live() -> dict:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def v2_ready() -> dict:
+        return {"ready": True}  # the model is loaded before the server starts listening
+
+    @app.get("/v2/models/{name}")
+    async def v2_model(name: str) -> dict:
+        known(name)
+        return protocols.v2_model_metadata(model_name)
+
+    @app.get("/v2/models/{name}/ready")
+    async def v2_model_ready(name: str) -> dict:
+        known(name)
+        return {"name": model_name, "ready": True}
+
+    @app.post("/v2/models/{name}/infer")
+    async def v2_infer(name: str, request: Request) -> Response:
+        known(name)
+        body = await body_of(request, "application/json", "application/octet-stream")
+        parsed = await run_in_threadpool(protocols.parse_v2, body, request.headers.get(HEADER_LENGTH),
+                                         limits.max_instances)
+        content, headers = protocols.encode_v2(model_name, parsed, await run_model(parsed.images))
+        return Response(content, headers=headers)
+
+    # --- MLflow scoring protocol (mlflow models serve) ---
+    @app.get("/ping")
+    async def ping() -> Response:
+        return Response("\n", media_type="application/json")
+
+    @app.get("/version")
+    async def version() -> Response:
+        from importlib.metadata import version as installed
+
+        return Response(installed("mlflow-skinny"), media_type="text/plain")
+
+    @app.post("/invocations")
+    async def invocations(request: Request) -> dict:
+        body = await body_of(request, "application/json")
+        images = await run_in_threadpool(protocols.parse_mlflow, body, limits.max_instances)
+        return protocols.encode_mlflow(await run_model(images))
 
     return app
 

@@ -1,0 +1,225 @@
+"""The two inference protocols other clients already speak, over the same model and the same limits as /predict.
+
+- The **Open Inference Protocol** (KServe v2, REST), spoken by Triton, Seldon MLServer, KServe and OpenVINO
+  Model Server clients: tensors as JSON (`data` flat or nested), or in the binary tensor extension that
+  `tritonclient` uses by default (a JSON header of `Inference-Header-Content-Length` bytes, then raw tensors).
+- **MLflow's scoring protocol** (`mlflow models serve`): `{"inputs": ...}` or `{"instances": ...}` in,
+  `{"predictions": {"logits": ..., "probabilities": ...}}` out, and MLflow's own error shape, as MLflow 3.17's
+  server answers for the registered ONNX model.
+
+Only parsing and encoding live here; server.py routes requests and runs the model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .inference import OUTPUT_NAMES
+
+# KServe v2 datatypes a pixel array may arrive in; every value must still be an integer in 0..255
+V2_DTYPES = {"UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64, "INT8": np.int8,
+             "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "FP64": np.float64}
+HEADER_LENGTH = "inference-header-content-length"
+
+
+class ProtocolError(Exception):
+    """Bad input: the status to answer and a message that says what was wrong."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def load_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(400, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError(400, "malformed JSON: nested too deeply") from None
+
+
+def as_array(values: Any, what: str) -> np.ndarray:
+    try:
+        array = np.asarray(values)
+    except (ValueError, OverflowError, TypeError, RecursionError):
+        raise ProtocolError(422, f"{what} must be a rectangular array of integers (rows of unequal length)") from None
+    if array.dtype.kind not in "iuf":
+        raise ProtocolError(422, f"{what}: pixel values must be numbers (integers 0..255)")
+    return array
+
+
+def check_pixels(array: np.ndarray, max_instances: int, flat_ok: bool = True) -> np.ndarray:
+    """[N, 28, 28] (or [N, 784] when ``flat_ok``) integers in 0..255, at most ``max_instances``: as uint8."""
+    if array.ndim >= 1 and len(array) > max_instances:
+        raise ProtocolError(413, f"{len(array)} images is over the limit of {max_instances} per request")
+    if flat_ok and array.shape[1:] == (784,):
+        array = array.reshape(-1, 28, 28)
+    if array.ndim != 3 or array.shape[1:] != (28, 28) or not len(array):
+        shapes = "[N, 28, 28] or [N, 784]" if flat_ok else "[N, 28, 28]"
+        raise ProtocolError(422, f"images must have shape {shapes} with N >= 1; got {list(array.shape)}")
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise ProtocolError(422, "pixel values must be finite integers; found NaN or infinity")
+        if (array != np.round(array)).any():
+            raise ProtocolError(422, "pixel values must be integers 0..255; found fractions")
+    if array.min() < 0 or array.max() > 255:
+        raise ProtocolError(422, f"pixel values must be in 0..255; found {array.min()}..{array.max()}")
+    return array.astype(np.uint8, copy=False)
+
+
+# --- Open Inference Protocol (KServe v2) -------------------------------------------------------------------------
+
+@dataclass
+class V2Request:
+    images: np.ndarray
+    outputs: dict[str, bool]            # requested output -> as binary data
+    id: str | None = None
+    parameters: dict = field(default_factory=dict)
+
+
+def _binary_flag(parameters: Any, key: str, default: bool) -> bool:
+    value = parameters.get(key, default) if isinstance(parameters, dict) else default
+    if not isinstance(value, bool):
+        raise ProtocolError(400, f"parameter {key!r} must be true or false")
+    return value
+
+
+def parse_v2(body: bytes, header_length: str | None, max_instances: int) -> V2Request:
+    """An inference request with one input, ``image``, as JSON data or as a binary tensor."""
+    binary = b""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise ProtocolError(400, f"Inference-Header-Content-Length {header_length!r} does not fit a "
+                                     f"{len(body)}-byte body")
+        body, binary = body[:int(header_length)], body[int(header_length):]
+    request = load_json(body)
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        raise ProtocolError(400, 'expected a JSON object with "inputs": [{"name": "image", ...}]')
+    if len(request["inputs"]) != 1 or not isinstance(request["inputs"][0], dict) \
+            or request["inputs"][0].get("name") != "image":
+        raise ProtocolError(400, 'this model has one input, "image" (UINT8 [-1, 28, 28])')
+    tensor = request["inputs"][0]
+    datatype, shape = tensor.get("datatype"), tensor.get("shape")
+    if datatype not in V2_DTYPES:
+        raise ProtocolError(400, f"input datatype {datatype!r} is not supported: send UINT8 (or another integer or "
+                                 "FP type holding integers 0..255)")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                               for d in shape):
+        raise ProtocolError(400, f"input shape must be a list of non-negative integers, got {shape!r}")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if shape and shape[0] > max_instances:
+        raise ProtocolError(413, f"{shape[0]} images is over the limit of {max_instances} per request")
+    size = _binary_size(tensor.get("parameters"))
+    if size is not None:
+        if size != len(binary) or size != count * np.dtype(V2_DTYPES[datatype]).itemsize:
+            raise ProtocolError(400, f"binary input of {len(binary)} bytes (binary_data_size {size}) does not hold "
+                                     f"{datatype} {shape}")
+        array = np.frombuffer(binary, dtype=np.dtype(V2_DTYPES[datatype]).newbyteorder("<"))
+    else:
+        if binary:
+            raise ProtocolError(400, "binary data after the header, but no input declares binary_data_size")
+        if "data" not in tensor:
+            raise ProtocolError(400, 'input "image" has no "data"')
+        array = as_array(tensor["data"], 'input "image" data')
+        if array.size != count:
+            raise ProtocolError(400, f"input data holds {array.size} values, shape {shape} needs {count}")
+    images = check_pixels(array.reshape(shape), max_instances)
+    return V2Request(images, _requested_outputs(request), _request_id(request), request.get("parameters") or {})
+
+
+def _binary_size(parameters: Any) -> int | None:
+    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise ProtocolError(400, f"binary_data_size must be a non-negative integer, got {size!r}")
+    return size
+
+
+def _request_id(request: dict) -> str | None:
+    rid = request.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise ProtocolError(400, '"id" must be a string')
+    return rid
+
+
+def _requested_outputs(request: dict) -> dict[str, bool]:
+    default_binary = _binary_flag(request.get("parameters"), "binary_data_output", False)
+    outputs = request.get("outputs")
+    if outputs is None:
+        return dict.fromkeys(OUTPUT_NAMES, default_binary)
+    if not isinstance(outputs, list) or not outputs or not all(isinstance(o, dict) for o in outputs):
+        raise ProtocolError(400, '"outputs" must be a non-empty list of {"name": ...}')
+    chosen = {}
+    for output in outputs:
+        if output.get("name") not in OUTPUT_NAMES:
+            raise ProtocolError(400, f"unknown output {output.get('name')!r}: this model has {', '.join(OUTPUT_NAMES)}")
+        if isinstance(output.get("parameters"), dict) and output["parameters"].get("classification"):
+            raise ProtocolError(400, "the classification extension is not supported: ask for probabilities")
+        chosen[output["name"]] = _binary_flag(output.get("parameters"), "binary_data", default_binary)
+    return chosen
+
+
+def encode_v2(model_name: str, request: V2Request, results: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
+    """The response body and headers: JSON, with binary outputs appended after the JSON header if asked for."""
+    outputs, buffers = [], []
+    for name, as_binary in request.outputs.items():
+        array = np.ascontiguousarray(results[name], dtype="<f4")
+        output: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
+        if as_binary:
+            buffers.append(array.tobytes())
+            output["parameters"] = {"binary_data_size": len(buffers[-1])}
+        else:
+            output["data"] = array.ravel().tolist()
+        outputs.append(output)
+    response: dict[str, Any] = {"model_name": model_name, "outputs": outputs}
+    if request.id is not None:
+        response["id"] = request.id
+    header = json.dumps(response).encode()
+    if not buffers:
+        return header, {"content-type": "application/json"}
+    return header + b"".join(buffers), {"content-type": "application/octet-stream",
+                                        "inference-header-content-length": str(len(header))}
+
+
+def v2_model_metadata(model_name: str) -> dict:
+    return {"name": model_name, "versions": [], "platform": "onnxruntime_onnx",
+            "inputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, 28, 28]}],
+            "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, 10]} for name in OUTPUT_NAMES]}
+
+
+# --- MLflow scoring protocol -------------------------------------------------------------------------------------
+
+MLFLOW_FORMATS = ("dataframe_split", "dataframe_records", "inputs", "instances")
+
+
+def parse_mlflow(body: bytes, max_instances: int) -> np.ndarray:
+    """What `mlflow models serve` takes for this model's tensor signature (``image``: uint8 [-1, 28, 28]):
+    ``{"inputs": images}``, ``{"inputs": {"image": images}}``, ``{"instances": images}`` or
+    ``{"instances": [{"image": image}, ...]}``. MLflow refuses [N, 784], and so does this."""
+    payload = load_json(body)
+    keys = [k for k in MLFLOW_FORMATS if isinstance(payload, dict) and k in payload]
+    if len(keys) != 1:
+        found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
+        raise ProtocolError(400, f"The input must be a JSON dictionary with exactly one of the input fields "
+                                 f"{set(MLFLOW_FORMATS)}. Received: {found}.")
+    key, value = keys[0], payload[keys[0]]
+    if key.startswith("dataframe"):
+        raise ProtocolError(400, f"{key} does not fit this model's tensor input 'image' (uint8 [-1, 28, 28]): "
+                                 "send {\"inputs\": [[28 rows of 28 pixels], ...]}")
+    if key == "inputs" and isinstance(value, dict):
+        if set(value) != {"image"}:
+            raise ProtocolError(400, f"inputs must name the one input 'image', got {sorted(value)}")
+        value = value["image"]
+    elif key == "instances" and isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        if any(set(v) != {"image"} for v in value):
+            raise ProtocolError(400, "each instance must hold the one input 'image'")
+        value = [v["image"] for v in value]
+    return check_pixels(as_array(value, key), max_instances, flat_ok=False)
+
+
+def encode_mlflow(results: dict[str, np.ndarray]) -> dict:
+    return {"predictions": {name: results[name].tolist() for name in OUTPUT_NAMES}}
