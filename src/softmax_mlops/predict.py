@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from tqdm import tqdm
 
@@ -43,6 +46,15 @@ def refuse_overwriting_input(input_path: Path, output: Path) -> None:
                             f"{input_path}; choose another --output")
 
 
+CSV_HEADER = ("id", "class_id", "class_name", "probability", "top_k")
+
+
+def csv_rows(ids, top_ids: np.ndarray, top_probs: np.ndarray, names: list[str]) -> Iterator[tuple]:  # noqa: ANN001
+    """One CSV row per image: id, top class id and name, its probability, and the top-k as name:probability."""
+    for i, row, p in zip(ids, top_ids.tolist(), top_probs.tolist()):
+        yield i, row[0], names[row[0]], f"{p[0]:.6f}", ";".join(f"{names[c]}:{q:.6f}" for c, q in zip(row, p))
+
+
 @dataclass(frozen=True)
 class Result:
     images: int
@@ -68,16 +80,14 @@ def run(input_path: Path, output: Path, predictor: Predictor, batch_size: int, t
             tqdm(total=source.count, unit="img", unit_scale=True, desc="predict", disable=not progress) as bar:
         writer = csv.writer(fh, lineterminator="\n") if fmt == "csv" else None
         if writer:
-            writer.writerow(["id", "class_id", "class_name", "probability", "top_k"])
+            writer.writerow(CSV_HEADER)
         for ids, images in source.batches:
             probabilities = predictor.run(images)[1]
             top_ids, top_probs = predictor.top_k_of(probabilities, top_k)
             if collector:
                 collector.add(images, probabilities)
             if writer:
-                writer.writerows(
-                    (i, row[0], names[row[0]], f"{p[0]:.6f}", ";".join(f"{names[c]}:{q:.6f}" for c, q in zip(row, p)))
-                    for i, row, p in zip(ids, top_ids.tolist(), top_probs.tolist()))
+                writer.writerows(csv_rows(ids, top_ids, top_probs, names))
             else:
                 for i, item in zip(ids, predictor.describe(top_ids, top_probs)):
                     fh.write(json.dumps({"id": i if isinstance(i, str) else int(i), **item}) + "\n")
