@@ -6,9 +6,7 @@ partial file where a complete one is expected.
 
 from __future__ import annotations
 
-import csv
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,12 +45,31 @@ def refuse_overwriting_input(input_path: Path, output: Path) -> None:
 
 
 CSV_HEADER = ("id", "class_id", "class_name", "probability", "top_k")
+CSV_SPECIAL = (",", '"', "\n")  # what Python 3.11's csv module quotes for, with lineterminator "\n"
 
 
-def csv_rows(ids, top_ids: np.ndarray, top_probs: np.ndarray, names: list[str]) -> Iterator[tuple]:  # noqa: ANN001
-    """One CSV row per image: id, top class id and name, its probability, and the top-k as name:probability."""
-    for i, row, p in zip(ids, top_ids.tolist(), top_probs.tolist()):
-        yield i, row[0], names[row[0]], f"{p[0]:.6f}", ";".join(f"{names[c]}:{q:.6f}" for c, q in zip(row, p))
+def _field(value: str) -> str:
+    """A CSV field as the csv module writes it (minimal quoting)."""
+    return f'"{value.replace(chr(34), 2 * chr(34))}"' if any(c in value for c in CSV_SPECIAL) else value
+
+
+def csv_text(ids, top_ids: np.ndarray, top_probs: np.ndarray, names: list[str]) -> str:  # noqa: ANN001
+    """One CSV row per image: id, top class id and name, its probability, and the top-k as name:probability.
+
+    Formatted a batch at a time with each probability formatted once, not through csv.writer row by row: this
+    is most of predict's time over a million images (4.7 s against 1.2 s of inference). The text is the csv
+    module's, quoting included (tests/unit/test_predict_cli.py compares the two)."""
+    k = top_ids.shape[1]
+    probabilities = [f"{p:.6f}" for p in top_probs.ravel().tolist()]
+    classes = top_ids.ravel().tolist()
+    labels = [f"{names[c]}:{p}" for c, p in zip(classes, probabilities)]
+    lines = []
+    for row, image_id in enumerate(ids.tolist() if isinstance(ids, np.ndarray) else ids):
+        first = row * k
+        image = _field(image_id) if isinstance(image_id, str) else str(image_id)
+        lines.append(f"{image},{classes[first]},{_field(names[classes[first]])},{probabilities[first]},"
+                     f"{_field(';'.join(labels[first:first + k]))}\n")
+    return "".join(lines)
 
 
 @dataclass(frozen=True)
@@ -78,16 +95,15 @@ def run(input_path: Path, output: Path, predictor: Predictor, batch_size: int, t
     written = 0
     with atomic_path(output) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh, \
             tqdm(total=source.count, unit="img", unit_scale=True, desc="predict", disable=not progress) as bar:
-        writer = csv.writer(fh, lineterminator="\n") if fmt == "csv" else None
-        if writer:
-            writer.writerow(CSV_HEADER)
+        if fmt == "csv":
+            fh.write(",".join(CSV_HEADER) + "\n")
         for ids, images in source.batches:
             probabilities = predictor.run(images)[1]
             top_ids, top_probs = predictor.top_k_of(probabilities, top_k)
             if collector:
                 collector.add(images, probabilities)
-            if writer:
-                writer.writerows(csv_rows(ids, top_ids, top_probs, names))
+            if fmt == "csv":
+                fh.write(csv_text(ids, top_ids, top_probs, names))
             else:
                 for i, item in zip(ids, predictor.describe(top_ids, top_probs)):
                     fh.write(json.dumps({"id": i if isinstance(i, str) else int(i), **item}) + "\n")

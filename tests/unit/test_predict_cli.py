@@ -72,3 +72,27 @@ def test_explicit_threads_reach_onnxruntime(onnx_model):
     from softmax_mlops.inference import Predictor
 
     assert Predictor(onnx_model[0], threads=1).session.get_session_options().intra_op_num_threads == 1
+
+
+@pytest.mark.parametrize("ids, names", [
+    (np.arange(5, 10), [f"class {i}" for i in range(10)]),
+    (["a.png", "dir, with comma/b.png", 'quote"d.png', "new\nline.png", "plain/c.png"],
+     ["t-shirt", "a,b", 'q"uote', "x\ry", *map(str, range(6))]),
+])
+def test_fast_csv_text_is_what_the_csv_module_writes(ids, names):
+    import csv
+    import io
+
+    from softmax_mlops.predict import csv_text
+
+    rng = np.random.default_rng(0)
+    probabilities = rng.dirichlet(np.ones(10), size=5).astype(np.float32)
+    probabilities[0, :] = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0]  # 1.000000 and 0.000000
+    top_ids = np.argsort(-probabilities, axis=1, kind="stable")[:, :3]
+    top_probs = np.take_along_axis(probabilities, top_ids, axis=1)
+    top_ids[1:, 0] = [1, 2, 3, 1]  # the names that need quoting, in the class_name column too
+    expected = io.StringIO()
+    csv.writer(expected, lineterminator="\n").writerows(
+        (i, row[0], names[row[0]], f"{p[0]:.6f}", ";".join(f"{names[c]}:{q:.6f}" for c, q in zip(row, p)))
+        for i, row, p in zip(ids if isinstance(ids, list) else ids.tolist(), top_ids.tolist(), top_probs.tolist()))
+    assert csv_text(ids, top_ids, top_probs, names) == expected.getvalue()
