@@ -189,10 +189,12 @@ class PredictConfig:
 class DriftConfig:
     alpha: float = 0.05     # level of each drift test (the per-class KS tests share it through Bonferroni)
     min_images: int = 200   # smaller batches are reported "not tested"
+    max_images: int = 100_000  # larger batches are KS-tested on a seeded uniform sample of this many
 
     def __post_init__(self) -> None:
-        if not 0 < self.alpha < 1 or self.min_images < 1:
-            raise PipelineError("drift.alpha must be between 0 and 1 and drift.min_images >= 1")
+        if not 0 < self.alpha < 1 or self.min_images < 1 or self.max_images < self.min_images:
+            raise PipelineError("drift.alpha must be between 0 and 1, drift.min_images >= 1 and "
+                                "drift.max_images >= drift.min_images")
 
 
 @dataclass(frozen=True)

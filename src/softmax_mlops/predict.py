@@ -6,7 +6,9 @@ partial file where a complete one is expected.
 
 from __future__ import annotations
 
+import importlib
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,12 +65,15 @@ def csv_text(ids, top_ids: np.ndarray, top_probs: np.ndarray, names: list[str]) 
     probabilities = [f"{p:.6f}" for p in top_probs.ravel().tolist()]
     classes = top_ids.ravel().tolist()
     labels = [f"{names[c]}:{p}" for c, p in zip(classes, probabilities)]
+    quoted_names = [_field(name) for name in names]
+    # a top-k field holds names, digits, ':' and ';': it needs quoting only if a class name does
+    top_k_field = _field if any(q != name for q, name in zip(quoted_names, names)) else str
     lines = []
     for row, image_id in enumerate(ids.tolist() if isinstance(ids, np.ndarray) else ids):
         first = row * k
         image = _field(image_id) if isinstance(image_id, str) else str(image_id)
-        lines.append(f"{image},{classes[first]},{_field(names[classes[first]])},{probabilities[first]},"
-                     f"{_field(';'.join(labels[first:first + k]))}\n")
+        lines.append(f"{image},{classes[first]},{quoted_names[classes[first]]},{probabilities[first]},"
+                     f"{top_k_field(';'.join(labels[first:first + k]))}\n")
     return "".join(lines)
 
 
@@ -89,7 +94,9 @@ def run(input_path: Path, output: Path, predictor: Predictor, batch_size: int, t
     if reference_path:
         refuse_overwriting_input(input_path, drift.report_path(output))
     reference = drift.load_reference(reference_path) if reference_path else None
-    collector = drift.Collector() if reference is not None else None
+    if reference is not None:  # scipy.stats takes 1.5 s to import: let it load while the batches run
+        threading.Thread(target=importlib.import_module, args=("scipy.stats",), daemon=True).start()
+    collector = drift.Collector(drift_cfg.max_images) if reference is not None and drift_cfg else None
     source = open_source(input_path, batch_size, skip_bad)
     names = predictor.class_names
     written = 0

@@ -45,3 +45,30 @@ def test_the_reference_is_byte_reproducible(tmp_path):
     drift.save_reference(tmp_path / "a.npz", probabilities, images)
     drift.save_reference(tmp_path / "b.npz", probabilities, images)
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+
+
+def test_a_long_batch_is_ks_tested_on_a_bounded_seeded_uniform_sample():
+    """Past `capacity` images the collector keeps a reservoir sample: memory stays fixed, the class histogram
+    still counts every image, the same input gives the same report, and the sample is uniform over the batch
+    (a shift in its second half shows up in about half of the sample)."""
+    rng = np.random.default_rng(4)
+    probabilities, images = reference(rng, 3000)
+    ref = {"probabilities": probabilities, "intensity": drift.intensity(images)}
+    batch_p, batch_images = reference(np.random.default_rng(5), 5000)
+    batch_images[2500:] = 255  # the second half is white
+
+    def collect() -> drift.Collector:
+        collector = drift.Collector(capacity=1000, seed=0)
+        for start in range(0, 5000, 700):
+            collector.add(batch_images[start:start + 700], batch_p[start:start + 700])
+        return collector
+
+    collector = collect()
+    assert collector.probabilities.shape == (1000, 10) and collector.seen == 5000
+    report = collector.report(ref, alpha=0.05, min_images=100)
+    assert report["images"] == 5000 and report["tested_images"] == 1000
+    assert sum(report["tests"]["chi2_predicted_class"]["batch_counts"]) == 5000
+    assert report == collect().report(ref, alpha=0.05, min_images=100)
+    white = (collector.intensities == 1.0).mean()
+    assert 0.42 < white < 0.58, white
+    assert report["tests"]["ks_mean_intensity"]["drift"]
