@@ -41,6 +41,7 @@ bench: setup
 	python benchmarks/train_speed.py
 	python benchmarks/pipeline_time.py
 	python benchmarks/inference_speed.py
+	python benchmarks/vs_mlflow.py
 
 # Refresh the lock from the current venv after changing dependencies in pyproject.toml.
 lock: setup
