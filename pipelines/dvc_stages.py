@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from softmax_mlops.cli import ERROR_FILE_ENV
+from softmax_mlops.errors import ERROR_FILE_ENV
 
 
 class StageFailed(RuntimeError):

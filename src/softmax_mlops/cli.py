@@ -1,6 +1,8 @@
 """`softmax-mlops`: one command per DVC stage, plus the tools users run by hand.
 
-dvc.yaml calls these commands, so running a stage by hand and through `dvc repro` is the same code. Expected
+dvc.yaml calls these commands, so running a stage by hand and through `dvc repro` is the same code. The
+`pipeline` command, which runs them as a Prefect flow, is added by pipelines.cli (the console script's entry
+point): the package never imports the orchestration layer above it. Expected
 failures (PipelineError, and a tracking server or disk that fails) print one line and exit 1; Ctrl-C and
 SIGTERM print "interrupted" and exit 130; either way a stage takes back the outputs it wrote. Heavy imports
 wait until a command needs them, so `--help` stays fast.
@@ -16,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import PipelineError
+from .errors import ERROR_FILE_ENV, PipelineError
 
 app = typer.Typer(
     help="Softmax regression on Fashion-MNIST: the pipeline stages (normally run by `dvc repro`) and tools.",
@@ -38,6 +40,11 @@ def _options(
 ) -> None:
     global _project
     _project = project
+
+
+def project_dir() -> Path:
+    """The project root given with --project (default: the working directory)."""
+    return (_project or Path(".")).resolve()
 
 
 def _config(standalone: bool = False):
@@ -199,33 +206,6 @@ def serve(
     server.serve(predictor, limits, cfg.predict.top_k)
 
 
-@app.command()
-def pipeline(
-    impl: Annotated[list[Impl] | None, typer.Option(help="Implementation(s) to run; repeat for both. Default: impls in params.yaml.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", "-S", help="Override a param, DVC style (train.lr=0.05); "
-                                                   "repeatable. Runs as a DVC experiment; params.yaml is untouched.")] = None,
-    name: Annotated[str | None, typer.Option(help="Name of the DVC experiment (with --set).")] = None,
-) -> None:
-    """Run the training pipeline as a Prefect flow, one task per DVC stage. Without a Prefect server configured
-    (PREFECT_API_URL) it uses Prefect's ephemeral mode; nothing to start first."""
-    from pipelines.dvc_stages import StageFailed
-    from pipelines.flows import training_pipeline
-
-    root = str((_project or Path(".")).resolve())
-    try:
-        result = training_pipeline(impls=[i.value for i in impl or []] or None, overrides=set_ or [],
-                                   experiment_name=name, project_dir=root)
-    except StageFailed as exc:
-        raise PipelineError(f"pipeline stage {exc}") from None
-    for impl_name, metrics in result["impls"].items():
-        typer.echo(f"{impl_name}: test accuracy {metrics['test_accuracy']:.4f}  {metrics['mlflow_run_url']}")
-    if result["experiment"]:
-        typer.echo(f"DVC experiment: {result['experiment']} (dvc exp show)")
-
-
-ERROR_FILE_ENV = "SOFTMAX_MLOPS_ERROR_FILE"
-
-
 def _fail(message: str) -> None:
     typer.echo(f"softmax-mlops: error: {message}", err=True)
     if error_file := os.environ.get(ERROR_FILE_ENV):  # lets an orchestrator report the one-line reason
@@ -245,7 +225,9 @@ def _outside_failure(exc: Exception) -> str | None:
     return None
 
 
-def main() -> None:
+def main(application: typer.Typer = app) -> None:
+    """Run ``application`` (this app, or one that adds commands to it, as pipelines.cli does) with the
+    failure handling above."""
     from .atomic import all_or_nothing
     from .lifecycle import Interrupted, follow_stage_runner, interrupt_on_signals
 
@@ -253,7 +235,7 @@ def main() -> None:
     follow_stage_runner()
     try:
         with all_or_nothing():  # a failed or interrupted command takes back the outputs it wrote
-            app()
+            application()
     except PipelineError as exc:
         _fail(str(exc))
     except (Interrupted, KeyboardInterrupt) as exc:

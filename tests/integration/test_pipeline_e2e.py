@@ -337,7 +337,7 @@ def _imported(repo: Path, *command: str) -> set[str]:
               "atexit.register(lambda: print(json.dumps(sorted(m for m in sys.modules "
               "if m.split('.')[0] in ('softmax_mlops', 'pipelines')))))\n"
               f"sys.argv = ['softmax-mlops', *{list(command)!r}]\n"
-              "from softmax_mlops.cli import main\nmain()\n")
+              "from pipelines.cli import main\nmain()\n")
     result = run_tool("python", "-c", script, cwd=repo)
     assert result.returncode == 0, result.stderr[-2000:]
     return set(json.loads(result.stdout.strip().splitlines()[-1]))

@@ -1,0 +1,48 @@
+"""The whole `softmax-mlops` command line: the package's commands (softmax_mlops.cli) plus `pipeline`, which
+runs them as a Prefect flow.
+
+It lives here, in the orchestration layer, so that imports run one way: pipelines depends on softmax_mlops,
+never the reverse (tests/unit/test_layers.py). Prefect is imported only when `pipeline` runs, so the serving
+image, which has no Prefect, runs every other command through this same entry point.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from softmax_mlops.cli import Impl, app, project_dir
+from softmax_mlops.cli import main as run_app
+from softmax_mlops.errors import PipelineError
+
+
+@app.command()
+def pipeline(
+    impl: Annotated[list[Impl] | None, typer.Option(help="Implementation(s) to run; repeat for both. Default: impls in params.yaml.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-S", help="Override a param, DVC style (train.lr=0.05); "
+                                                   "repeatable. Runs as a DVC experiment; params.yaml is untouched.")] = None,
+    name: Annotated[str | None, typer.Option(help="Name of the DVC experiment (with --set).")] = None,
+) -> None:
+    """Run the training pipeline as a Prefect flow, one task per DVC stage. Without a Prefect server configured
+    (PREFECT_API_URL) it uses Prefect's ephemeral mode; nothing to start first."""
+    from .dvc_stages import StageFailed
+    from .flows import training_pipeline
+
+    try:
+        result = training_pipeline(impls=[i.value for i in impl or []] or None, overrides=set_ or [],
+                                   experiment_name=name, project_dir=str(project_dir()))
+    except StageFailed as exc:
+        raise PipelineError(f"pipeline stage {exc}") from None
+    for impl_name, metrics in result["impls"].items():
+        typer.echo(f"{impl_name}: test accuracy {metrics['test_accuracy']:.4f}  {metrics['mlflow_run_url']}")
+    if result["experiment"]:
+        typer.echo(f"DVC experiment: {result['experiment']} (dvc exp show)")
+
+
+def main() -> None:
+    run_app(app)
+
+
+if __name__ == "__main__":
+    main()
