@@ -1,6 +1,7 @@
 # The two entry points the README opens with. Both work on a fresh machine with Python 3.11:
 #   make run    create .venv, install from requirements.lock, run the whole pipeline (dvc repro)
 #   make test   the same setup, then the test suite (unit tests and real-data integration tests)
+#   make lint   ruff check, ruff format --check and mypy, all with zero findings
 #   make stack-test   build the images and test docker/compose.yaml as containers (Docker, or podman)
 #   make plots  `dvc plots show`, offline
 PYTHON ?= python3
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed-stamp
 # DVC runs each stage's `cmd` through the shell: the venv's console scripts must be on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test stack-test plots bench lock clean
+.PHONY: setup run test lint stack-test plots bench lock clean
 
 setup: $(STAMP)
 
@@ -24,6 +25,12 @@ run: setup
 
 test: setup
 	pytest $(PYTEST_ARGS)
+
+# ruff (lint and format, rules in pyproject.toml) and mypy on src/ and pipelines/: zero findings, or it fails.
+lint: setup
+	ruff check .
+	ruff format --check .
+	mypy
 
 stack-test: setup
 	python docker/stack_test.py

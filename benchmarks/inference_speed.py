@@ -51,8 +51,10 @@ def ort_vs_torch(cfg: config.Config, impl: str, images: np.ndarray) -> None:
     with torch.no_grad():
         torch_s = median_seconds(lambda: module(tensor))
     ort_s = median_seconds(lambda: predictor.run(images))
-    print(f"10,000 test images : onnxruntime {ort_s * 1e3:6.2f} ms, torch eager {torch_s * 1e3:6.2f} ms "
-          f"-> onnxruntime {torch_s / ort_s:.1f}x faster")
+    print(
+        f"10,000 test images : onnxruntime {ort_s * 1e3:6.2f} ms, torch eager {torch_s * 1e3:6.2f} ms "
+        f"-> onnxruntime {torch_s / ort_s:.1f}x faster"
+    )
 
 
 def predict_throughput(cfg: config.Config, impl: str, images: np.ndarray, count: int) -> None:
@@ -60,13 +62,16 @@ def predict_throughput(cfg: config.Config, impl: str, images: np.ndarray, count:
         npy = Path(tmp) / "images.npy"
         big = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(count, 28, 28))
         for start in range(0, count, len(images)):
-            big[start:start + len(images)] = images[:count - start]
+            big[start : start + len(images)] = images[: count - start]
         big.flush()
         del big
         start = time.perf_counter()
-        child = subprocess.Popen(["softmax-mlops", "predict", str(npy), "-o", str(Path(tmp) / "out.csv"),
-                                  "-m", str(cfg.paths.onnx(impl))], cwd=cfg.root,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        child = subprocess.Popen(
+            ["softmax-mlops", "predict", str(npy), "-o", str(Path(tmp) / "out.csv"), "-m", str(cfg.paths.onnx(impl))],
+            cwd=cfg.root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         peak_mb = 0.0
         while child.poll() is None:
             peak_mb = max(peak_mb, _high_water_mb(child.pid))
@@ -75,8 +80,10 @@ def predict_throughput(cfg: config.Config, impl: str, images: np.ndarray, count:
         if child.returncode:
             raise SystemExit("predict failed")
         size_mb = npy.stat().st_size / 2**20
-    print(f"predict from .npy  : {count:,} images in {seconds:.2f} s = {count / seconds:,.0f} images/s "
-          f"(goal >= 100,000); peak RSS {peak_mb:.0f} MB for a {size_mb:.0f} MB input")
+    print(
+        f"predict from .npy  : {count:,} images in {seconds:.2f} s = {count / seconds:,.0f} images/s "
+        f"(goal >= 100,000); peak RSS {peak_mb:.0f} MB for a {size_mb:.0f} MB input"
+    )
 
 
 def _high_water_mb(pid: int) -> float:
@@ -126,8 +133,12 @@ def http_load(cfg: config.Config, impl: str, images: np.ndarray, requests: int, 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen(["softmax-mlops", "serve", "-m", str(cfg.paths.onnx(impl)), "--port", str(port)],
-                              cwd=cfg.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        ["softmax-mlops", "serve", "-m", str(cfg.paths.onnx(impl)), "--port", str(port)],
+        cwd=cfg.root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         for _ in range(300):
@@ -144,8 +155,10 @@ def http_load(cfg: config.Config, impl: str, images: np.ndarray, requests: int, 
         server.terminate()
         server.wait()
     q = statistics.quantiles(latencies, n=100)
-    print(f"HTTP /predict      : {requests} requests, concurrency {concurrency}: {requests / seconds:,.0f} req/s, "
-          f"p50 {q[49] * 1e3:.1f} ms, p99 {q[98] * 1e3:.1f} ms (goal <= 20 ms), errors {errors}")
+    print(
+        f"HTTP /predict      : {requests} requests, concurrency {concurrency}: {requests / seconds:,.0f} req/s, "
+        f"p50 {q[49] * 1e3:.1f} ms, p99 {q[98] * 1e3:.1f} ms (goal <= 20 ms), errors {errors}"
+    )
 
 
 def main() -> None:

@@ -57,7 +57,9 @@ def fixed_costs() -> dict[str, float]:
         "softmax-mlops --help": timed(["softmax-mlops", "--help"], REPO),
         "import torch": timed([python, "-c", "import torch"], REPO),
         "import mlflow": timed([python, "-c", "import mlflow"], REPO),
-        "import torch, mlflow, matplotlib.pyplot": timed([python, "-c", "import torch, mlflow, matplotlib.pyplot"], REPO),
+        "import torch, mlflow, matplotlib.pyplot": timed(
+            [python, "-c", "import torch, mlflow, matplotlib.pyplot"], REPO
+        ),
     }
 
 

@@ -43,14 +43,18 @@ def main() -> None:
 
     print(f"{'':24}{'dvc repro':>12}{'Prefect flow':>14}{'ratio':>8}{'overhead':>11}")
     for label, t in (("clean clone", clean), ("everything cached", cached)):
-        print(f"{label:24}{t['dvc']:11.1f}s{t['prefect']:13.1f}s{t['prefect'] / t['dvc']:7.1f}x"
-              f"{t['prefect'] - t['dvc']:10.1f}s")
+        print(
+            f"{label:24}{t['dvc']:11.1f}s{t['prefect']:13.1f}s{t['prefect'] / t['dvc']:7.1f}x"
+            f"{t['prefect'] - t['dvc']:10.1f}s"
+        )
     stages = 8
     per_task = (cached["prefect"] - empty_flow_s - cached["dvc"]) / stages
-    print(f"\nwhere the cached overhead goes: import prefect {import_s:.1f}s (within the next figure); an empty flow "
-          f"in ephemeral mode (start/stop of the local API) {empty_flow_s:.1f}s; the rest, "
-          f"{cached['prefect'] - empty_flow_s - cached['dvc']:.1f}s, is about {per_task:.2f}s per stage task "
-          f"(task bookkeeping and opening the DVC repo per stage)")
+    print(
+        f"\nwhere the cached overhead goes: import prefect {import_s:.1f}s (within the next figure); an empty flow "
+        f"in ephemeral mode (start/stop of the local API) {empty_flow_s:.1f}s; the rest, "
+        f"{cached['prefect'] - empty_flow_s - cached['dvc']:.1f}s, is about {per_task:.2f}s per stage task "
+        f"(task bookkeeping and opening the DVC repo per stage)"
+    )
 
 
 if __name__ == "__main__":

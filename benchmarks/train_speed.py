@@ -40,8 +40,10 @@ def textbook_epoch(mirror: str, root: str) -> float:
     for X, y in train_iter:  # d2l train_epoch_ch3
         loss, Z = model.train_step(X.reshape(-1, 784), y, 0.1)
         loss_sum, correct, seen = loss_sum + loss * len(y), correct + (Z.argmax(1) == y).sum().item(), seen + len(y)
-    test_correct = sum((model.logits(X.reshape(-1, 784)).argmax(1) == y).sum().item()  # d2l evaluate_accuracy
-                       for X, y in test_iter)
+    test_correct = sum(
+        (model.logits(X.reshape(-1, 784)).argmax(1) == y).sum().item()  # d2l evaluate_accuracy
+        for X, y in test_iter
+    )
     assert seen == 60000 and test_correct > 0
     return time.perf_counter() - start
 

@@ -63,8 +63,9 @@ def start(cmd: list[str], cfg: config.Config, url: str) -> subprocess.Popen:
     raise SystemExit(f"{url} did not answer within 120 s")
 
 
-async def load(url: str, body: bytes, headers: dict, requests: int, seconds: float,
-               concurrency: int) -> tuple[float, float, float, int]:
+async def load(
+    url: str, body: bytes, headers: dict, requests: int, seconds: float, concurrency: int
+) -> tuple[float, float, float, int]:
     """Throughput (req/s), p50 and p99 (s) and errors, over at most ``requests`` requests or ``seconds``."""
     import aiohttp
 
@@ -100,19 +101,46 @@ async def load(url: str, body: bytes, headers: dict, requests: int, seconds: flo
 
 
 def v2_binary(images: np.ndarray) -> tuple[bytes, dict]:
-    header = json.dumps({"inputs": [{"name": "image", "shape": list(images.shape), "datatype": "UINT8",
-                                     "parameters": {"binary_data_size": images.nbytes}}],
-                         "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
-    return header + images.tobytes(), {"content-type": "application/octet-stream",
-                                       "inference-header-content-length": str(len(header))}
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": list(images.shape),
+                    "datatype": "UINT8",
+                    "parameters": {"binary_data_size": images.nbytes},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    return header + images.tobytes(), {
+        "content-type": "application/octet-stream",
+        "inference-header-content-length": str(len(header)),
+    }
 
 
 def http(cfg: config.Config, model: str, images: np.ndarray, requests: int, seconds: float) -> None:
     ours_url, theirs_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
     ours = start(["softmax-mlops", "serve", "-m", model, "--port", ours_url.rsplit(":", 1)[1]], cfg, ours_url)
     try:
-        theirs = start(["mlflow", "models", "serve", "-m", model, "--env-manager", "local", "--host", "127.0.0.1",
-                        "--port", theirs_url.rsplit(":", 1)[1]], cfg, theirs_url)
+        theirs = start(
+            [
+                "mlflow",
+                "models",
+                "serve",
+                "-m",
+                model,
+                "--env-manager",
+                "local",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                theirs_url.rsplit(":", 1)[1],
+            ],
+            cfg,
+            theirs_url,
+        )
     except BaseException:
         ours.terminate()
         raise
@@ -121,16 +149,23 @@ def http(cfg: config.Config, model: str, images: np.ndarray, requests: int, seco
     try:
         for batch, concurrency in ((1, 8), (64, 4)):
             body = json.dumps({"inputs": images[:batch].tolist()}).encode()
-            print(f"\n{batch} image(s) per request, concurrency {concurrency}, up to {requests} requests or {seconds:.0f} s")
+            print(
+                f"\n{batch} image(s) per request, concurrency {concurrency}, "
+                f"up to {requests} requests or {seconds:.0f} s"
+            )
             print(f"{'':42s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>6s}")
             runs = {
                 "mlflow models serve /invocations": (f"{theirs_url}/invocations", body, json_headers),
                 "softmax-mlops serve /invocations": (f"{ours_url}/invocations", body, json_headers),
-                "softmax-mlops serve /predict": (f"{ours_url}/predict",
-                                                 json.dumps({"instances": images[:batch].tolist()}).encode(),
-                                                 json_headers),
-                "softmax-mlops serve /v2 binary tensors": (f"{ours_url}/v2/models/{name}/infer",
-                                                           *v2_binary(images[:batch])),
+                "softmax-mlops serve /predict": (
+                    f"{ours_url}/predict",
+                    json.dumps({"instances": images[:batch].tolist()}).encode(),
+                    json_headers,
+                ),
+                "softmax-mlops serve /v2 binary tensors": (
+                    f"{ours_url}/v2/models/{name}/infer",
+                    *v2_binary(images[:batch]),
+                ),
             }
             results = {}
             for label, (url, data, headers) in runs.items():
@@ -140,8 +175,10 @@ def http(cfg: config.Config, model: str, images: np.ndarray, requests: int, seco
             base = results["mlflow models serve /invocations"]
             for label, (rate, _, p99, _) in results.items():
                 if not label.startswith("mlflow"):
-                    print(f"  {label}: {rate / base[0]:.2f}x MLflow's throughput, p99 {p99 / base[2]:.2f}x MLflow's "
-                          f"(goal >= 3x and <= 0.33x)")
+                    print(
+                        f"  {label}: {rate / base[0]:.2f}x MLflow's throughput, p99 {p99 / base[2]:.2f}x MLflow's "
+                        f"(goal >= 3x and <= 0.33x)"
+                    )
     finally:
         for proc in (ours, theirs):
             proc.terminate()
@@ -151,12 +188,12 @@ def http(cfg: config.Config, model: str, images: np.ndarray, requests: int, seco
 def batch(cfg: config.Config, model: str, images: np.ndarray, count: int) -> None:
     from softmax_mlops.inference import Predictor, resolve_model
 
-    batch_size, top_k = cfg.predict.batch_size, cfg.predict.top_k
+    batch_size = cfg.predict.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         npy = Path(tmp) / "images.npy"
         big = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(count, 28, 28))
         for begin in range(0, count, len(images)):
-            big[begin:begin + len(images)] = images[:count - begin]
+            big[begin : begin + len(images)] = images[: count - begin]
         big.flush()
         del big
 
@@ -165,23 +202,31 @@ def batch(cfg: config.Config, model: str, images: np.ndarray, count: int) -> Non
         predictor = Predictor(resolve_model(model, cfg.mlflow.tracking_uri))
         begin = time.perf_counter()
         for i in range(0, count, batch_size):
-            predictor.run(array[i:i + batch_size])
+            predictor.run(array[i : i + batch_size])
         bound = time.perf_counter() - begin
 
         # MLflow's own way, end to end in a process of its own as predict is: import mlflow, load the registered
         # model as a pyfunc, predict in batches, write the same CSV (with predict's own formatter)
         begin = time.perf_counter()
-        job = subprocess.run([sys.executable, __file__, "--pyfunc-job", str(npy), str(Path(tmp) / "pyfunc.csv"),
-                              model], cwd=cfg.root, capture_output=True, text=True,
-                             env=dict(os.environ, MLFLOW_TRACKING_URI=cfg.mlflow.tracking_uri))
+        job = subprocess.run(
+            [sys.executable, __file__, "--pyfunc-job", str(npy), str(Path(tmp) / "pyfunc.csv"), model],
+            cwd=cfg.root,
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, MLFLOW_TRACKING_URI=cfg.mlflow.tracking_uri),
+        )
         pyfunc_s = time.perf_counter() - begin
         if job.returncode:
             raise SystemExit(f"the pyfunc job failed: {job.stderr.strip().splitlines()[-1]}")
 
         begin = time.perf_counter()
-        result = subprocess.run(["softmax-mlops", "predict", str(npy), "-o", str(Path(tmp) / "predict.csv"),
-                                 "-m", model], cwd=cfg.root, capture_output=True, text=True,
-                                env=dict(os.environ, MLFLOW_TRACKING_URI=cfg.mlflow.tracking_uri))
+        result = subprocess.run(
+            ["softmax-mlops", "predict", str(npy), "-o", str(Path(tmp) / "predict.csv"), "-m", model],
+            cwd=cfg.root,
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, MLFLOW_TRACKING_URI=cfg.mlflow.tracking_uri),
+        )
         predict_s = time.perf_counter() - begin
         if result.returncode:
             raise SystemExit(f"predict failed: {result.stderr.strip().splitlines()[-1]}")
@@ -191,8 +236,10 @@ def batch(cfg: config.Config, model: str, images: np.ndarray, count: int) -> Non
     print(f"onnxruntime alone, in memory (bound)   : {bound:6.2f} s  {count / bound:12,.0f} images/s")
     print(f"mlflow.pyfunc job (import, load, CSV)   : {pyfunc_s:6.2f} s  {count / pyfunc_s:12,.0f} images/s")
     print(f"softmax-mlops predict, end to end       : {predict_s:6.2f} s  {count / predict_s:12,.0f} images/s")
-    print(f"predict / bound = {predict_s / bound:.2f} (goal <= 2); pyfunc / predict = {pyfunc_s / predict_s:.2f} "
-          f"(goal > 1); the two CSVs are {'identical' if same else 'DIFFERENT'}")
+    print(
+        f"predict / bound = {predict_s / bound:.2f} (goal <= 2); pyfunc / predict = {pyfunc_s / predict_s:.2f} "
+        f"(goal > 1); the two CSVs are {'identical' if same else 'DIFFERENT'}"
+    )
 
 
 def pyfunc_job(npy: str, out: str, model: str, batch_size: int, top_k: int) -> None:
@@ -208,9 +255,10 @@ def pyfunc_job(npy: str, out: str, model: str, batch_size: int, top_k: int) -> N
     with open(out, "w", newline="", encoding="utf-8") as fh:
         fh.write(",".join(CSV_HEADER) + "\n")
         for i in range(0, len(data), batch_size):
-            probabilities = pyfunc.predict(np.ascontiguousarray(data[i:i + batch_size]))["probabilities"]
-            fh.write(csv_text(range(i, i + len(probabilities)), *Predictor.top_k_of(probabilities, top_k),
-                              list(CLASS_NAMES)))
+            probabilities = pyfunc.predict(np.ascontiguousarray(data[i : i + batch_size]))["probabilities"]
+            fh.write(
+                csv_text(range(i, i + len(probabilities)), *Predictor.top_k_of(probabilities, top_k), list(CLASS_NAMES))
+            )
 
 
 def main() -> None:

@@ -65,8 +65,10 @@ class Engine:
         if name == "podman":
             if "CONTAINERS_CONF" not in self.env:  # runc and ulimits the sandboxes here allow
                 conf = workdir / "containers.conf"
-                conf.write_text('[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]\n'
-                                '[engine]\nruntime = "runc"\n[network]\nnetwork_backend = "netavark"\n')
+                conf.write_text(
+                    '[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]\n'
+                    '[engine]\nruntime = "runc"\n[network]\nnetwork_backend = "netavark"\n'
+                )
                 self.env["CONTAINERS_CONF"] = str(conf)
             self.env["BUILDAH_FORMAT"] = "docker"  # keep HEALTHCHECK in the images (OCI format drops it)
             compose = shutil.which("podman-compose", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
@@ -77,10 +79,23 @@ class Engine:
             self.compose_cmd = ["docker", "compose"]
         self.compose_cmd += ["-p", PROJECT, *(a for f in files for a in ("-f", str(f)))]
 
-    def run(self, *args: str, check: bool = True, capture: bool = True, timeout: float | None = None,
-            stdin: bytes | None = None) -> subprocess.CompletedProcess:
-        proc = subprocess.run(args, env=self.env, cwd=ROOT, input=stdin, timeout=timeout,
-                              stdout=subprocess.PIPE if capture else None, stderr=subprocess.STDOUT if capture else None)
+    def run(
+        self,
+        *args: str,
+        check: bool = True,
+        capture: bool = True,
+        timeout: float | None = None,
+        stdin: bytes | None = None,
+    ) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            args,
+            env=self.env,
+            cwd=ROOT,
+            input=stdin,
+            timeout=timeout,
+            stdout=subprocess.PIPE if capture else None,
+            stderr=subprocess.STDOUT if capture else None,
+        )
         if check and proc.returncode != 0:
             tail = (proc.stdout or b"").decode(errors="replace").strip().splitlines()[-15:]
             print("\n".join(tail), file=sys.stderr)
@@ -91,8 +106,19 @@ class Engine:
         return self.run(*self.compose_cmd, *args, **kwargs)
 
     def container(self, service: str) -> str:
-        out = self.run(self.name, "ps", "-q", "--filter", f"label=com.docker.compose.project={PROJECT}",
-                       "--filter", f"label=com.docker.compose.service={service}").stdout.decode().split()
+        out = (
+            self.run(
+                self.name,
+                "ps",
+                "-q",
+                "--filter",
+                f"label=com.docker.compose.project={PROJECT}",
+                "--filter",
+                f"label=com.docker.compose.service={service}",
+            )
+            .stdout.decode()
+            .split()
+        )
         if not out:
             raise StackFailed(f"no running container for service {service}")
         return out[0]
@@ -130,8 +156,11 @@ def detect_engine(requested: str) -> str:
 
 def local_base(engine: Engine, workdir: Path) -> str:
     """A Debian base image made with debootstrap from this machine's apt mirror (docker.io is unreachable)."""
-    suite = next(line.split("=", 1)[1].strip() for line in Path("/etc/os-release").read_text().splitlines()
-                 if line.startswith("VERSION_CODENAME="))
+    suite = next(
+        line.split("=", 1)[1].strip()
+        for line in Path("/etc/os-release").read_text().splitlines()
+        if line.startswith("VERSION_CODENAME=")
+    )
     image = f"localhost/softmax-mlops-base:{suite}"
     if engine.run("podman", "image", "exists", image, check=False).returncode == 0:
         return image
@@ -228,18 +257,23 @@ def mlflow_state() -> dict:
     models = {m.name for m in client.search_registered_models()}
     champion = client.get_model_version_by_alias(MODELS[0], "champion") if MODELS[0] in models else None
     accuracy = client.get_run(champion.run_id).data.metrics.get("test_accuracy") if champion else None
-    return {"runs": sorted(r.info.run_id for r in runs), "finished": sum(r.info.status == "FINISHED" for r in runs),
-            "models": sorted(models), "champion": champion.version if champion else None, "accuracy": accuracy}
+    return {
+        "runs": sorted(r.info.run_id for r in runs),
+        "finished": sum(r.info.status == "FINISHED" for r in runs),
+        "models": sorted(models),
+        "champion": champion.version if champion else None,
+        "accuracy": accuracy,
+    }
 
 
 def served_accuracy(images: np.ndarray, labels: np.ndarray, batch: int = 200) -> float:
     correct = 0
     for start in range(0, len(images), batch):
-        status, body = http(f"{INFERENCE}/predict", {"instances": images[start:start + batch].tolist()}, 60)
+        status, body = http(f"{INFERENCE}/predict", {"instances": images[start : start + batch].tolist()}, 60)
         if status != 200:
             raise StackFailed(f"POST {INFERENCE}/predict answered {status}: {body[:200]!r}")
         predicted = [p["class_id"] for p in json.loads(body)["predictions"]]
-        correct += int(np.sum(np.array(predicted) == labels[start:start + batch]))
+        correct += int(np.sum(np.array(predicted) == labels[start : start + batch]))
     return correct / len(images)
 
 
@@ -256,8 +290,16 @@ def feed_inbox(engine: Engine, images: np.ndarray, labels: np.ndarray, workdir: 
 
 def check_volume_owners(engine: Engine) -> None:
     """Named volumes are writable by the images' user (uid 10001), as Docker seeds them from the image."""
-    owners = engine.exec("prefect-worker", "stat", "-c", "%u %n", "/app/.dvc/cache", "/app/data",
-                         "/app/data/incoming", "/app/predictions").split("\n")
+    owners = engine.exec(
+        "prefect-worker",
+        "stat",
+        "-c",
+        "%u %n",
+        "/app/.dvc/cache",
+        "/app/data",
+        "/app/data/incoming",
+        "/app/predictions",
+    ).split("\n")
     owners.append(engine.exec("mlflow", "stat", "-c", "%u %n", "/mlartifacts").strip())
     if wrong := [line for line in owners if line and not line.startswith("10001 ")]:
         raise StackFailed(f"volumes not owned by uid 10001: {wrong}")
@@ -270,7 +312,9 @@ def check_links(engine: Engine) -> None:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["training-metrics"])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["training-metrics"]))
+        )
     if not artifacts or f"]({MLFLOW}/#/experiments/" not in str(artifacts[0].data):
         raise StackFailed(f"the training-metrics artifact does not link to {MLFLOW}: {artifacts[:1]}")
     worker_log = engine.compose("logs", "prefect-worker").stdout.decode(errors="replace")
@@ -302,13 +346,27 @@ def csv_rows(text: str) -> Iterator[dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engine", choices=("auto", "docker", "podman"), default=os.environ.get("STACK_ENGINE", "auto"))
-    parser.add_argument("--standins", action=argparse.BooleanOptionalAction, default=None,
-                        help="local base image, PyPI torch and the PostgreSQL stand-in (default: with podman)")
-    parser.add_argument("--timeout", type=float, default=float(os.environ.get("STACK_TIMEOUT", "900")),
-                        help="bound, in seconds, on each wait (healthy services, each flow run)")
-    parser.add_argument("--keep-images", action="store_true", default=os.environ.get("KEEP_IMAGES") == "1",
-                        help="leave the built images (and the local base) for the next run")
+    parser.add_argument(
+        "--engine", choices=("auto", "docker", "podman"), default=os.environ.get("STACK_ENGINE", "auto")
+    )
+    parser.add_argument(
+        "--standins",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="local base image, PyPI torch and the PostgreSQL stand-in (default: with podman)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=float(os.environ.get("STACK_TIMEOUT", "900")),
+        help="bound, in seconds, on each wait (healthy services, each flow run)",
+    )
+    parser.add_argument(
+        "--keep-images",
+        action="store_true",
+        default=os.environ.get("KEEP_IMAGES") == "1",
+        help="leave the built images (and the local base) for the next run",
+    )
     args = parser.parse_args()
 
     mirror_env = os.environ.get("FASHION_MNIST_MIRROR")
@@ -362,8 +420,10 @@ def main() -> int:
                     raise StackFailed(f"training-pipeline/weekly-retrain ended {state}")
             with step("5. MLflow runs, registry, @champion"):
                 before = mlflow_state()
-                log(f"MLflow: {len(before['runs'])} runs, models {before['models']}, "
-                    f"@champion v{before['champion']} (test accuracy {before['accuracy']})")
+                log(
+                    f"MLflow: {len(before['runs'])} runs, models {before['models']}, "
+                    f"@champion v{before['champion']} (test accuracy {before['accuracy']})"
+                )
                 if before["finished"] < 2 or before["models"] != sorted(MODELS) or before["champion"] is None:
                     raise StackFailed(f"MLflow does not hold two finished runs, both models and @champion: {before}")
                 check_links(engine)
@@ -400,13 +460,19 @@ def main() -> int:
                 with get_client(sync_client=True) as client:
                     deployments = sorted(d.name for d in client.read_deployments())
                 cache_after = engine.exec("prefect-worker", "sh", "-c", "find /app/.dvc/cache -type f | wc -l").strip()
-                kept = {"runs": after["runs"] == before["runs"], "champion": after["champion"] == before["champion"],
-                        "deployments": deployments == ["nightly-batch-inference", "weekly-retrain"],
-                        "dvc cache": cache_after == cache_before and int(cache_after) > 0,
-                        "predictions": predictions_on_volume(engine) == predictions}
+                kept = {
+                    "runs": after["runs"] == before["runs"],
+                    "champion": after["champion"] == before["champion"],
+                    "deployments": deployments == ["nightly-batch-inference", "weekly-retrain"],
+                    "dvc cache": cache_after == cache_before and int(cache_after) > 0,
+                    "predictions": predictions_on_volume(engine) == predictions,
+                }
                 log(f"after restart: {kept} (DVC cache files {cache_after})")
-                restarts = engine.run(engine.name, "inspect", "--format", "{{.RestartCount}}",
-                                      engine.container("inference")).stdout.decode().strip()
+                restarts = (
+                    engine.run(engine.name, "inspect", "--format", "{{.RestartCount}}", engine.container("inference"))
+                    .stdout.decode()
+                    .strip()
+                )
                 kept["inference did not restart"] = restarts == "0"
                 if not all(kept.values()):
                     raise StackFailed(f"lost across down/up: {[k for k, v in kept.items() if not v]}")

@@ -19,9 +19,19 @@ from softmax_mlops.errors import PipelineError
 
 @app.command()
 def pipeline(
-    impl: Annotated[list[Impl] | None, typer.Option(help="Implementation(s) to run; repeat for both. Default: impls in params.yaml.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", "-S", help="Override a param, DVC style (train.lr=0.05); "
-                                                   "repeatable. Runs as a DVC experiment; params.yaml is untouched.")] = None,
+    impl: Annotated[
+        list[Impl] | None,
+        typer.Option(help="Implementation(s) to run; repeat for both. Default: impls in params.yaml."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-S",
+            help="Override a param, DVC style (train.lr=0.05); "
+            "repeatable. Runs as a DVC experiment; params.yaml is untouched.",
+        ),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Name of the DVC experiment (with --set).")] = None,
 ) -> None:
     """Run the training pipeline as a Prefect flow, one task per DVC stage. Without a Prefect server configured
@@ -30,8 +40,12 @@ def pipeline(
     from .flows import training_pipeline
 
     try:
-        result = training_pipeline(impls=[i.value for i in impl or []] or None, overrides=set_ or [],
-                                   experiment_name=name, project_dir=str(project_dir()))
+        result = training_pipeline(
+            impls=[i.value for i in impl or []] or None,
+            overrides=set_ or [],
+            experiment_name=name,
+            project_dir=str(project_dir()),
+        )
     except StageFailed as exc:
         raise PipelineError(f"pipeline stage {exc}") from None
     for impl_name, metrics in result["impls"].items():

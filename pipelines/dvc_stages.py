@@ -48,8 +48,11 @@ def reproduce(workspace: Path, stage: str) -> bool:
         error_file = Path(tmp) / "error"
         try:
             # DVC resolves outputs against the working directory (its own executors chdir too)
-            with environment(**{ERROR_FILE_ENV: str(error_file)}), contextlib.chdir(workspace), \
-                    Repo(str(workspace)) as repo:
+            with (
+                environment(**{ERROR_FILE_ENV: str(error_file)}),
+                contextlib.chdir(workspace),
+                Repo(str(workspace)) as repo,
+            ):
                 stages = repo.reproduce(stage, single_item=True)
         except DvcException as exc:
             if error_file.exists():  # the stage command's own one-line error

@@ -11,6 +11,7 @@ import json
 import os
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -23,11 +24,18 @@ from softmax_mlops.tracking import PREFECT_FLOW_RUN_ENV
 
 from .dvc_stages import environment, experiment_workspace, reproduce, save_experiment
 
+if TYPE_CHECKING:
+    from softmax_mlops.inference import Predictor
+
 STAGES_PER_IMPL = ("train", "evaluate", "calibrate", "export")
 
 
-@task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5,
-      task_run_name="ingest")
+@task(
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=10),
+    retry_jitter_factor=0.5,
+    task_run_name="ingest",
+)
 def ingest(workspace: Path) -> bool:
     """The only stage that touches the network (the data download), so the only one retried."""
     return reproduce(workspace, "ingest")
@@ -46,9 +54,12 @@ def _summary(cfg: config.Config, workspace: Path, impls: list[str]) -> dict:
     for impl in impls:
         run = train_run(ws_cfg, impl).info
         evaluation = json.loads(ws_cfg.paths.eval_metrics(impl).read_text())
-        summary[impl] = {"test_accuracy": evaluation["test_accuracy"], "macro_f1": evaluation["macro_f1"],
-                         "mlflow_run_id": run.run_id,
-                         "mlflow_run_url": cfg.mlflow.run_url(run.experiment_id, run.run_id)}
+        summary[impl] = {
+            "test_accuracy": evaluation["test_accuracy"],
+            "macro_f1": evaluation["macro_f1"],
+            "mlflow_run_id": run.run_id,
+            "mlflow_run_url": cfg.mlflow.run_url(run.experiment_id, run.run_id),
+        }
     return summary
 
 
@@ -57,14 +68,21 @@ def _markdown(summary: dict, overrides: list[str], experiment: str | None) -> st
     if overrides:
         lines += [f"DVC experiment `{experiment}` with " + ", ".join(f"`{o}`" for o in overrides), ""]
     lines += ["| implementation | test accuracy | macro-F1 | MLflow run |", "|---|---:|---:|---|"]
-    lines += [f"| {impl} | {m['test_accuracy']:.4f} | {m['macro_f1']:.4f} | [{m['mlflow_run_id'][:8]}]({m['mlflow_run_url']}) |"
-              for impl, m in summary.items()]
+    lines += [
+        f"| {impl} | {m['test_accuracy']:.4f} | {m['macro_f1']:.4f} "
+        f"| [{m['mlflow_run_id'][:8]}]({m['mlflow_run_url']}) |"
+        for impl, m in summary.items()
+    ]
     return "\n".join(lines) + "\n"
 
 
 @flow(name="training-pipeline", log_prints=True)
-def training_pipeline(impls: list[str] | None = None, overrides: list[str] | None = None,
-                      experiment_name: str | None = None, project_dir: str | None = None) -> dict:
+def training_pipeline(
+    impls: list[str] | None = None,
+    overrides: list[str] | None = None,
+    experiment_name: str | None = None,
+    project_dir: str | None = None,
+) -> dict:
     """Run the DVC stages as tasks: ingest, train/evaluate/calibrate/export for each implementation, then compare.
 
     ``overrides`` take DVC's `-S` form (`train.lr=0.05`); with any, the run is a DVC experiment in a
@@ -79,22 +97,24 @@ def training_pipeline(impls: list[str] | None = None, overrides: list[str] | Non
     # Stages in a worktree must log to the project's MLflow store, and every run carries this flow run's id.
     env = {config.TRACKING_URI_ENV: cfg.mlflow.tracking_uri, PREFECT_FLOW_RUN_ENV: str(flow_run.id or "")}
 
-    with environment(**env), (experiment_workspace(root, overrides) if overrides else nullcontext(root)) as ws:
+    with environment(**env), experiment_workspace(root, overrides) if overrides else nullcontext(root) as ws:
         stages = ["ingest", *(f"{name}@{impl}" for impl in impls for name in STAGES_PER_IMPL)]
         if set(impls) == set(config.IMPLS):
             stages.append("compare")
-        reproduced = [stage for stage in stages
-                      if (ingest(ws) if stage == "ingest" else run_stage(ws, stage))]
+        reproduced = [stage for stage in stages if (ingest(ws) if stage == "ingest" else run_stage(ws, stage))]
         summary = _summary(cfg, ws, impls)
         experiment = save_experiment(ws, stages, experiment_name) if overrides else None
 
-    create_markdown_artifact(key="training-metrics", markdown=_markdown(summary, overrides, experiment),
-                             description="Test metrics per implementation, with links to the MLflow runs")
+    create_markdown_artifact(
+        key="training-metrics",
+        markdown=_markdown(summary, overrides, experiment),
+        description="Test metrics per implementation, with links to the MLflow runs",
+    )
     return {"impls": summary, "experiment": experiment, "stages": stages, "reproduced": reproduced}
 
 
 @task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
-def load_predictor(model: str, tracking_uri: str):
+def load_predictor(model: str, tracking_uri: str) -> Predictor:
     """Resolving models:/name@alias asks the MLflow server, which may be briefly unreachable. Never cached:
     the result is an onnxruntime session, which cannot be hashed or pickled."""
     from softmax_mlops.inference import Predictor, resolve_model
@@ -114,8 +134,13 @@ def _nothing_to_predict(source: Path) -> str | None:
 
 
 @flow(name="batch-inference", log_prints=True)
-def batch_inference(input_path: str | None = None, output_path: str | None = None, model: str | None = None,
-                    skip_bad: bool = False, project_dir: str | None = None) -> dict:
+def batch_inference(
+    input_path: str | None = None,
+    output_path: str | None = None,
+    model: str | None = None,
+    skip_bad: bool = False,
+    project_dir: str | None = None,
+) -> dict:
     """Predict every image of a folder, IDX or .npy file with an exported model; the output is atomic.
     Defaults come from params.yaml (batch_inference). An empty or missing inbox is a normal night: the run
     completes with "nothing to predict" and writes nothing."""
@@ -129,12 +154,13 @@ def batch_inference(input_path: str | None = None, output_path: str | None = Non
         print(f"nothing to predict: {reason}")
         create_markdown_artifact(key="batch-inference", markdown=f"Nothing to predict: {reason}.\n")
         return {"images": 0, "output": None, "model": None}
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     output = root / (output_path or Path(cfg.batch_inference.output_dir) / f"{source.stem}-{stamp}.csv")
     model = model_source(model or cfg.batch_inference.model, root)
     predictor = load_predictor(model, cfg.mlflow.tracking_uri)
-    result = task(predict.run, name="predict", cache_policy=NO_CACHE)(
-        source, output, predictor, cfg.predict.batch_size, cfg.predict.top_k, None, skip_bad, False, cfg.drift)
+    result = task(name="predict", cache_policy=NO_CACHE)(predict.run)(
+        source, output, predictor, cfg.predict.batch_size, cfg.predict.top_k, None, skip_bad, False, cfg.drift
+    )
     print(f"predicted {result.images} images from {source} with {model} into {output}")
     markdown = f"Predicted **{result.images}** images from `{source}` with `{model}` into `{output}`.\n"
     if result.drift is not None:
@@ -142,8 +168,12 @@ def batch_inference(input_path: str | None = None, output_path: str | None = Non
         markdown += "\n" + drift.markdown(result.drift)
         create_markdown_artifact(key="drift", markdown=drift.markdown(result.drift))
     create_markdown_artifact(key="batch-inference", markdown=markdown)
-    return {"images": result.images, "output": str(output), "model": model,
-            "drift": result.drift["result"] if result.drift else None}
+    return {
+        "images": result.images,
+        "output": str(output),
+        "model": model,
+        "drift": result.drift["result"] if result.drift else None,
+    }
 
 
 if __name__ == "__main__":

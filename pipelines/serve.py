@@ -21,9 +21,14 @@ def deployments_from_prefect_yaml(path: Path = PREFECT_YAML) -> list:
     for deployment in spec["deployments"]:
         flow = getattr(flows, deployment["entrypoint"].split(":")[1])
         crons = [s["cron"] for s in deployment.get("schedules", []) if s.get("active", True)]
-        result.append(flow.to_deployment(name=deployment["name"], cron=crons[0] if crons else None,
-                                         parameters=deployment.get("parameters") or {},
-                                         description=deployment.get("description")))
+        result.append(
+            flow.to_deployment(
+                name=deployment["name"],
+                cron=crons[0] if crons else None,
+                parameters=deployment.get("parameters") or {},
+                description=deployment.get("description"),
+            )
+        )
     return result
 
 

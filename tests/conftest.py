@@ -17,9 +17,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import copy_project, write_mirror  # noqa: E402
-
 from softmax_mlops import config, data  # noqa: E402
 from softmax_mlops.errors import PipelineError  # noqa: E402
+
 
 def _absolute_mirror() -> None:
     """`FASHION_MNIST_MIRROR=../shared/fashion-mnist make test` (the README's command): a relative folder means
@@ -92,7 +92,9 @@ def onnx_model(tmp_path_factory):
     from softmax_mlops.export import ExportedSoftmaxRegression, export_onnx
 
     generator = torch.Generator().manual_seed(0)
-    module = ExportedSoftmaxRegression(torch.randn(784, 10, generator=generator) * 0.1, torch.randn(10, generator=generator))
+    module = ExportedSoftmaxRegression(
+        torch.randn(784, 10, generator=generator) * 0.1, torch.randn(10, generator=generator)
+    )
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     export_onnx(module, path, opset=18)
     return path, module.eval()

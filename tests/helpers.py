@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
-import subprocess
-import hashlib
 import struct
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -56,14 +56,22 @@ def cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedP
 
 def copy_project(dest: Path) -> Path:
     """A throwaway copy of the repository (tracked and new files, as git sees them), committed as its own repo."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
     for rel in filter(None, listed):
         if (REPO / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, dest / rel)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "copy"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "copy"],
+    ):
         subprocess.run(cmd, cwd=dest, check=True)
     return dest
 

@@ -35,8 +35,9 @@ class Processes:
         return self
 
     def start(self, *cmd: str, cwd: Path, env: dict) -> subprocess.Popen:
-        proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+        proc = subprocess.Popen(
+            list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         self.started.append(proc)
         return proc
 
@@ -69,8 +70,13 @@ def serving(model: Path, log: Path, *options: str):
 
     port = free_port()
     with open(log, "w") as out:
-        proc = subprocess.Popen(["softmax-mlops", "serve", "-m", str(model), "--port", str(port), *options],
-                                cwd=REPO, env=dict(os.environ), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            ["softmax-mlops", "serve", "-m", str(model), "--port", str(port), *options],
+            cwd=REPO,
+            env=dict(os.environ),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         try:
             url = f"http://127.0.0.1:{port}"
             wait_http(f"{url}/health", proc)
@@ -99,9 +105,14 @@ def start_prefect(procs: Processes, root: Path, env: dict) -> None:
 
 
 def prefect_env(root: Path, home: Path, port: int) -> dict:
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "2",
-           "SOFTMAX_MLOPS_PROJECT_DIR": str(root)}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "SOFTMAX_MLOPS_PROJECT_DIR": str(root),
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
@@ -121,6 +132,7 @@ def prefect_call(env: dict, fn):
 
 def run_deployment_and_wait(env: dict, name: str):
     """Trigger a deployment now and wait for its flow run to end; returns (flow run id, final state)."""
+
     async def trigger(client):
         deployment = await client.read_deployment_by_name(name)
         return (await client.create_flow_run_from_deployment(deployment.id)).id
@@ -155,12 +167,28 @@ class PostgreSQL:
         self.data = Path(tempfile.mkdtemp(prefix="softmax-mlops-pg-"))
         if os.geteuid() == 0:
             shutil.chown(self.data, "postgres", "postgres")
-        subprocess.run(self._as_owner(str(self.bin / "initdb"), "-D", str(self.data), "-U", "softmax",
-                                      "--auth=trust", "--no-sync"), check=True, capture_output=True)
-        subprocess.run(self._as_owner(str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "-l",
-                                      str(self.data / "server.log"), "-o",
-                                      f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off",
-                                      "start"), check=True, capture_output=True)
+        subprocess.run(
+            self._as_owner(
+                str(self.bin / "initdb"), "-D", str(self.data), "-U", "softmax", "--auth=trust", "--no-sync"
+            ),
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            self._as_owner(
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-w",
+                "-l",
+                str(self.data / "server.log"),
+                "-o",
+                f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off",
+                "start",
+            ),
+            check=True,
+            capture_output=True,
+        )
         return self
 
     def create_database(self, name: str) -> str:
@@ -168,10 +196,27 @@ class PostgreSQL:
         return f"softmax@127.0.0.1:{self.port}/{name}"
 
     def psql(self, database: str, sql: str) -> str:
-        return subprocess.run([str(self.bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "softmax",
-                               "-d", database, "-tAc", sql], check=True, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            [
+                str(self.bin / "psql"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "softmax",
+                "-d",
+                database,
+                "-tAc",
+                sql,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
 
     def __exit__(self, *exc) -> None:
-        subprocess.run(self._as_owner(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"),
-                       capture_output=True)
+        subprocess.run(
+            self._as_owner(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"), capture_output=True
+        )
         shutil.rmtree(self.data, ignore_errors=True)

@@ -41,8 +41,9 @@ PAGE = """<!DOCTYPE html>
 
 def build(out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        packed = subprocess.run(["npm", "pack", "--silent", "--pack-destination", tmp, *PACKAGES],
-                                capture_output=True, text=True)
+        packed = subprocess.run(
+            ["npm", "pack", "--silent", "--pack-destination", tmp, *PACKAGES], capture_output=True, text=True
+        )
         if packed.returncode != 0:
             sys.exit(f"offline_plots: npm pack {' '.join(PACKAGES)} failed: {packed.stderr.strip()[-300:]}")
         scripts = []

@@ -49,8 +49,11 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         os.replace(tmp_path, target)
         _written.append(target)
     except OSError as exc:
-        ours = exc.filename is None or Path(exc.filename) in (target, target.parent) \
-            or Path(exc.filename).parent == target.parent  # the target, its folder, or the temporary file
+        ours = (
+            exc.filename is None
+            or Path(exc.filename) in (target, target.parent)
+            or Path(exc.filename).parent == target.parent
+        )  # the target, its folder, or the temporary file
         if not ours:
             raise PipelineError(f"{exc.filename}: {exc.strerror or exc}") from None
         raise PipelineError(f"cannot write {target}: {exc.strerror or exc}") from None

@@ -37,8 +37,9 @@ def fit_temperature(logits: torch.Tensor, labels: np.ndarray, initial: float, ma
     search so the result is the minimum rather than wherever a fixed step count stopped."""
     y = torch.from_numpy(labels)
     log_t = torch.tensor(math.log(initial), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
-                                  tolerance_grad=1e-10, tolerance_change=1e-12)
+    optimizer = torch.optim.LBFGS(
+        [log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-10, tolerance_change=1e-12
+    )
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -63,9 +64,15 @@ def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int) -
     for m in range(bins):
         members = which == m
         count = int(members.sum())
-        table.append({"lower": m / bins, "upper": (m + 1) / bins, "count": count,
-                      "confidence": float(confidence[members].mean()) if count else None,
-                      "accuracy": float(correct[members].mean()) if count else None})
+        table.append(
+            {
+                "lower": m / bins,
+                "upper": (m + 1) / bins,
+                "count": count,
+                "confidence": float(confidence[members].mean()) if count else None,
+                "accuracy": float(correct[members].mean()) if count else None,
+            }
+        )
     return table
 
 
@@ -85,8 +92,10 @@ def scores(logits: torch.Tensor, labels: np.ndarray, temperature: float, bins: i
         loss = nll(logits, y, temperature)
     table = reliability_bins(probabilities.numpy(), labels, bins)
     accuracy = float((probabilities.argmax(dim=1) == y).double().mean())
-    return ({"ece": expected_calibration_error(table), "nll": float(loss), "brier": float(brier),
-             "accuracy": accuracy}, table)
+    return (
+        {"ece": expected_calibration_error(table), "nll": float(loss), "brier": float(brier), "accuracy": accuracy},
+        table,
+    )
 
 
 def read_temperature(cfg: Config, impl: str) -> float:
@@ -97,8 +106,9 @@ def read_temperature(cfg: Config, impl: str) -> float:
     try:
         temperature = json.loads(path.read_text())["temperature"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise PipelineError(f"{path} is missing or unreadable: run the calibrate stage first "
-                            f"(`dvc repro calibrate@{impl}`)") from None
+        raise PipelineError(
+            f"{path} is missing or unreadable: run the calibrate stage first (`dvc repro calibrate@{impl}`)"
+        ) from None
     if not isinstance(temperature, float) or not temperature > 0:
         raise PipelineError(f"{path}: temperature must be a positive number, got {temperature!r}")
     return temperature
@@ -120,19 +130,37 @@ def run(cfg: Config, impl: str) -> dict:
         before, before_bins = scores(test_logits, test_labels, 1.0, settings.bins)
         after, after_bins = scores(test_logits, test_labels, temperature, settings.bins)
         # only scalars: DVC reads this file as metrics (`dvc metrics show`); the bins are in the picture
-        report = {"temperature": temperature,
-                  "validation": {"images": len(val_labels), "nll_before": float(nll(val_logits, y_val)),
-                                 "nll_after": float(nll(val_logits, y_val, temperature))},
-                  "test": {"before": before, "after": after}}
+        report = {
+            "temperature": temperature,
+            "validation": {
+                "images": len(val_labels),
+                "nll_before": float(nll(val_logits, y_val)),
+                "nll_after": float(nll(val_logits, y_val, temperature)),
+            },
+            "test": {"before": before, "after": after},
+        }
         write_json(paths.calibration(impl), report)
-        plots.reliability_diagrams({"before (T = 1)": (before_bins, before["ece"]),
-                                    f"after (T = {temperature:.3f})": (after_bins, after["ece"])},
-                                   f"{impl}: reliability on the test set", paths.reliability(impl))
+        plots.reliability_diagrams(
+            {
+                "before (T = 1)": (before_bins, before["ece"]),
+                f"after (T = {temperature:.3f})": (after_bins, after["ece"]),
+            },
+            f"{impl}: reliability on the test set",
+            paths.reliability(impl),
+        )
 
         import mlflow
 
-        mlflow.log_metrics({"temperature": temperature,
-                            **{f"test_{key}_{when}": value for when, figures in (("before", before), ("after", after))
-                               for key, value in figures.items() if key != "accuracy"}})
+        mlflow.log_metrics(
+            {
+                "temperature": temperature,
+                **{
+                    f"test_{key}_{when}": value
+                    for when, figures in (("before", before), ("after", after))
+                    for key, value in figures.items()
+                    if key != "accuracy"
+                },
+            }
+        )
         tracking.log_files(paths.calibration(impl), paths.reliability(impl))
     return report

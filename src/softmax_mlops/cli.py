@@ -22,10 +22,13 @@ from .errors import ERROR_FILE_ENV, PipelineError
 
 app = typer.Typer(
     help="Softmax regression on Fashion-MNIST: the pipeline stages (normally run by `dvc repro`) and tools.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 
 
-class Impl(str, enum.Enum):
+class Impl(enum.StrEnum):
     scratch = "scratch"
     concise = "concise"
 
@@ -63,9 +66,11 @@ def ingest() -> None:
 
     cfg = _config()
     summary = data.ingest(cfg.ingest, cfg.paths)
-    typer.echo(f"ingest: {summary['train']['count']} train, {summary['val']['count']} validation, "
-               f"{summary['test']['count']} test images "
-               f"(data md5 {summary['data_md5']})")
+    typer.echo(
+        f"ingest: {summary['train']['count']} train, {summary['val']['count']} validation, "
+        f"{summary['test']['count']} test images "
+        f"(data md5 {summary['data_md5']})"
+    )
 
 
 @app.command()
@@ -74,8 +79,10 @@ def train(impl: ImplArg) -> None:
     from . import train as training
 
     summary = training.run(_config(), impl.value)
-    typer.echo(f"train@{impl.value}: test accuracy {summary['test_acc']:.4f} after {summary['epochs']} epochs "
-               f"({summary['seconds_per_epoch']:.3f} s/epoch)")
+    typer.echo(
+        f"train@{impl.value}: test accuracy {summary['test_acc']:.4f} after {summary['epochs']} epochs "
+        f"({summary['seconds_per_epoch']:.3f} s/epoch)"
+    )
 
 
 @app.command()
@@ -84,8 +91,9 @@ def evaluate(impl: ImplArg) -> None:
     from . import evaluate as evaluation
 
     metrics = evaluation.run(_config(), impl.value)
-    typer.echo(f"evaluate@{impl.value}: test accuracy {metrics['test_accuracy']:.4f}, "
-               f"macro-F1 {metrics['macro_f1']:.4f}")
+    typer.echo(
+        f"evaluate@{impl.value}: test accuracy {metrics['test_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}"
+    )
 
 
 @app.command()
@@ -96,9 +104,11 @@ def calibrate(impl: ImplArg) -> None:
 
     report = calibration.run(_config(), impl.value)
     before, after = report["test"]["before"], report["test"]["after"]
-    typer.echo(f"calibrate@{impl.value}: T = {report['temperature']:.4f}; test ECE {before['ece']:.4f} -> "
-               f"{after['ece']:.4f}, NLL {before['nll']:.4f} -> {after['nll']:.4f}, "
-               f"Brier {before['brier']:.4f} -> {after['brier']:.4f}")
+    typer.echo(
+        f"calibrate@{impl.value}: T = {report['temperature']:.4f}; test ECE {before['ece']:.4f} -> "
+        f"{after['ece']:.4f}, NLL {before['nll']:.4f} -> {after['nll']:.4f}, "
+        f"Brier {before['brier']:.4f} -> {after['brier']:.4f}"
+    )
 
 
 @app.command()
@@ -109,8 +119,10 @@ def compare() -> None:
     cfg = _config()
     report = comparison.run(cfg)
     diff = report.get("difference")
-    typer.echo(f"compare: {cfg.paths.compare_md}" + (
-        f" (test accuracy differs by {diff['test_accuracy_points']:.3f} points)" if diff else ""))
+    typer.echo(
+        f"compare: {cfg.paths.compare_md}"
+        + (f" (test accuracy differs by {diff['test_accuracy_points']:.3f} points)" if diff else "")
+    )
 
 
 @app.command()
@@ -122,16 +134,29 @@ def export(impl: ImplArg) -> None:
 
     result = exporting.run(_config(), impl.value)
     parity = result["parity"]
-    typer.echo(f"export@{impl.value}: max abs diff {parity['max_abs_diff']:.1e}, argmax match "
-               f"{parity['argmax_match']:.2%}; registered {result['registered_model']} v{result['version']}"
-               + f" as @candidate; @champion {result['reason']}")
+    typer.echo(
+        f"export@{impl.value}: max abs diff {parity['max_abs_diff']:.1e}, argmax match "
+        f"{parity['argmax_match']:.2%}; registered {result['registered_model']} v{result['version']}"
+        + f" as @candidate; @champion {result['reason']}"
+    )
 
 
-ModelOpt = Annotated[str | None, typer.Option(
-    "--model", "-m", envvar="SOFTMAX_MLOPS_MODEL", help="A .onnx file, its folder, or an MLflow URI such as models:/softmax-mlops-scratch@champion. "
-                          "Default: serve.model in params.yaml.")]
-ThreadsOpt = Annotated[int | None, typer.Option(
-    min=1, help="onnxruntime intra-op threads. Default: the CPUs this process may use (affinity and cgroup quota).")]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        envvar="SOFTMAX_MLOPS_MODEL",
+        help="A .onnx file, its folder, or an MLflow URI such as models:/softmax-mlops-scratch@champion. "
+        "Default: serve.model in params.yaml.",
+    ),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1, help="onnxruntime intra-op threads. Default: the CPUs this process may use (affinity and cgroup quota)."
+    ),
+]
 
 
 def _predictor(model: str | None, threads: int | None, wait_s: float = 0.0):
@@ -147,16 +172,32 @@ def _predictor(model: str | None, threads: int | None, wait_s: float = 0.0):
 
 @app.command()
 def predict(
-    input: Annotated[Path, typer.Argument(help="IDX file (.gz or raw), .npy (uint8 [N,28,28] or [N,784]), a PNG/JPEG, "
-                                               "or a folder of PNG/JPEG images (searched recursively).")],
+    input: Annotated[
+        Path,
+        typer.Argument(
+            help="IDX file (.gz or raw), .npy (uint8 [N,28,28] or [N,784]), a PNG/JPEG, "
+            "or a folder of PNG/JPEG images (searched recursively)."
+        ),
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write predictions: .csv or .jsonl.")],
     model: ModelOpt = None,
-    output_format: Annotated[str | None, typer.Option("--format", help="csv or jsonl (default: from --output's suffix).")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per onnxruntime call. Default: predict.batch_size.")] = None,
-    top_k: Annotated[int | None, typer.Option(min=1, max=10, help="Classes listed per image. Default: predict.top_k.")] = None,
+    output_format: Annotated[
+        str | None, typer.Option("--format", help="csv or jsonl (default: from --output's suffix).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Images per onnxruntime call. Default: predict.batch_size.")
+    ] = None,
+    top_k: Annotated[
+        int | None, typer.Option(min=1, max=10, help="Classes listed per image. Default: predict.top_k.")
+    ] = None,
     threads: ThreadsOpt = None,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad/--fail-on-bad", help="For folders: skip unreadable images "
-                                           "with a warning, or stop at the first one (default).")] = False,
+    skip_bad: Annotated[
+        bool,
+        typer.Option(
+            "--skip-bad/--fail-on-bad",
+            help="For folders: skip unreadable images with a warning, or stop at the first one (default).",
+        ),
+    ] = False,
 ) -> None:
     """Batch inference with onnxruntime: one output row per image (id, class, probability, top-k), streamed in
     batches with bounded memory and written atomically. With a model that carries a drift reference, the batch
@@ -166,8 +207,17 @@ def predict(
     if output_format not in (None, "csv", "jsonl"):
         raise PipelineError(f"--format must be csv or jsonl, not {output_format!r}")
     cfg, predictor = _predictor(model, threads)
-    result = batch.run(input, output, predictor, batch_size or cfg.predict.batch_size, top_k or cfg.predict.top_k,
-                       output_format, skip_bad, progress=sys.stderr.isatty(), drift_cfg=cfg.drift)
+    result = batch.run(
+        input,
+        output,
+        predictor,
+        batch_size or cfg.predict.batch_size,
+        top_k or cfg.predict.top_k,
+        output_format,
+        skip_bad,
+        progress=sys.stderr.isatty(),
+        drift_cfg=cfg.drift,
+    )
     typer.echo(f"predict: {result.images} images -> {output}")
     if result.drift is not None:
         from .drift import report_path, summary
@@ -180,17 +230,39 @@ def serve(
     model: ModelOpt = None,
     host: Annotated[str | None, typer.Option(help="Address to bind. Default: serve.host (127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(min=1, max=65535, help="Default: serve.port.")] = None,
-    max_body_bytes: Annotated[int | None, typer.Option(min=1, help="Larger requests get 413. Default: serve.max_body_bytes.")] = None,
-    max_instances: Annotated[int | None, typer.Option(min=1, help="Images per request; more get 413. Default: serve.max_instances.")] = None,
-    request_timeout: Annotated[float | None, typer.Option(min=0.001, help="Seconds of inference before 503. Default: serve.request_timeout_s.")] = None,
-    read_timeout: Annotated[float | None, typer.Option(min=0.001, help="Seconds for a request's headers, then its body, to arrive (else 408). Default: serve.read_timeout_s.")] = None,
-    max_connections: Annotated[int | None, typer.Option(min=1, help="Open connections at once; more get 503. Default: serve.max_connections.")] = None,
-    max_image_pixels: Annotated[int | None, typer.Option(min=1, help="Uploaded images declaring more pixels get 413. Default: serve.max_image_pixels.")] = None,
+    max_body_bytes: Annotated[
+        int | None, typer.Option(min=1, help="Larger requests get 413. Default: serve.max_body_bytes.")
+    ] = None,
+    max_instances: Annotated[
+        int | None, typer.Option(min=1, help="Images per request; more get 413. Default: serve.max_instances.")
+    ] = None,
+    request_timeout: Annotated[
+        float | None, typer.Option(min=0.001, help="Seconds of inference before 503. Default: serve.request_timeout_s.")
+    ] = None,
+    read_timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="Seconds for a request's headers, then its body, to arrive (else 408). Default: serve.read_timeout_s.",
+        ),
+    ] = None,
+    max_connections: Annotated[
+        int | None, typer.Option(min=1, help="Open connections at once; more get 503. Default: serve.max_connections.")
+    ] = None,
+    max_image_pixels: Annotated[
+        int | None,
+        typer.Option(min=1, help="Uploaded images declaring more pixels get 413. Default: serve.max_image_pixels."),
+    ] = None,
     threads: ThreadsOpt = None,
-    model_wait: Annotated[float | None, typer.Option(
-        min=0, envvar="SOFTMAX_MLOPS_MODEL_WAIT_S",
-        help="Seconds to keep retrying a models:/ URI that has no version yet (a fresh registry). "
-             "Default: serve.model_wait_s.")] = None,
+    model_wait: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            envvar="SOFTMAX_MLOPS_MODEL_WAIT_S",
+            help="Seconds to keep retrying a models:/ URI that has no version yet (a fresh registry). "
+            "Default: serve.model_wait_s.",
+        ),
+    ] = None,
 ) -> None:
     """HTTP inference: POST /predict (JSON {"instances": [...]} or a PNG/JPEG), GET /health, GET /metadata."""
     import dataclasses
@@ -199,9 +271,16 @@ def serve(
 
     wait_s = model_wait if model_wait is not None else _config(standalone=model is not None).serve.model_wait_s
     cfg, predictor = _predictor(model, threads, wait_s)
-    overrides = {"host": host, "port": port, "max_body_bytes": max_body_bytes, "max_instances": max_instances,
-                 "request_timeout_s": request_timeout, "read_timeout_s": read_timeout,
-                 "max_connections": max_connections, "max_image_pixels": max_image_pixels}
+    overrides = {
+        "host": host,
+        "port": port,
+        "max_body_bytes": max_body_bytes,
+        "max_instances": max_instances,
+        "request_timeout_s": request_timeout,
+        "read_timeout_s": read_timeout,
+        "max_connections": max_connections,
+        "max_image_pixels": max_image_pixels,
+    }
     limits = dataclasses.replace(cfg.serve, **{k: v for k, v in overrides.items() if v is not None})
     server.serve(predictor, limits, cfg.predict.top_k)
 

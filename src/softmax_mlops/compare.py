@@ -45,9 +45,11 @@ def run(cfg: Config) -> dict:
     if len(cfg.impls) == 2:
         (W1, b1), (W2, b2) = (load_weights(paths.weights(impl)) for impl in cfg.impls)
         a, b = (report["impls"][impl]["test_accuracy"] for impl in cfg.impls)
-        report["difference"] = {"test_accuracy_points": 100 * abs(a - b),
-                                "max_abs_weight_diff": float((W1 - W2).abs().max()),
-                                "max_abs_bias_diff": float((b1 - b2).abs().max())}
+        report["difference"] = {
+            "test_accuracy_points": 100 * abs(a - b),
+            "max_abs_weight_diff": float((W1 - W2).abs().max()),
+            "max_abs_bias_diff": float((b1 - b2).abs().max()),
+        }
     write_json(paths.compare_json, report)
     write_text(paths.compare_md, _markdown(cfg, report))
     write_json(paths.headline, {impl: {key: report["impls"][impl][key] for key in HEADLINE} for impl in cfg.impls})
@@ -80,13 +82,21 @@ def accuracy_curves_csv(histories: dict) -> str:
 
 def _markdown(cfg: Config, report: dict) -> str:
     impls = list(report["impls"])
-    lines = ["# scratch vs concise", "",
-             "Same data, seed and hyperparameters: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg.train).items()) + ".", "",
-             "| metric | " + " | ".join(impls) + " |", "|---|" + "---:|" * len(impls)]
+    lines = [
+        "# scratch vs concise",
+        "",
+        "Same data, seed and hyperparameters: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg.train).items()) + ".",
+        "",
+        "| metric | " + " | ".join(impls) + " |",
+        "|---|" + "---:|" * len(impls),
+    ]
     for label, _, key in ROWS:
         lines.append(f"| {label} | " + " | ".join(f"{report['impls'][i][key]:.4f}" for i in impls) + " |")
     if diff := report.get("difference"):
-        lines += ["", f"Test accuracies differ by {diff['test_accuracy_points']:.3f} percentage points; "
-                      f"the weights by at most {diff['max_abs_weight_diff']:.2e} (W) and {diff['max_abs_bias_diff']:.2e} (b)."]
+        lines += [
+            "",
+            f"Test accuracies differ by {diff['test_accuracy_points']:.3f} percentage points; "
+            f"the weights by at most {diff['max_abs_weight_diff']:.2e} (W) and {diff['max_abs_bias_diff']:.2e} (b).",
+        ]
     lines += ["", "![training curves](compare_curves.png)", ""]
     return "\n".join(lines)

@@ -121,14 +121,16 @@ class Paths:
 
 @dataclass(frozen=True)
 class IngestConfig:
-    mirror: str = ""             # FASHION_MNIST_MIRROR overrides it
+    mirror: str = ""  # FASHION_MNIST_MIRROR overrides it
     validation_size: int = 5000  # training images set aside, stratified by class
     validation_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.validation_size < 10 or self.validation_seed < 0:
-            raise PipelineError(f"ingest.validation_size must be >= 10 (one image per class) and "
-                                f"ingest.validation_seed >= 0, got {self.validation_size}, {self.validation_seed}")
+            raise PipelineError(
+                f"ingest.validation_size must be >= 10 (one image per class) and "
+                f"ingest.validation_seed >= 0, got {self.validation_size}, {self.validation_seed}"
+            )
 
 
 @dataclass(frozen=True)
@@ -159,14 +161,15 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class CalibrateConfig:
-    bins: int = 15                     # equal-width confidence bins of the ECE (Guo et al. 2017)
-    initial_temperature: float = 1.5   # where LBFGS starts, as in the reference implementation
-    max_iter: int = 100                # LBFGS iterations at most
+    bins: int = 15  # equal-width confidence bins of the ECE (Guo et al. 2017)
+    initial_temperature: float = 1.5  # where LBFGS starts, as in the reference implementation
+    max_iter: int = 100  # LBFGS iterations at most
 
     def __post_init__(self) -> None:
         if self.bins < 1 or not self.initial_temperature > 0 or self.max_iter < 1:
-            raise PipelineError("calibrate.bins and calibrate.max_iter must be >= 1 and "
-                                "calibrate.initial_temperature > 0")
+            raise PipelineError(
+                "calibrate.bins and calibrate.max_iter must be >= 1 and calibrate.initial_temperature > 0"
+            )
 
 
 @dataclass(frozen=True)
@@ -187,14 +190,15 @@ class PredictConfig:
 
 @dataclass(frozen=True)
 class DriftConfig:
-    alpha: float = 0.05     # level of each drift test (the per-class KS tests share it through Bonferroni)
-    min_images: int = 200   # smaller batches are reported "not tested"
+    alpha: float = 0.05  # level of each drift test (the per-class KS tests share it through Bonferroni)
+    min_images: int = 200  # smaller batches are reported "not tested"
     max_images: int = 100_000  # larger batches are KS-tested on a seeded uniform sample of this many
 
     def __post_init__(self) -> None:
         if not 0 < self.alpha < 1 or self.min_images < 1 or self.max_images < self.min_images:
-            raise PipelineError("drift.alpha must be between 0 and 1, drift.min_images >= 1 and "
-                                "drift.max_images >= drift.min_images")
+            raise PipelineError(
+                "drift.alpha must be between 0 and 1, drift.min_images >= 1 and drift.max_images >= drift.min_images"
+            )
 
 
 @dataclass(frozen=True)
@@ -205,9 +209,9 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     max_instances: int = 256
     request_timeout_s: float = 10.0
-    model_wait_s: float = 0.0      # how long to wait for a models:/ URI that does not resolve yet
-    read_timeout_s: float = 10.0   # a request's headers, and then its body, must arrive within this
-    max_connections: int = 64      # open connections; more are answered 503 and closed
+    model_wait_s: float = 0.0  # how long to wait for a models:/ URI that does not resolve yet
+    read_timeout_s: float = 10.0  # a request's headers, and then its body, must arrive within this
+    max_connections: int = 64  # open connections; more are answered 503 and closed
     max_image_pixels: int = 4194304  # an uploaded image's declared width x height; more get 413
 
 
@@ -223,9 +227,9 @@ class MlflowConfig:
     tracking_uri: str
     experiment: str
     ui_url: str = "http://127.0.0.1:5000"  # where a browser opens the MLflow UI (links in summaries)
-    http_retries: int = 3                  # retries of a failed request to a tracking server
-    http_timeout_s: int = 10               # per request (MLflow takes whole seconds); with the retries' back-off, a dead server is
-                                           # reported in about http_retries x http_timeout_s + 7 s
+    http_retries: int = 3  # retries of a failed request to a tracking server
+    http_timeout_s: int = 10  # per request (MLflow takes whole seconds); with the retries' back-off, a dead server is
+    # reported in about http_retries x http_timeout_s + 7 s
 
     @property
     def is_local_sqlite(self) -> bool:
@@ -295,7 +299,7 @@ def project_root(root: Path) -> Path:
     under <project>/.dvc/tmp/exps/; what they record (the MLflow store) belongs to the project itself."""
     parts = root.parts
     for i in range(len(parts) - len(EXPERIMENT_COPIES.parts) + 1):
-        if Path(*parts[i:i + len(EXPERIMENT_COPIES.parts)]) == EXPERIMENT_COPIES:
+        if Path(*parts[i : i + len(EXPERIMENT_COPIES.parts)]) == EXPERIMENT_COPIES:
             return Path(*parts[:i])
     return root
 
@@ -305,7 +309,7 @@ def resolve_tracking_uri(uri: str, root: Path) -> str:
     way of running the pipeline and every test finds the same database."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/") and uri != prefix + ":memory:":
-        return prefix + str((project_root(root) / uri[len(prefix):]).resolve())
+        return prefix + str((project_root(root) / uri[len(prefix) :]).resolve())
     return uri
 
 
@@ -365,16 +369,25 @@ def load(root: str | Path | None = None, missing_ok: bool = False) -> Config:
     mlflow_raw = dict(raw.get("mlflow") or {})
     configured_uri = mlflow_raw.pop("tracking_uri", None)
     tracking_uri = os.environ.get(TRACKING_URI_ENV) or configured_uri or "sqlite:///mlflow.db"
-    mlflow_cfg = _section(MlflowConfig, {
-        **mlflow_raw, "tracking_uri": resolve_tracking_uri(tracking_uri, root),
-        "experiment": mlflow_raw.get("experiment") or "softmax-mlops",
-        "ui_url": _ui_url(tracking_uri, mlflow_raw.get("ui_url"))}, "mlflow")
+    mlflow_cfg = _section(
+        MlflowConfig,
+        {
+            **mlflow_raw,
+            "tracking_uri": resolve_tracking_uri(tracking_uri, root),
+            "experiment": mlflow_raw.get("experiment") or "softmax-mlops",
+            "ui_url": _ui_url(tracking_uri, mlflow_raw.get("ui_url")),
+        },
+        "mlflow",
+    )
     apply_http_budget(mlflow_cfg)
     return Config(
         root=root,
         paths=paths,
-        ingest=_section(IngestConfig, {**ingest_raw, "mirror": os.environ.get(MIRROR_ENV) or ingest_raw.get("mirror") or ""},
-                        "ingest"),
+        ingest=_section(
+            IngestConfig,
+            {**ingest_raw, "mirror": os.environ.get(MIRROR_ENV) or ingest_raw.get("mirror") or ""},
+            "ingest",
+        ),
         impls=impls,
         train=_section(TrainConfig, raw.get("train"), "train"),
         evaluate=_section(EvaluateConfig, raw.get("evaluate"), "evaluate"),

@@ -12,7 +12,7 @@ import tempfile
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,7 +49,7 @@ class _FileHandlerWithLength(urllib.request.FileHandler):
 
 @contextlib.contextmanager
 def _file_urls_supported() -> Iterator[None]:
-    previous = urllib.request._opener  # noqa: SLF001 - restore whatever opener was installed before
+    previous = getattr(urllib.request, "_opener", None)  # restore whatever opener was installed before
     urllib.request.install_opener(urllib.request.build_opener(_FileHandlerWithLength))
     try:
         yield
@@ -74,12 +74,14 @@ def _diagnose(raw_folder: Path, resources: Sequence[tuple[str, str]], base_url: 
             return f"could not download {filename} from {base_url} (expected md5 {md5}): {reason}"
         actual = file_md5(path)
         if actual != md5:
-            return (f"{filename} from {base_url} is corrupted or truncated: md5 {actual}, expected {md5} "
-                    f"({path.stat().st_size} bytes)")
+            return (
+                f"{filename} from {base_url} is corrupted or truncated: md5 {actual}, expected {md5} "
+                f"({path.stat().st_size} bytes)"
+            )
     return f"Fashion-MNIST could not be read: {error}".replace("\n", " ")
 
 
-def _dataset_class(mirror: str, resources: Sequence[tuple[str, str]] | None) -> type:
+def _dataset_class(mirror: str, resources: Sequence[tuple[str, str]] | None) -> Any:
     from torchvision.datasets import FashionMNIST
 
     attrs: dict[str, object] = {}
@@ -96,7 +98,9 @@ def torchvision_dataset(mirror: str, root: str | Path, train: bool, transform=No
         return _dataset_class(mirror, None)(root, train=train, download=True, transform=transform)
 
 
-def fetch(mirror: str = "", resources: Sequence[tuple[str, str]] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def fetch(
+    mirror: str = "", resources: Sequence[tuple[str, str]] | None = None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Download (or copy from a mirror), md5-verify and decode both splits.
 
     ``resources`` replaces torchvision's (file name, md5) list; tests use it to serve small generated IDX files
@@ -136,18 +140,24 @@ def split_validation(images: np.ndarray, labels: np.ndarray, size: int, seed: in
     try:
         _, val = train_test_split(np.arange(len(labels)), test_size=size, stratify=labels, random_state=seed)
     except ValueError as exc:
-        raise PipelineError(f"ingest.validation_size {size} does not fit {len(labels)} training images: {exc}") from None
+        raise PipelineError(
+            f"ingest.validation_size {size} does not fit {len(labels)} training images: {exc}"
+        ) from None
     return np.sort(val)
 
 
-def summarize(splits: dict[str, tuple[np.ndarray, np.ndarray]], resources: Sequence[tuple[str, str]],
-              validation_indices: np.ndarray, seed: int) -> dict:
+def summarize(
+    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    resources: Sequence[tuple[str, str]],
+    validation_indices: np.ndarray,
+    seed: int,
+) -> dict:
     """Counts per split and class, the validation split's indices into the 60,000 training images, and hashes
     of the source files and of the decoded arrays of every split."""
     summary: dict = {}
-    for split, (images, labels) in splits.items():
+    for split, (_, labels) in splits.items():
         counts = np.bincount(labels, minlength=NUM_CLASSES)
-        summary[split] = {"count": int(len(labels)), "per_class": dict(zip(CLASS_NAMES, map(int, counts)))}
+        summary[split] = {"count": int(len(labels)), "per_class": dict(zip(CLASS_NAMES, map(int, counts), strict=True))}
     summary["val"] |= {"seed": seed, "indices": validation_indices.tolist()}
     summary["data_md5"] = arrays_md5(splits)
     summary["source_md5"] = dict(resources)
@@ -168,8 +178,10 @@ def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except (KeyError, ValueError, OSError) as exc:
         raise PipelineError(f"{path} is not a prepared split (images, labels): {exc}") from None
     if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE or labels.shape != images.shape[:1]:
-        raise PipelineError(f"{path}: expected uint8 images [N, 28, 28] and N labels, got "
-                            f"{images.dtype} {images.shape} and {labels.shape}")
+        raise PipelineError(
+            f"{path}: expected uint8 images [N, 28, 28] and N labels, got "
+            f"{images.dtype} {images.shape} and {labels.shape}"
+        )
     return images, labels.astype(np.int64, copy=False)
 
 
@@ -185,7 +197,8 @@ def ingest(settings: IngestConfig, paths: Paths, resources: Sequence[tuple[str, 
     splits = {"train": (images[rest], labels[rest]), "val": (images[val], labels[val]), "test": official["test"]}
     for split, path in (("train", paths.train_data), ("val", paths.val_data), ("test", paths.test_data)):
         save_split(path, *splits[split])
-    summary = summarize(splits, resources if resources is not None else FashionMNIST.resources, val,
-                        settings.validation_seed)
+    summary = summarize(
+        splits, resources if resources is not None else FashionMNIST.resources, val, settings.validation_seed
+    )
     write_json(paths.data_summary, summary)
     return summary

@@ -80,20 +80,38 @@ class Collector:
         if self.probabilities is None or self.intensities is None:
             return check(reference, np.zeros((0, 10), np.float32), np.zeros(0, np.float32), alpha, min_images)
         sampled = min(self.seen, self.capacity)
-        return check(reference, self.probabilities[:sampled], self.intensities[:sampled], alpha, min_images,
-                     batch_counts=self.counts, images=self.seen)
+        return check(
+            reference,
+            self.probabilities[:sampled],
+            self.intensities[:sampled],
+            alpha,
+            min_images,
+            batch_counts=self.counts,
+            images=self.seen,
+        )
 
 
-def check(reference: dict[str, np.ndarray], probabilities: np.ndarray, intensities: np.ndarray, alpha: float,
-          min_images: int, batch_counts: np.ndarray | None = None, images: int | None = None) -> dict:
+def check(
+    reference: dict[str, np.ndarray],
+    probabilities: np.ndarray,
+    intensities: np.ndarray,
+    alpha: float,
+    min_images: int,
+    batch_counts: np.ndarray | None = None,
+    images: int | None = None,
+) -> dict:
     """The three tests; "drift" when any rejects at level ``alpha`` (the per-class KS tests after Bonferroni).
     ``probabilities`` and ``intensities`` may be a sample of a batch of ``images``, whose predicted classes
     were counted in ``batch_counts``; by default they are the whole batch."""
     from scipy import stats
 
     n = len(probabilities) if images is None else images
-    report: dict = {"images": n, "tested_images": len(probabilities),
-                    "reference_images": int(len(reference["probabilities"])), "alpha": alpha}
+    report: dict = {
+        "images": n,
+        "tested_images": len(probabilities),
+        "reference_images": int(len(reference["probabilities"])),
+        "alpha": alpha,
+    }
     if n < min_images:
         return report | {"result": "not tested", "reason": f"{n} images, fewer than drift.min_images={min_images}"}
     classes = probabilities.shape[1]
@@ -109,15 +127,25 @@ def check(reference: dict[str, np.ndarray], probabilities: np.ndarray, intensiti
     shift = stats.ks_2samp(reference["intensity"], intensities)
     tests = {
         "ks_softmax_per_class": {
-            "statistics": [round(float(t.statistic), 6) for t in ks], "p_values": p_values,
-            "p_bonferroni": bonferroni, "drift": bonferroni < alpha},
+            "statistics": [round(float(t.statistic), 6) for t in ks],
+            "p_values": p_values,
+            "p_bonferroni": bonferroni,
+            "drift": bonferroni < alpha,
+        },
         "chi2_predicted_class": {
-            "reference_counts": reference_counts.tolist(), "batch_counts": batch_counts.tolist(),
-            "statistic": float(chi2.statistic) if chi2 else 0.0, "p_value": float(chi2.pvalue) if chi2 else 1.0,
-            "drift": bool(chi2 is not None and chi2.pvalue < alpha)},
+            "reference_counts": reference_counts.tolist(),
+            "batch_counts": batch_counts.tolist(),
+            "statistic": float(chi2.statistic) if chi2 else 0.0,
+            "p_value": float(chi2.pvalue) if chi2 else 1.0,
+            "drift": bool(chi2 is not None and chi2.pvalue < alpha),
+        },
         "ks_mean_intensity": {
-            "reference_mean": float(reference["intensity"].mean()), "batch_mean": float(intensities.mean()),
-            "statistic": float(shift.statistic), "p_value": float(shift.pvalue), "drift": bool(shift.pvalue < alpha)},
+            "reference_mean": float(reference["intensity"].mean()),
+            "batch_mean": float(intensities.mean()),
+            "statistic": float(shift.statistic),
+            "p_value": float(shift.pvalue),
+            "drift": bool(shift.pvalue < alpha),
+        },
     }
     drifted = [name for name, t in tests.items() if t["drift"]]
     return report | {"result": "drift" if drifted else "no drift", "drifted_tests": drifted, "tests": tests}
@@ -128,9 +156,12 @@ def summary(report: dict) -> str:
     if report["result"] == "not tested":
         return f"drift: not tested ({report['reason']})"
     t = report["tests"]
-    return (f"drift: {report['result']} over {report['images']} images (KS softmax p={t['ks_softmax_per_class']['p_bonferroni']:.3g} "
-            f"Bonferroni, chi2 classes p={t['chi2_predicted_class']['p_value']:.3g}, "
-            f"KS intensity p={t['ks_mean_intensity']['p_value']:.3g}; alpha {report['alpha']})")
+    return (
+        f"drift: {report['result']} over {report['images']} images "
+        f"(KS softmax p={t['ks_softmax_per_class']['p_bonferroni']:.3g} "
+        f"Bonferroni, chi2 classes p={t['chi2_predicted_class']['p_value']:.3g}, "
+        f"KS intensity p={t['ks_mean_intensity']['p_value']:.3g}; alpha {report['alpha']})"
+    )
 
 
 def markdown(report: dict) -> str:
@@ -138,13 +169,27 @@ def markdown(report: dict) -> str:
     if report["result"] == "not tested":
         return f"**Drift: not tested** ({report['reason']}).\n"
     t = report["tests"]
-    rows = [("KS per class on softmax outputs (Bonferroni)", t["ks_softmax_per_class"]["p_bonferroni"],
-             t["ks_softmax_per_class"]["drift"]),
-            ("chi² on predicted-class histogram", t["chi2_predicted_class"]["p_value"], t["chi2_predicted_class"]["drift"]),
-            (f"KS on mean intensity ({t['ks_mean_intensity']['reference_mean']:.3f} → "
-             f"{t['ks_mean_intensity']['batch_mean']:.3f})", t["ks_mean_intensity"]["p_value"], t["ks_mean_intensity"]["drift"])]
-    lines = [f"**Drift: {report['result']}** over {report['images']} images, against {report['reference_images']} "
-             f"reference images, alpha {report['alpha']}.", "", "| test | p-value | drift |", "|---|---:|---|"]
+    rows = [
+        (
+            "KS per class on softmax outputs (Bonferroni)",
+            t["ks_softmax_per_class"]["p_bonferroni"],
+            t["ks_softmax_per_class"]["drift"],
+        ),
+        ("chi² on predicted-class histogram", t["chi2_predicted_class"]["p_value"], t["chi2_predicted_class"]["drift"]),
+        (
+            f"KS on mean intensity ({t['ks_mean_intensity']['reference_mean']:.3f} → "
+            f"{t['ks_mean_intensity']['batch_mean']:.3f})",
+            t["ks_mean_intensity"]["p_value"],
+            t["ks_mean_intensity"]["drift"],
+        ),
+    ]
+    lines = [
+        f"**Drift: {report['result']}** over {report['images']} images, against {report['reference_images']} "
+        f"reference images, alpha {report['alpha']}.",
+        "",
+        "| test | p-value | drift |",
+        "|---|---:|---|",
+    ]
     lines += [f"| {name} | {p:.3g} | {'yes' if d else 'no'} |" for name, p, d in rows]
     return "\n".join(lines) + "\n"
 

@@ -40,8 +40,10 @@ def metrics_from_confusion(cm: np.ndarray) -> dict:
     recall = _ratio(tp, cm.sum(axis=1))
     f1 = _ratio(2 * precision * recall, precision + recall)
     one_vs_rest = (total - cm.sum(axis=0) - cm.sum(axis=1) + 2 * tp) / total
-    per_class = {name: {"precision": float(p), "recall": float(r), "f1": float(f), "accuracy": float(a)}
-                 for name, p, r, f, a in zip(CLASS_NAMES, precision, recall, f1, one_vs_rest)}
+    per_class = {
+        name: {"precision": float(p), "recall": float(r), "f1": float(f), "accuracy": float(a)}
+        for name, p, r, f, a in zip(CLASS_NAMES, precision, recall, f1, one_vs_rest, strict=True)
+    }
     return {"test_accuracy": float(tp.sum() / total), "macro_f1": float(f1.mean()), "per_class": per_class}
 
 
@@ -50,7 +52,7 @@ def confusion_csv(labels: np.ndarray, predicted: np.ndarray) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["actual", "predicted"])
-    writer.writerows((CLASS_NAMES[a], CLASS_NAMES[p]) for a, p in zip(labels, predicted))
+    writer.writerows((CLASS_NAMES[a], CLASS_NAMES[p]) for a, p in zip(labels, predicted, strict=True))
     return out.getvalue()
 
 
@@ -72,7 +74,8 @@ def run(cfg: Config, impl: str) -> dict:
             report / "confusion.png": lambda p: plots.confusion_matrix(cm, f"{impl}: confusion matrix (test)", p),
             report / "curves.png": lambda p: plots.training_curves({impl: paths.history(impl)}, p),
             report / "predictions.png": lambda p: plots.prediction_grid(
-                images[:cfg.evaluate.grid_images], labels, predicted, f"{impl}: true / predicted", p),
+                images[: cfg.evaluate.grid_images], labels, predicted, f"{impl}: true / predicted", p
+            ),
         }
         for path, draw in pictures.items():
             draw(path)
@@ -80,7 +83,11 @@ def run(cfg: Config, impl: str) -> dict:
         import mlflow
 
         mlflow.log_metrics({"test_accuracy": metrics["test_accuracy"], "macro_f1": metrics["macro_f1"]})
-        mlflow.log_metrics({f"recall_{name.replace(' ', '_').replace('-', '_')}": m["recall"]
-                            for name, m in metrics["per_class"].items()})
+        mlflow.log_metrics(
+            {
+                f"recall_{name.replace(' ', '_').replace('-', '_')}": m["recall"]
+                for name, m in metrics["per_class"].items()
+            }
+        )
         tracking.log_files(paths.eval_metrics(impl), paths.confusion(impl), *pictures)
     return metrics

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,8 +30,7 @@ PARITY_MAX_ABS_DIFF = 1e-5
 STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 
 
-LOGITS_MEANING = ("after temperature: logits = (x W + b) / T, probabilities = softmax(logits); "
-                  "x W + b = logits * T")
+LOGITS_MEANING = "after temperature: logits = (x W + b) / T, probabilities = softmax(logits); x W + b = logits * T"
 
 
 class ExportedSoftmaxRegression(nn.Module):
@@ -56,9 +56,18 @@ def export_onnx(module: nn.Module, path, opset: int) -> None:  # noqa: ANN001
 
     example = torch.zeros((3, 28, 28), dtype=torch.uint8)
     with atomic_path(path) as tmp:
-        torch.onnx.export(module.eval(), (example,), str(tmp), dynamo=True, opset_version=opset,
-                          input_names=[INPUT], output_names=list(OUTPUTS), external_data=False,
-                          dynamic_shapes={"image": {0: torch.export.Dim("batch")}}, verbose=False)
+        torch.onnx.export(
+            module.eval(),
+            (example,),
+            str(tmp),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT],
+            output_names=list(OUTPUTS),
+            external_data=False,
+            dynamic_shapes={"image": {0: torch.export.Dim("batch")}},
+            verbose=False,
+        )
         model = onnx.load(str(tmp))
         batch_dims = [v.type.tensor_type.shape.dim[0] for v in (*model.graph.input, *model.graph.output)]
         if any(d.dim_value or not d.dim_param for d in batch_dims):
@@ -83,9 +92,9 @@ def check_parity(module: nn.Module, onnx_path, images: np.ndarray) -> dict:  # n
     with torch.no_grad():
         torch_logits, torch_probs = (t.numpy() for t in module(torch.from_numpy(images)))
     predictor = Predictor(onnx_path)
-    report = {}
+    report: dict[str, Any] = {}
     for batch_size in PARITY_BATCH_SIZES:
-        chunks = [predictor.run(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+        chunks = [predictor.run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         logits = np.concatenate([c[0] for c in chunks])
         probs = np.concatenate([c[1] for c in chunks])
         report[f"batch_{batch_size}"] = {
@@ -94,8 +103,11 @@ def check_parity(module: nn.Module, onnx_path, images: np.ndarray) -> dict:  # n
             "argmax_match": float((logits.argmax(1) == torch_logits.argmax(1)).mean()),
         }
     report["images"] = len(images)
-    report["max_abs_diff"] = max(max(r["max_abs_diff_logits"], r["max_abs_diff_probabilities"])
-                                 for k, r in report.items() if k.startswith("batch_"))
+    report["max_abs_diff"] = max(
+        max(r["max_abs_diff_logits"], r["max_abs_diff_probabilities"])
+        for k, r in report.items()
+        if k.startswith("batch_")
+    )
     report["argmax_match"] = min(r["argmax_match"] for k, r in report.items() if k.startswith("batch_"))
     return report
 
@@ -118,15 +130,22 @@ def run(cfg: Config, impl: str) -> dict:
         parity = check_parity(module, paths.onnx(impl), images)
         write_json(paths.parity(impl), parity)
         if parity["max_abs_diff"] > PARITY_MAX_ABS_DIFF or parity["argmax_match"] < 1.0:
-            raise PipelineError(f"ONNX parity failed for {impl}: max abs diff {parity['max_abs_diff']:.2e} "
-                                f"(limit {PARITY_MAX_ABS_DIFF}), argmax match {parity['argmax_match']:.4%}")
+            raise PipelineError(
+                f"ONNX parity failed for {impl}: max abs diff {parity['max_abs_diff']:.2e} "
+                f"(limit {PARITY_MAX_ABS_DIFF}), argmax match {parity['argmax_match']:.4%}"
+            )
         card = {
-            "impl": impl, "class_names": list(CLASS_NAMES), "opset": cfg.export.opset,
+            "impl": impl,
+            "class_names": list(CLASS_NAMES),
+            "opset": cfg.export.opset,
             "input": {"name": INPUT, "dtype": "uint8", "shape": ["N", 28, 28]},
             "outputs": [{"name": name, "dtype": "float32", "shape": ["N", 10]} for name in OUTPUTS],
-            "temperature": temperature, "logits": LOGITS_MEANING,
-            "test_accuracy": test_accuracy, "data_md5": tracking.data_md5(cfg),
-            "registered_model": cfg.mlflow.registered_model(impl)}
+            "temperature": temperature,
+            "logits": LOGITS_MEANING,
+            "test_accuracy": test_accuracy,
+            "data_md5": tracking.data_md5(cfg),
+            "registered_model": cfg.mlflow.registered_model(impl),
+        }
         # The DVC-tracked card is a function of code, data and params; the copy registered with the model in
         # MLflow also names the run that produced it (a run id is new on every run).
         write_json(paths.model_card(impl), card)
@@ -141,7 +160,14 @@ def run(cfg: Config, impl: str) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             registered_card = Path(tmp) / "model.json"
             registered_card.write_text(json.dumps(card | {"mlflow_run_id": run.info.run_id}, indent=2) + "\n")
-            version = tracking.log_and_register_onnx(cfg, impl, paths.onnx(impl), [registered_card,
-                                                     paths.drift_reference(impl)], module, images, labels,
-                                                     score_of(probabilities, labels))
+            version = tracking.log_and_register_onnx(
+                cfg,
+                impl,
+                paths.onnx(impl),
+                [registered_card, paths.drift_reference(impl)],
+                module,
+                images,
+                labels,
+                score_of(probabilities, labels),
+            )
     return {"parity": parity, "test_accuracy": test_accuracy, **version}

@@ -18,16 +18,18 @@ import numpy as np
 from .data import CLASS_NAMES
 from .errors import PipelineError
 
-INPUT_NAME = "image"                          # uint8 [N, 28, 28]
-OUTPUT_NAMES = ("logits", "probabilities")    # float32 [N, 10] each, both after the temperature
+INPUT_NAME = "image"  # uint8 [N, 28, 28]
+OUTPUT_NAMES = ("logits", "probabilities")  # float32 [N, 10] each, both after the temperature
 
 
 def available_cpus() -> int:
     """CPUs this process may really use: its affinity mask, capped by a cgroup v2/v1 CPU quota if one is set.
     os.cpu_count() reports the host's cores, which oversubscribes a container limited to fewer."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    quota_files = (("/sys/fs/cgroup/cpu.max", None),
-                   ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
+    quota_files = (
+        ("/sys/fs/cgroup/cpu.max", None),
+        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+    )
     for quota_file, period_file in quota_files:
         try:
             if period_file is None:
@@ -61,8 +63,10 @@ def resolve_model(source: str, tracking_uri: str | None = None) -> Path:
         try:
             folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
         except Exception as exc:  # noqa: BLE001 - mlflow raises many types; all mean "cannot have that model"
-            raise PipelineError(f"cannot load {source} from {tracking_uri or 'MLflow'}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            raise PipelineError(
+                f"cannot load {source} from {tracking_uri or 'MLflow'}: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from None
         path = folder / "model.onnx"
     else:
         path = Path(source)
@@ -73,8 +77,7 @@ def resolve_model(source: str, tracking_uri: str | None = None) -> Path:
     return path
 
 
-def wait_for_model(source: str, tracking_uri: str | None, wait_s: float,
-                   say: Callable[[str], None] = print) -> Path:
+def wait_for_model(source: str, tracking_uri: str | None, wait_s: float, say: Callable[[str], None] = print) -> Path:
     """resolve_model, retried with a capped exponential back-off for up to ``wait_s`` seconds.
 
     A service started beside a fresh registry (the compose stack) has nothing to serve until the first
@@ -146,7 +149,15 @@ class Predictor:
     def describe(self, ids: np.ndarray, probabilities: np.ndarray) -> list[dict]:
         """JSON-ready predictions: the top class and the top-k list, with class names."""
         names = self.class_names
-        return [{"class_id": int(row[0]), "class_name": names[row[0]], "probability": float(p[0]),
-                 "top_k": [{"class_id": int(c), "class_name": names[c], "probability": float(q)}
-                           for c, q in zip(row, p)]}
-                for row, p in zip(ids, probabilities)]
+        return [
+            {
+                "class_id": int(row[0]),
+                "class_name": names[row[0]],
+                "probability": float(p[0]),
+                "top_k": [
+                    {"class_id": int(c), "class_name": names[c], "probability": float(q)}
+                    for c, q in zip(row, p, strict=True)
+                ],
+            }
+            for row, p in zip(ids, probabilities, strict=True)
+        ]

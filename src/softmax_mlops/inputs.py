@@ -92,23 +92,26 @@ def _open_idx(path: Path, batch_size: int) -> Source:
             raise PipelineError(f"{path} is truncated: {path.stat().st_size} bytes, header promises {expected}")
         return Source(dims[0], _mapped_batches(path, offset, dims[0], batch_size))
 
-    fh = gzip.open(path, "rb")
+    # not a `with`: the stream below owns the handle and closes it when the batches are done
+    gz = gzip.open(path, "rb")  # noqa: SIM115
     try:
-        dims, _ = _read_idx_header(fh, path)
+        dims, _ = _read_idx_header(gz, path)
     except (OSError, EOFError) as exc:
-        fh.close()
+        gz.close()
         raise PipelineError(f"{path} is not a readable gzip file: {exc}") from None
 
     def stream() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        with fh:
+        with gz:
             for start in range(0, dims[0], batch_size):
                 n = min(batch_size, dims[0] - start)
                 try:
-                    raw = fh.read(n * PIXELS)
+                    raw = gz.read(n * PIXELS)
                 except (OSError, EOFError) as exc:
                     raise PipelineError(f"{path} is corrupted: {exc}") from None
                 if len(raw) < n * PIXELS:
-                    raise PipelineError(f"{path} is truncated: image {start + len(raw) // PIXELS} of {dims[0]} is incomplete")
+                    raise PipelineError(
+                        f"{path} is truncated: image {start + len(raw) // PIXELS} of {dims[0]} is incomplete"
+                    )
                 yield np.arange(start, start + n), np.frombuffer(raw, dtype=np.uint8).reshape(n, 28, 28)
 
     return Source(dims[0], stream())
@@ -123,7 +126,9 @@ def _open_npy(path: Path, batch_size: int) -> Source:
         raise PipelineError(f"{path} is not a readable .npy array: {reason}") from None
     images = _as_images(array, path)
     if not images.flags.c_contiguous:
-        raise PipelineError(f"{path}: Fortran-ordered arrays are not supported; save it with np.save(np.ascontiguousarray(a))")
+        raise PipelineError(
+            f"{path}: Fortran-ordered arrays are not supported; save it with np.save(np.ascontiguousarray(a))"
+        )
     count, offset = len(images), array.offset
     del array, images
     return Source(count, _mapped_batches(path, offset, count, batch_size))

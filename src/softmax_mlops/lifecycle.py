@@ -40,8 +40,8 @@ def _stat(pid: int) -> tuple[str, str, int] | None:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    name = raw[raw.index("(") + 1:raw.rindex(")")]
-    state, ppid = raw[raw.rindex(")") + 2:].split()[:2]
+    name = raw[raw.index("(") + 1 : raw.rindex(")")]
+    state, ppid = raw[raw.rindex(")") + 2 :].split()[:2]
     return name, state, int(ppid)
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from tqdm import tqdm
 
 from . import drift
@@ -32,8 +31,9 @@ def output_format(path: Path, requested: str | None) -> str:
     try:
         return FORMATS[path.suffix.lower()]
     except KeyError:
-        raise PipelineError(f"cannot tell the output format from {path.name!r}: use .csv or .jsonl, "
-                            "or pass --format") from None
+        raise PipelineError(
+            f"cannot tell the output format from {path.name!r}: use .csv or .jsonl, or pass --format"
+        ) from None
 
 
 def refuse_overwriting_input(input_path: Path, output: Path) -> None:
@@ -42,8 +42,10 @@ def refuse_overwriting_input(input_path: Path, output: Path) -> None:
     source, target = input_path.resolve(), output.resolve()
     same = target == source or (target.exists() and source.exists() and target.samefile(source))
     if same or (source.is_dir() and target.is_relative_to(source)):
-        raise PipelineError(f"refusing to write {output}: it is {'the input' if same else 'inside the input folder'} "
-                            f"{input_path}; choose another --output")
+        raise PipelineError(
+            f"refusing to write {output}: it is {'the input' if same else 'inside the input folder'} "
+            f"{input_path}; choose another --output"
+        )
 
 
 CSV_HEADER = ("id", "class_id", "class_name", "probability", "top_k")
@@ -64,16 +66,18 @@ def csv_text(ids, top_ids: np.ndarray, top_probs: np.ndarray, names: list[str]) 
     k = top_ids.shape[1]
     probabilities = [f"{p:.6f}" for p in top_probs.ravel().tolist()]
     classes = top_ids.ravel().tolist()
-    labels = [f"{names[c]}:{p}" for c, p in zip(classes, probabilities)]
+    labels = [f"{names[c]}:{p}" for c, p in zip(classes, probabilities, strict=True)]
     quoted_names = [_field(name) for name in names]
     # a top-k field holds names, digits, ':' and ';': it needs quoting only if a class name does
-    top_k_field = _field if any(q != name for q, name in zip(quoted_names, names)) else str
+    top_k_field = _field if any(q != name for q, name in zip(quoted_names, names, strict=True)) else str
     lines = []
     for row, image_id in enumerate(ids.tolist() if isinstance(ids, np.ndarray) else ids):
         first = row * k
         image = _field(image_id) if isinstance(image_id, str) else str(image_id)
-        lines.append(f"{image},{classes[first]},{quoted_names[classes[first]]},{probabilities[first]},"
-                     f"{top_k_field(';'.join(labels[first:first + k]))}\n")
+        lines.append(
+            f"{image},{classes[first]},{quoted_names[classes[first]]},{probabilities[first]},"
+            f"{top_k_field(';'.join(labels[first : first + k]))}\n"
+        )
     return "".join(lines)
 
 
@@ -83,9 +87,17 @@ class Result:
     drift: dict | None  # the drift report, written beside the output; None when the model has no reference
 
 
-def run(input_path: Path, output: Path, predictor: Predictor, batch_size: int, top_k: int,
-        fmt: str | None = None, skip_bad: bool = False, progress: bool = True,
-        drift_cfg: DriftConfig | None = None) -> Result:
+def run(
+    input_path: Path,
+    output: Path,
+    predictor: Predictor,
+    batch_size: int,
+    top_k: int,
+    fmt: str | None = None,
+    skip_bad: bool = False,
+    progress: bool = True,
+    drift_cfg: DriftConfig | None = None,
+) -> Result:
     """Predict every image of ``input_path`` into ``output``; with ``drift_cfg`` and a model that carries a drift
     reference, also test the batch for drift and write the report beside the output (drift.report_path)."""
     refuse_overwriting_input(input_path, output)
@@ -100,8 +112,11 @@ def run(input_path: Path, output: Path, predictor: Predictor, batch_size: int, t
     source = open_source(input_path, batch_size, skip_bad)
     names = predictor.class_names
     written = 0
-    with atomic_path(output) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh, \
-            tqdm(total=source.count, unit="img", unit_scale=True, desc="predict", disable=not progress) as bar:
+    with (
+        atomic_path(output) as tmp,
+        open(tmp, "w", newline="", encoding="utf-8") as fh,
+        tqdm(total=source.count, unit="img", unit_scale=True, desc="predict", disable=not progress) as bar,
+    ):
         if fmt == "csv":
             fh.write(",".join(CSV_HEADER) + "\n")
         for ids, images in source.batches:
@@ -112,7 +127,7 @@ def run(input_path: Path, output: Path, predictor: Predictor, batch_size: int, t
             if fmt == "csv":
                 fh.write(csv_text(ids, top_ids, top_probs, names))
             else:
-                for i, item in zip(ids, predictor.describe(top_ids, top_probs)):
+                for i, item in zip(ids, predictor.describe(top_ids, top_probs), strict=True):
                     fh.write(json.dumps({"id": i if isinstance(i, str) else int(i), **item}) + "\n")
             written += len(images)
             bar.update(len(images))

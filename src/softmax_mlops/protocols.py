@@ -21,8 +21,18 @@ import numpy as np
 from .inference import OUTPUT_NAMES
 
 # KServe v2 datatypes a pixel array may arrive in; every value must still be an integer in 0..255
-V2_DTYPES = {"UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64, "INT8": np.int8,
-             "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "FP64": np.float64}
+V2_DTYPES = {
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
 HEADER_LENGTH = "inference-header-content-length"
 
 
@@ -74,10 +84,11 @@ def check_pixels(array: np.ndarray, max_instances: int, flat_ok: bool = True) ->
 
 # --- Open Inference Protocol (KServe v2) -------------------------------------------------------------------------
 
+
 @dataclass
 class V2Request:
     images: np.ndarray
-    outputs: dict[str, bool]            # requested output -> as binary data
+    outputs: dict[str, bool]  # requested output -> as binary data
     id: str | None = None
     parameters: dict = field(default_factory=dict)
 
@@ -94,22 +105,28 @@ def parse_v2(body: bytes, header_length: str | None, max_instances: int) -> V2Re
     binary = b""
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) > len(body):
-            raise ProtocolError(400, f"Inference-Header-Content-Length {header_length!r} does not fit a "
-                                     f"{len(body)}-byte body")
-        body, binary = body[:int(header_length)], body[int(header_length):]
+            raise ProtocolError(
+                400, f"Inference-Header-Content-Length {header_length!r} does not fit a {len(body)}-byte body"
+            )
+        body, binary = body[: int(header_length)], body[int(header_length) :]
     request = load_json(body)
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise ProtocolError(400, 'expected a JSON object with "inputs": [{"name": "image", ...}]')
-    if len(request["inputs"]) != 1 or not isinstance(request["inputs"][0], dict) \
-            or request["inputs"][0].get("name") != "image":
+    if (
+        len(request["inputs"]) != 1
+        or not isinstance(request["inputs"][0], dict)
+        or request["inputs"][0].get("name") != "image"
+    ):
         raise ProtocolError(400, 'this model has one input, "image" (UINT8 [-1, 28, 28])')
     tensor = request["inputs"][0]
     datatype, shape = tensor.get("datatype"), tensor.get("shape")
     if datatype not in V2_DTYPES:
-        raise ProtocolError(400, f"input datatype {datatype!r} is not supported: send UINT8 (or another integer or "
-                                 "FP type holding integers 0..255)")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                               for d in shape):
+        raise ProtocolError(
+            400,
+            f"input datatype {datatype!r} is not supported: send UINT8 (or another integer or "
+            "FP type holding integers 0..255)",
+        )
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise ProtocolError(400, f"input shape must be a list of non-negative integers, got {shape!r}")
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if shape and shape[0] > max_instances:
@@ -117,8 +134,9 @@ def parse_v2(body: bytes, header_length: str | None, max_instances: int) -> V2Re
     size = _binary_size(tensor.get("parameters"))
     if size is not None:
         if size != len(binary) or size != count * np.dtype(V2_DTYPES[datatype]).itemsize:
-            raise ProtocolError(400, f"binary input of {len(binary)} bytes (binary_data_size {size}) does not hold "
-                                     f"{datatype} {shape}")
+            raise ProtocolError(
+                400, f"binary input of {len(binary)} bytes (binary_data_size {size}) does not hold {datatype} {shape}"
+            )
         array = np.frombuffer(binary, dtype=np.dtype(V2_DTYPES[datatype]).newbyteorder("<"))
     else:
         if binary:
@@ -181,14 +199,20 @@ def encode_v2(model_name: str, request: V2Request, results: dict[str, np.ndarray
     header = json.dumps(response).encode()
     if not buffers:
         return header, {"content-type": "application/json"}
-    return header + b"".join(buffers), {"content-type": "application/octet-stream",
-                                        "inference-header-content-length": str(len(header))}
+    return header + b"".join(buffers), {
+        "content-type": "application/octet-stream",
+        "inference-header-content-length": str(len(header)),
+    }
 
 
 def v2_model_metadata(model_name: str) -> dict:
-    return {"name": model_name, "versions": [], "platform": "onnxruntime_onnx",
-            "inputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, 28, 28]}],
-            "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, 10]} for name in OUTPUT_NAMES]}
+    return {
+        "name": model_name,
+        "versions": [],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, 28, 28]}],
+        "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, 10]} for name in OUTPUT_NAMES],
+    }
 
 
 # --- MLflow scoring protocol -------------------------------------------------------------------------------------
@@ -204,12 +228,18 @@ def parse_mlflow(body: bytes, max_instances: int) -> np.ndarray:
     keys = [k for k in MLFLOW_FORMATS if isinstance(payload, dict) and k in payload]
     if len(keys) != 1:
         found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
-        raise ProtocolError(400, f"The input must be a JSON dictionary with exactly one of the input fields "
-                                 f"{set(MLFLOW_FORMATS)}. Received: {found}.")
+        raise ProtocolError(
+            400,
+            f"The input must be a JSON dictionary with exactly one of the input fields "
+            f"{set(MLFLOW_FORMATS)}. Received: {found}.",
+        )
     key, value = keys[0], payload[keys[0]]
     if key.startswith("dataframe"):
-        raise ProtocolError(400, f"{key} does not fit this model's tensor input 'image' (uint8 [-1, 28, 28]): "
-                                 "send {\"inputs\": [[28 rows of 28 pixels], ...]}")
+        raise ProtocolError(
+            400,
+            f"{key} does not fit this model's tensor input 'image' (uint8 [-1, 28, 28]): "
+            'send {"inputs": [[28 rows of 28 pixels], ...]}',
+        )
     if key == "inputs" and isinstance(value, dict):
         if set(value) != {"image"}:
             raise ProtocolError(400, f"inputs must name the one input 'image', got {sorted(value)}")

@@ -64,8 +64,13 @@ def decide(new: Score, gate: float, champion: tuple[str, Score] | None) -> Decis
     return Decision(False, f"kept v{version}: {new.accuracy:.4f} {detail}", version)
 
 
-def current_champion(client, name: str, tracking_uri: str, images: np.ndarray,  # noqa: ANN001 - MlflowClient
-                     labels: np.ndarray) -> tuple[str, Score] | None:
+def current_champion(
+    client,
+    name: str,
+    tracking_uri: str,
+    images: np.ndarray,  # noqa: ANN001 - MlflowClient
+    labels: np.ndarray,
+) -> tuple[str, Score] | None:
     """The version holding @champion and its score on these images, or None for an empty registry."""
     import mlflow
 
@@ -80,8 +85,16 @@ def current_champion(client, name: str, tracking_uri: str, images: np.ndarray,  
         raise PipelineError(f"cannot score the current champion models:/{name}/{version}: {exc}") from None
 
 
-def promote_if_not_worse(client, name: str, version: str, new: Score, gate: float, tracking_uri: str,  # noqa: ANN001
-                         images: np.ndarray, labels: np.ndarray) -> Decision:
+def promote_if_not_worse(
+    client,
+    name: str,
+    version: str,
+    new: Score,
+    gate: float,
+    tracking_uri: str,  # noqa: ANN001
+    images: np.ndarray,
+    labels: np.ndarray,
+) -> Decision:
     """Point @candidate at ``version``; move @champion to it only if :func:`decide` says so; record why."""
     decision = decide(new, gate, current_champion(client, name, tracking_uri, images, labels))
     client.set_registered_model_alias(name, CANDIDATE, version)

@@ -34,8 +34,6 @@ log = logging.getLogger("softmax_mlops.server")
 IMAGE_TYPES = ("image/png", "image/jpeg")
 
 
-
-
 class InferenceTimeout(Exception):
     """Inference ran over serve.request_timeout_s: the server's own limit, answered 503."""
 
@@ -62,7 +60,7 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
 
     try:
         await asyncio.wait_for(read(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise BadRequest(408, f"request body not received within {timeout} s") from None
     except ClientDisconnect:
         raise ClientGone() from None
@@ -95,8 +93,11 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
 async def _images_from(request: Request, limits: ServeConfig) -> np.ndarray:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in ("application/json", "multipart/form-data", *IMAGE_TYPES):
-        raise BadRequest(415, f"unsupported content type {content_type or '(none)'!r}: send application/json "
-                              "{\"instances\": [...]}, an image/png or image/jpeg body, or a multipart file upload")
+        raise BadRequest(
+            415,
+            f"unsupported content type {content_type or '(none)'!r}: send application/json "
+            '{"instances": [...]}, an image/png or image/jpeg body, or a multipart file upload',
+        )
     body = await _read_body(request, limits.max_body_bytes, limits.read_timeout_s)
     if content_type == "application/json":
         return await run_in_threadpool(parse_instances, body, limits.max_instances)
@@ -117,31 +118,72 @@ async def _images_from(request: Request, limits: ServeConfig) -> np.ndarray:
 
 
 ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
-ERRORS = {400: "undecodable JSON or image", 408: "request too slow", 413: "too large", 415: "unsupported type",
-          422: "not 28x28 integers in 0..255", 503: "inference over the time limit"}
-_IMAGE = {"type": "array", "minItems": 28, "maxItems": 28, "items": {
-    "type": "array", "minItems": 28, "maxItems": 28, "items": {"type": "integer", "minimum": 0, "maximum": 255}}}
+ERRORS = {
+    400: "undecodable JSON or image",
+    408: "request too slow",
+    413: "too large",
+    415: "unsupported type",
+    422: "not 28x28 integers in 0..255",
+    503: "inference over the time limit",
+}
+_IMAGE = {
+    "type": "array",
+    "minItems": 28,
+    "maxItems": 28,
+    "items": {
+        "type": "array",
+        "minItems": 28,
+        "maxItems": 28,
+        "items": {"type": "integer", "minimum": 0, "maximum": 255},
+    },
+}
 _FILE = {"type": "string", "format": "binary"}
 # /predict reads its body itself (three content types, size and time limits), so FastAPI cannot infer the
 # schema: describe it here, for clients and for schemathesis-style fuzzers.
-PREDICT_BODY = {"required": True, "content": {
-    "application/json": {"schema": {"type": "object", "required": ["instances"], "properties": {
-        "instances": {"type": "array", "minItems": 1, "maxItems": 256, "items": {"oneOf": [
-            _IMAGE, {"type": "array", "minItems": 784, "maxItems": 784,
-                     "items": {"type": "integer", "minimum": 0, "maximum": 255}}]}}}}},
-    "image/png": {"schema": _FILE},
-    "image/jpeg": {"schema": _FILE},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": _FILE}, "required": ["file"]}},
-}}
+PREDICT_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["instances"],
+                "properties": {
+                    "instances": {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": 256,
+                        "items": {
+                            "oneOf": [
+                                _IMAGE,
+                                {
+                                    "type": "array",
+                                    "minItems": 784,
+                                    "maxItems": 784,
+                                    "items": {"type": "integer", "minimum": 0, "maximum": 255},
+                                },
+                            ]
+                        },
+                    }
+                },
+            }
+        },
+        "image/png": {"schema": _FILE},
+        "image/jpeg": {"schema": _FILE},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {"file": _FILE}, "required": ["file"]}},
+    },
+}
 
 
 def create_app(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> FastAPI:
     from . import __version__, protocols
 
-    app = FastAPI(title="softmax-mlops inference", version="1",
-                  description="Fashion-MNIST softmax regression, served by onnxruntime: its own /predict, the Open "
-                              "Inference Protocol (KServe v2) under /v2, and MLflow's scoring protocol "
-                              "(/invocations, /ping, /version).")
+    app = FastAPI(
+        title="softmax-mlops inference",
+        version="1",
+        description="Fashion-MNIST softmax regression, served by onnxruntime: its own /predict, the Open "
+        "Inference Protocol (KServe v2) under /v2, and MLflow's scoring protocol "
+        "(/invocations, /ping, /version).",
+    )
     model_name = predictor.metadata.get("registered_model") or "softmax-mlops"
 
     @app.exception_handler(BadRequest)
@@ -166,9 +208,9 @@ def create_app(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> Fas
         client's input)."""
         try:
             results = await asyncio.wait_for(run_in_threadpool(predictor.run, images), timeout=limits.request_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise InferenceTimeout(f"inference took longer than {limits.request_timeout_s} s") from None
-        return dict(zip(OUTPUT_NAMES, results))
+        return dict(zip(OUTPUT_NAMES, results, strict=True))
 
     @app.exception_handler(InferenceTimeout)
     async def _timeout(_: Request, exc: InferenceTimeout) -> JSONResponse:
@@ -188,9 +230,14 @@ def create_app(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> Fas
     async def metadata() -> dict:
         return predictor.metadata
 
-    @app.post("/predict", openapi_extra={"requestBody": PREDICT_BODY},
-              responses={code: {"description": text, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
-                         for code, text in ERRORS.items()})
+    @app.post(
+        "/predict",
+        openapi_extra={"requestBody": PREDICT_BODY},
+        responses={
+            code: {"description": text, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+            for code, text in ERRORS.items()
+        },
+    )
     async def predict(request: Request) -> JSONResponse:
         images = await _images_from(request, limits)
         probabilities = (await run_model(images))["probabilities"]
@@ -228,8 +275,9 @@ def create_app(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> Fas
     async def v2_infer(name: str, request: Request) -> Response:
         known(name)
         body = await body_of(request, "application/json", "application/octet-stream")
-        parsed = await run_in_threadpool(protocols.parse_v2, body, request.headers.get(HEADER_LENGTH),
-                                         limits.max_instances)
+        parsed = await run_in_threadpool(
+            protocols.parse_v2, body, request.headers.get(HEADER_LENGTH), limits.max_instances
+        )
         content, headers = protocols.encode_v2(model_name, parsed, await run_model(parsed.images))
         return Response(content, headers=headers)
 
@@ -265,8 +313,11 @@ def protocol(limits: ServeConfig) -> type:
 
     def reply(transport: asyncio.Transport, status: str, message: str) -> None:
         body = json.dumps({"error": message}).encode()
-        transport.write(f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                        f"content-length: {len(body)}\r\n\r\n".encode() + body)
+        transport.write(
+            f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         transport.close()
 
     class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -275,8 +326,11 @@ def protocol(limits: ServeConfig) -> type:
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             if len(self.connections) > limits.max_connections:
-                reply(transport, "503 Service Unavailable",
-                      f"more than {limits.max_connections} open connections: try again later")
+                reply(
+                    transport,
+                    "503 Service Unavailable",
+                    f"more than {limits.max_connections} open connections: try again later",
+                )
                 return
             self._arm()
 
@@ -291,8 +345,11 @@ def protocol(limits: ServeConfig) -> type:
 
         def _too_slow(self) -> None:
             if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
-                reply(self.transport, "408 Request Timeout",
-                      f"request headers not received within {limits.read_timeout_s} s")
+                reply(
+                    self.transport,
+                    "408 Request Timeout",
+                    f"request headers not received within {limits.read_timeout_s} s",
+                )
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -312,13 +369,23 @@ def protocol(limits: ServeConfig) -> type:
 def serve(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> None:
     import uvicorn
 
-    if min(limits.max_body_bytes, limits.max_instances, limits.max_connections, limits.max_image_pixels) < 1 \
-            or limits.request_timeout_s <= 0 or limits.read_timeout_s <= 0:
+    if (
+        min(limits.max_body_bytes, limits.max_instances, limits.max_connections, limits.max_image_pixels) < 1
+        or limits.request_timeout_s <= 0
+        or limits.read_timeout_s <= 0
+    ):
         raise PipelineError("serve limits must be positive")
     app = create_app(predictor, limits, top_k)
     # Everything loaded so far (FastAPI, onnxruntime, the model, MLflow's client) lives as long as the process:
     # move it out of the collector's reach, so that a request that parses a large JSON body does not set off a
     # full collection that walks all of it (the p99 of 64-image JSON requests).
     gc.freeze()
-    uvicorn.run(app, host=limits.host, port=limits.port, log_level="info",
-                timeout_keep_alive=5, http=protocol(limits), timeout_graceful_shutdown=5)
+    uvicorn.run(
+        app,
+        host=limits.host,
+        port=limits.port,
+        log_level="info",
+        timeout_keep_alive=5,
+        http=protocol(limits),
+        timeout_graceful_shutdown=5,
+    )

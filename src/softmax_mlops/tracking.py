@@ -149,13 +149,22 @@ def _run_id(cfg: Config, impl: str) -> str:
     weights = cfg.paths.weights(impl)
     if weights.is_file():
         experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
-        found = mlflow.MlflowClient().search_runs(
-            [experiment.experiment_id], f"tags.impl = '{impl}' and tags.weights_md5 = '{_file_md5(weights)}'",
-            order_by=["attributes.start_time DESC"], max_results=1) if experiment else []
+        found = (
+            mlflow.MlflowClient().search_runs(
+                [experiment.experiment_id],
+                f"tags.impl = '{impl}' and tags.weights_md5 = '{_file_md5(weights)}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if experiment
+            else []
+        )
         if found:
             return found[0].info.run_id
-    raise PipelineError(f"{info_path} is missing and no MLflow run in {cfg.mlflow.tracking_uri} produced "
-                        f"{weights}: run the train@{impl} stage first")
+    raise PipelineError(
+        f"{info_path} is missing and no MLflow run in {cfg.mlflow.tracking_uri} produced "
+        f"{weights}: run the train@{impl} stage first"
+    )
 
 
 def train_run(cfg: Config, impl: str):  # noqa: ANN201 - mlflow.entities.Run
@@ -172,8 +181,10 @@ def resume_run(cfg: Config, impl: str, stage: str) -> Iterator[mlflow.ActiveRun]
     try:
         previous = mlflow.get_run(run_id)
     except mlflow.exceptions.MlflowException:
-        raise PipelineError(f"MLflow run {run_id} (from {cfg.paths.run_info(impl)}) is not in "
-                            f"{cfg.mlflow.tracking_uri}; rerun train with `dvc repro --force train@{impl}`") from None
+        raise PipelineError(
+            f"MLflow run {run_id} (from {cfg.paths.run_info(impl)}) is not in "
+            f"{cfg.mlflow.tracking_uri}; rerun train with `dvc repro --force train@{impl}`"
+        ) from None
     stages = previous.data.tags.get("dvc_stages", "")
     with mlflow.start_run(run_id=run_id) as run:
         tags = _stage_tags(cfg, stage) | _owner()
@@ -236,9 +247,13 @@ def log_torch_model(W, b, example_images: np.ndarray) -> None:  # noqa: ANN001
         example_logits = module(torch.from_numpy(example_images)).numpy()
     with artifact_store():
         mlflow.pytorch.log_model(
-            module, name="model", serialization_format="pt2",
-            signature=infer_signature(example_images, example_logits), input_example=example_images,
-            pip_requirements=pip_requirements("torch", "numpy"))
+            module,
+            name="model",
+            serialization_format="pt2",
+            signature=infer_signature(example_images, example_logits),
+            input_example=example_images,
+            pip_requirements=pip_requirements("torch", "numpy"),
+        )
 
 
 def version_description(cfg: Config, impl: str, test_accuracy: float) -> str:
@@ -248,20 +263,31 @@ def version_description(cfg: Config, impl: str, test_accuracy: float) -> str:
         raise PipelineError("a model version is registered from inside the export stage's MLflow run")
     tags = mlflow.get_run(run.info.run_id).data.tags
     params = ", ".join(f"{k}={v}" for k, v in asdict(cfg.train).items())
-    lines = [f"softmax regression ({impl}), test accuracy {test_accuracy:.4f} on the Fashion-MNIST test set",
-             f"- data md5: {data_md5(cfg)}",
-             f"- params: {params}",
-             f"- git commit: {tags.get('git_commit', 'unknown')}",
-             f"- DVC experiment: {tags.get('dvc_exp_name', '(none: dvc repro)')}",
-             f"- MLflow run: {cfg.mlflow.run_url(run.info.experiment_id, run.info.run_id)}"]
+    lines = [
+        f"softmax regression ({impl}), test accuracy {test_accuracy:.4f} on the Fashion-MNIST test set",
+        f"- data md5: {data_md5(cfg)}",
+        f"- params: {params}",
+        f"- git commit: {tags.get('git_commit', 'unknown')}",
+        f"- DVC experiment: {tags.get('dvc_exp_name', '(none: dvc repro)')}",
+        f"- MLflow run: {cfg.mlflow.run_url(run.info.experiment_id, run.info.run_id)}",
+    ]
     return "\n".join(lines)
 
 
-def log_and_register_onnx(cfg: Config, impl: str, onnx_path: Path, extra_files: list[Path], module,  # noqa: ANN001
-                          test_images: np.ndarray, test_labels: np.ndarray, new) -> dict:  # noqa: ANN001 - registry.Score
-    """Log the ONNX model (with its model card and drift reference) into the current run and register it; @candidate always moves to it, @champion only
-    past the gate and when it is at least as good as the current champion on the same test data
-    (registry.promote_if_not_worse). The version's description and tags say what it is and what was decided."""
+def log_and_register_onnx(
+    cfg: Config,
+    impl: str,
+    onnx_path: Path,
+    extra_files: list[Path],
+    module,  # noqa: ANN001
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    new,
+) -> dict:  # noqa: ANN001 - registry.Score
+    """Log the ONNX model (with its model card and drift reference) into the current run and register it;
+    @candidate always moves to it, @champion only past the gate and when it is at least as good as the current
+    champion on the same test data (registry.promote_if_not_worse). The version's description and tags say what
+    it is and what was decided."""
     import onnx
     import torch
     from mlflow.models import infer_signature
@@ -276,22 +302,38 @@ def log_and_register_onnx(cfg: Config, impl: str, onnx_path: Path, extra_files: 
         # The input is named `image`, as in the graph, so `mlflow models serve` takes {"inputs": {"image": ...}}
         # as well as an unnamed array; CPU only, since onnxruntime would otherwise warn about CUDA on every load.
         info = mlflow.onnx.log_model(
-            onnx.load(str(onnx_path)), name="onnx_model", registered_model_name=name, save_as_external_data=False,
+            onnx.load(str(onnx_path)),
+            name="onnx_model",
+            registered_model_name=name,
+            save_as_external_data=False,
             signature=infer_signature({"image": example_images}, {"logits": logits, "probabilities": probabilities}),
-            input_example={"image": example_images}, extra_files=[str(f) for f in extra_files],
+            input_example={"image": example_images},
+            extra_files=[str(f) for f in extra_files],
             onnx_execution_providers=["CPUExecutionProvider"],
-            pip_requirements=pip_requirements("onnxruntime", "onnx", "numpy"))
+            pip_requirements=pip_requirements("onnxruntime", "onnx", "numpy"),
+        )
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
     client.set_registered_model_tag(name, "impl", impl)
     client.set_model_version_tag(name, version, "test_accuracy", f"{new.accuracy:.4f}")
     gate = cfg.export.champion_min_accuracy
-    decision = promote_if_not_worse(client, name, version, new, gate, cfg.mlflow.tracking_uri,
-                                    test_images, test_labels)
-    client.update_model_version(name, version, description=version_description(cfg, impl, new.accuracy)
-                                + f"\n- @champion: {decision.reason}")
-    mlflow.set_tags({"registered_model": name, "registered_version": version,
-                     "champion": str(decision.promoted).lower(), "champion_reason": decision.reason})
+    decision = promote_if_not_worse(client, name, version, new, gate, cfg.mlflow.tracking_uri, test_images, test_labels)
+    client.update_model_version(
+        name, version, description=version_description(cfg, impl, new.accuracy) + f"\n- @champion: {decision.reason}"
+    )
+    mlflow.set_tags(
+        {
+            "registered_model": name,
+            "registered_version": version,
+            "champion": str(decision.promoted).lower(),
+            "champion_reason": decision.reason,
+        }
+    )
     mlflow.log_metric("test_nll", new.nll)
-    return {"registered_model": name, "version": version, "champion": decision.promoted, "gate": gate,
-            "reason": decision.reason}
+    return {
+        "registered_model": name,
+        "version": version,
+        "champion": decision.promoted,
+        "gate": gate,
+        "reason": decision.reason,
+    }

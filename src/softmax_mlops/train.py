@@ -52,9 +52,14 @@ def accuracy(model: SoftmaxModel, X: torch.Tensor, y: torch.Tensor) -> float:
     return (model.logits(X).argmax(dim=1) == y).float().mean().item()
 
 
-def fit(impl: str, hp: TrainConfig, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-        on_epoch: Callable[[EpochMetrics], None] = lambda m: None,
-        progress: bool = True) -> tuple[SoftmaxModel, list[EpochMetrics]]:
+def fit(
+    impl: str,
+    hp: TrainConfig,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    on_epoch: Callable[[EpochMetrics], None] = lambda m: None,
+    progress: bool = True,
+) -> tuple[SoftmaxModel, list[EpochMetrics]]:
     generator = torch.Generator().manual_seed(hp.seed)
     model = build(impl, *initial_weights(generator), hp)
     X, y = features(torch.from_numpy(train[0])), torch.from_numpy(train[1])
@@ -71,10 +76,16 @@ def fit(impl: str, hp: TrainConfig, train: tuple[np.ndarray, np.ndarray], test: 
             y_batch = y.index_select(0, idx)
             loss, Z = model.train_step(X.index_select(0, idx), y_batch, lr)
             loss_sum += loss * len(idx)
-            correct += (Z.argmax(dim=1) == y_batch).sum().item()
-        metrics = EpochMetrics(epoch=epoch + 1, loss=loss_sum / n, train_acc_running=correct / n,
-                               train_acc=accuracy(model, X, y), test_acc=accuracy(model, X_test, y_test),
-                               lr=lr, seconds=time.perf_counter() - start)
+            correct += int((Z.argmax(dim=1) == y_batch).sum())
+        metrics = EpochMetrics(
+            epoch=epoch + 1,
+            loss=loss_sum / n,
+            train_acc_running=correct / n,
+            train_acc=accuracy(model, X, y),
+            test_acc=accuracy(model, X_test, y_test),
+            lr=lr,
+            seconds=time.perf_counter() - start,
+        )
         history.append(metrics)
         on_epoch(metrics)
         bar.set_postfix(loss=f"{metrics.loss:.4f}", test_acc=f"{metrics.test_acc:.4f}")
@@ -102,8 +113,13 @@ def run(cfg: Config, impl: str) -> dict:
         model, history = fit(impl, cfg.train, train, test, on_epoch=tracking.log_epoch)
         W, b = model.weights()
         final = history[-1]
-        summary = {"test_acc": final.test_acc, "train_acc": final.train_acc,
-                   "train_acc_running": final.train_acc_running, "loss": final.loss, "epochs": final.epoch}
+        summary = {
+            "test_acc": final.test_acc,
+            "train_acc": final.train_acc,
+            "train_acc_running": final.train_acc_running,
+            "loss": final.loss,
+            "epochs": final.epoch,
+        }
         seconds_per_epoch = sum(m.seconds for m in history) / len(history)
         tracking.log_timing(seconds_per_epoch=seconds_per_epoch)  # timings go to MLflow, not to DVC outputs
         save_weights(paths.weights(impl), W, b)

@@ -41,8 +41,10 @@ def test_genuine_images_show_no_drift(project, real_splits):
 
 SHIFTS = {  # name -> (shift, the tests that must reject)
     "inverted": (lambda x, y: 255 - x, {"ks_softmax_per_class", "ks_mean_intensity"}),
-    "brightened": (lambda x, y: np.clip(x.astype(np.int16) + 40, 0, 255).astype(np.uint8),
-                   {"ks_softmax_per_class", "ks_mean_intensity"}),
+    "brightened": (
+        lambda x, y: np.clip(x.astype(np.int16) + 40, 0, 255).astype(np.uint8),
+        {"ks_softmax_per_class", "ks_mean_intensity"},
+    ),
     "rotated": (lambda x, y: np.rot90(x, 1, axes=(1, 2)).copy(), {"ks_softmax_per_class", "chi2_predicted_class"}),
     "one-class": (lambda x, y: x[y == 7], {"ks_softmax_per_class", "chi2_predicted_class"}),
 }

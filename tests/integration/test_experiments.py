@@ -24,9 +24,14 @@ def project(real_splits, tmp_path_factory):
 def runs_named(root, experiment: str) -> list[tuple[str, str]]:
     """(impl, status) of the project's MLflow runs tagged with a DVC experiment name."""
     with contextlib.closing(sqlite3.connect(root / "mlflow.db")) as db:
-        return sorted(db.execute(
-            "select i.value, r.status from runs r join tags t on t.run_uuid = r.run_uuid and t.key = 'dvc_exp_name' "
-            "join tags i on i.run_uuid = r.run_uuid and i.key = 'impl' where t.value = ?", (experiment,)).fetchall())
+        return sorted(
+            db.execute(
+                "select i.value, r.status from runs r "
+                "join tags t on t.run_uuid = r.run_uuid and t.key = 'dvc_exp_name' "
+                "join tags i on i.run_uuid = r.run_uuid and i.key = 'impl' where t.value = ?",
+                (experiment,),
+            ).fetchall()
+        )
 
 
 @pytest.mark.parametrize("how, lr", [([], 0.05), (["--temp"], 0.07)], ids=["workspace", "temp"])
@@ -64,14 +69,21 @@ def test_the_readme_exp_show_command_keeps_only_the_headline_and_changed_params(
 
     from helpers import REPO
 
-    (line,) = [l for l in (REPO / "README.md").read_text().splitlines() if l.startswith("dvc exp show")]
+    (line,) = [row for row in (REPO / "README.md").read_text().splitlines() if row.startswith("dvc exp show")]
     command = shlex.split(line.split("#")[0])
     shown = run_tool(*command, cwd=project)
     assert shown.returncode == 0, shown.stderr
     rows = shown.stdout.splitlines()
     # the experiment, the four headline figures and the two params these experiments changed: nothing else
-    assert rows[1].split() == ["Experiment", "scratch.test_accuracy", "scratch.macro_f1", "concise.test_accuracy",
-                               "concise.macro_f1", "train.lr", "train.epochs"], rows[1]
+    assert rows[1].split() == [
+        "Experiment",
+        "scratch.test_accuracy",
+        "scratch.macro_f1",
+        "concise.test_accuracy",
+        "concise.macro_f1",
+        "train.lr",
+        "train.epochs",
+    ], rows[1]
     assert "lr0.05-workspace" in shown.stdout
     # the README's arithmetic: 117 columns for one experiment named lr05, plus longer names, plus about 15 for
     # the second changed param (train.epochs, from the queued experiment)

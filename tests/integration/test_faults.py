@@ -19,8 +19,12 @@ from helpers import cli, copy_project, run_tool
 from stack import free_port, wait_http
 
 pytestmark = pytest.mark.realdata
-TRAIN_OUTPUTS = ("models/scratch/weights.npz", "models/scratch/mlflow_run.json", "metrics/scratch/history.csv",
-                 "metrics/scratch/train.json")
+TRAIN_OUTPUTS = (
+    "models/scratch/weights.npz",
+    "models/scratch/mlflow_run.json",
+    "metrics/scratch/history.csv",
+    "metrics/scratch/train.json",
+)
 LONG = ["-S", "train.epochs=400"]  # long enough to be interrupted mid-training
 
 
@@ -90,11 +94,20 @@ def fresh(ingested):
 def test_sigterm_to_dvc_repro_stops_the_stage_cleanly(fresh, target):
     root = fresh
     set_params(root, "train.epochs=400")
-    proc = subprocess.Popen(["dvc", "repro", "train@scratch"], cwd=root, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["dvc", "repro", "train@scratch"],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        wait_for(lambda: (root / "mlflow.db").exists() and any(s == "RUNNING" for _, s in runs(root)),
-                 "the training run to start", proc)
+        wait_for(
+            lambda: (root / "mlflow.db").exists() and any(s == "RUNNING" for _, s in runs(root)),
+            "the training run to start",
+            proc,
+        )
     except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)  # a failed wait must not leave DVC holding the project's lock
         raise
@@ -112,11 +125,15 @@ def test_sigterm_to_dvc_repro_stops_the_stage_cleanly(fresh, target):
 def test_ctrl_c_on_a_stage_prints_the_cli_line(fresh):
     root = fresh
     set_params(root, "train.epochs=400")
-    proc = subprocess.Popen(["softmax-mlops", "train", "scratch"], cwd=root, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["softmax-mlops", "train", "scratch"], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
-        wait_for(lambda: (root / "mlflow.db").exists() and any(s == "RUNNING" for _, s in runs(root)),
-                 "the training run to start", proc)
+        wait_for(
+            lambda: (root / "mlflow.db").exists() and any(s == "RUNNING" for _, s in runs(root)),
+            "the training run to start",
+            proc,
+        )
     except BaseException:
         proc.kill()
         raise
@@ -132,9 +149,23 @@ def test_signals_to_predict_leave_no_temporary_file(ingested, real_splits, tmp_p
     images = np.tile(real_splits["test"][0], (40, 1, 1))
     np.save(tmp_path / "big.npy", images)
     out = tmp_path / "out"
-    proc = subprocess.Popen(["softmax-mlops", "predict", str(tmp_path / "big.npy"), "-o", str(out / "p.csv"),
-                             "-m", str(onnx_model[0]), "--batch-size", "256"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            "softmax-mlops",
+            "predict",
+            str(tmp_path / "big.npy"),
+            "-o",
+            str(out / "p.csv"),
+            "-m",
+            str(onnx_model[0]),
+            "--batch-size",
+            "256",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(lambda: out.exists() and any(out.iterdir()), "predict to start writing", proc)
     proc.send_signal(sig)
     _, stderr = proc.communicate()
@@ -150,8 +181,20 @@ def mlflow_server(tmp_path):
     port = free_port()
     store = tmp_path / "server"
     store.mkdir()
-    cmd = ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{store}/mlflow.db", "--artifacts-destination", str(store / "artifacts")]
+    cmd = [
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{store}/mlflow.db",
+        "--artifacts-destination",
+        str(store / "artifacts"),
+    ]
     procs = []
 
     def start() -> subprocess.Popen:
@@ -182,8 +225,14 @@ def test_a_tracking_server_killed_mid_run_fails_the_stage_and_the_next_run_ends_
     uri, start = mlflow_server
     server = start()
     set_params(fresh, "train.epochs=400")
-    proc = subprocess.Popen(["softmax-mlops", "train", "scratch"], cwd=fresh, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    proc = subprocess.Popen(
+        ["softmax-mlops", "train", "scratch"],
+        cwd=fresh,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+    )
     client = mlflow.MlflowClient(uri)
 
     def running() -> bool:
@@ -249,8 +298,16 @@ def test_a_full_artifact_store_is_one_line_and_no_outputs(fresh):
 def test_predict_into_a_read_only_folder_is_one_line(tmp_path, onnx_model, real_splits):
     np.save(tmp_path / "in.npy", real_splits["test"][0][:10])
     with mounted("-t", "tmpfs", "-o", "ro,size=16k", "tmpfs", target=tmp_path / "ro"):
-        result = cli("predict", str(tmp_path / "in.npy"), "-o", str(tmp_path / "ro" / "p.csv"),
-                     "-m", str(onnx_model[0]), cwd=tmp_path)
+        result = cli(
+            "predict",
+            str(tmp_path / "in.npy"),
+            "-o",
+            str(tmp_path / "ro" / "p.csv"),
+            "-m",
+            str(onnx_model[0]),
+            cwd=tmp_path,
+        )
     assert result.returncode == 1
-    assert one_line(result.stderr) == (f"softmax-mlops: error: cannot write {tmp_path / 'ro' / 'p.csv'}: "
-                                       "Read-only file system")
+    assert one_line(result.stderr) == (
+        f"softmax-mlops: error: cannot write {tmp_path / 'ro' / 'p.csv'}: Read-only file system"
+    )

@@ -8,8 +8,8 @@ import mlflow
 import pytest
 from PIL import Image
 
-from softmax_mlops import config
 from helpers import copy_project, run_tool
+from softmax_mlops import config
 
 pytestmark = pytest.mark.realdata
 
@@ -30,8 +30,18 @@ def test_every_stage_ran_as_a_task(project):
 
     root, state = project
     result = state.result()
-    assert result["stages"] == ["ingest", "train@scratch", "evaluate@scratch", "calibrate@scratch", "export@scratch",
-                                "train@concise", "evaluate@concise", "calibrate@concise", "export@concise", "compare"]
+    assert result["stages"] == [
+        "ingest",
+        "train@scratch",
+        "evaluate@scratch",
+        "calibrate@scratch",
+        "export@scratch",
+        "train@concise",
+        "evaluate@concise",
+        "calibrate@concise",
+        "export@concise",
+        "compare",
+    ]
     assert result["reproduced"] == result["stages"]  # a fresh copy: everything ran
     import asyncio
 
@@ -39,7 +49,9 @@ def test_every_stage_ran_as_a_task(project):
         async with get_client() as client:
             from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            )
             return sorted(r.name for r in runs)
 
     assert asyncio.run(task_names()) == sorted(result["stages"])
@@ -63,7 +75,9 @@ def test_markdown_summary_links_each_mlflow_run(project):
 
     async def read():
         async with get_client() as client:
-            return await client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["training-metrics"])))
+            return await client.read_latest_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["training-metrics"]))
+            )
 
     (artifact,) = asyncio.run(read())
     for impl, metrics in state.result()["impls"].items():
@@ -86,8 +100,9 @@ def test_overrides_run_as_a_dvc_experiment_and_leave_params_alone(project):
     root, _ = project
     params_before = (root / "params.yaml").read_bytes()
     status_before = run_tool("git", "status", "--porcelain", cwd=root).stdout
-    result = training_pipeline(impls=["scratch"], overrides=["train.epochs=1"], experiment_name="one-epoch",
-                               project_dir=str(root))
+    result = training_pipeline(
+        impls=["scratch"], overrides=["train.epochs=1"], experiment_name="one-epoch", project_dir=str(root)
+    )
     assert result["experiment"] == "one-epoch" and "compare" not in result["stages"]
     assert (root / "params.yaml").read_bytes() == params_before
     assert run_tool("git", "status", "--porcelain", cwd=root).stdout == status_before
@@ -101,8 +116,9 @@ def test_failing_stage_fails_the_flow_with_its_name_and_reason(project):
     from pipelines.flows import training_pipeline
 
     root, _ = project
-    state = training_pipeline(impls=["scratch"], overrides=["train.lr_schedule=step"], project_dir=str(root),
-                              return_state=True)
+    state = training_pipeline(
+        impls=["scratch"], overrides=["train.lr_schedule=step"], project_dir=str(root), return_state=True
+    )
     assert state.is_failed()
     assert "train@scratch: " in state.message and "train.lr_schedule must be one of constant, cosine" in state.message
     assert run_tool("git", "worktree", "list", cwd=root).stdout.count("\n") == 1
@@ -137,8 +153,9 @@ def test_batch_inference_reports_drift_for_inverted_images(project):
     root, _ = project
     images, _ = real_test_images(root)
     np.save(root / "inverted.npy", 255 - images[:300])
-    result = batch_inference(input_path="inverted.npy", output_path="predictions/inverted.csv",
-                             model="models/scratch", project_dir=str(root))
+    result = batch_inference(
+        input_path="inverted.npy", output_path="predictions/inverted.csv", model="models/scratch", project_dir=str(root)
+    )
     assert result["images"] == 300 and result["drift"] == "drift"
     report = json.loads((root / "predictions/inverted.drift.json").read_text())
     assert report["tests"]["ks_mean_intensity"]["drift"] and report["tests"]["ks_softmax_per_class"]["drift"]
@@ -153,8 +170,9 @@ def test_batch_inference_with_nothing_to_predict_completes(project, inbox):
     if inbox == "empty":
         folder.mkdir(parents=True)
         (folder / "notes.txt").write_text("not an image")
-    state = batch_inference(input_path=str(folder.relative_to(root)), model="models/scratch",
-                            project_dir=str(root), return_state=True)
+    state = batch_inference(
+        input_path=str(folder.relative_to(root)), model="models/scratch", project_dir=str(root), return_state=True
+    )
     assert state.is_completed(), state.message
     assert state.result() == {"images": 0, "output": None, "model": None}
     assert not (root / "predictions" / f"inbox-{inbox}").exists()

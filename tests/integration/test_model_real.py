@@ -3,9 +3,9 @@
 import pytest
 import yaml
 
+from helpers import REPO
 from softmax_mlops import train
 from softmax_mlops.config import TrainConfig
-from helpers import REPO
 
 pytestmark = pytest.mark.realdata
 
@@ -19,17 +19,24 @@ def test_real_data_is_the_genuine_dataset(real_splits):
 
 def test_one_epoch_leaves_both_implementations_with_the_same_weights(real_splits):
     hp = TrainConfig(epochs=1)
-    (m1, _), (m2, _) = (train.fit(impl, hp, real_splits["train"], real_splits["test"], progress=False)
-                        for impl in ("scratch", "concise"))
+    (m1, _), (m2, _) = (
+        train.fit(impl, hp, real_splits["train"], real_splits["test"], progress=False)
+        for impl in ("scratch", "concise")
+    )
     assert (m1.weights()[0] - m2.weights()[0]).abs().max().item() <= 1e-4
     assert (m1.weights()[1] - m2.weights()[1]).abs().max().item() <= 1e-4
 
 
 def tuned_settings() -> dict:
     """The tuned preset, read from the README's `dvc exp run -S ...` line so the two cannot drift apart."""
-    line = next(l for l in (REPO / "README.md").read_text().splitlines() if l.startswith("dvc exp run --name tuned"))
-    return {arg.split("=")[0].removeprefix("train."): yaml.safe_load(arg.split("=")[1])
-            for arg in line.split() if arg.startswith("train.")}
+    line = next(
+        row for row in (REPO / "README.md").read_text().splitlines() if row.startswith("dvc exp run --name tuned")
+    )
+    return {
+        arg.split("=")[0].removeprefix("train."): yaml.safe_load(arg.split("=")[1])
+        for arg in line.split()
+        if arg.startswith("train.")
+    }
 
 
 @pytest.mark.parametrize("impl", ["scratch", "concise"])
@@ -37,6 +44,7 @@ def test_documented_tuned_setting_reaches_0_845(training_splits, impl):
     """On what the pipeline trains on: the training images minus the validation split."""
     settings = tuned_settings()
     assert settings, "README lost its tuned `dvc exp run -S` line"
-    _, history = train.fit(impl, TrainConfig(**settings), training_splits["train"], training_splits["test"],
-                           progress=False)
+    _, history = train.fit(
+        impl, TrainConfig(**settings), training_splits["train"], training_splits["test"], progress=False
+    )
     assert history[-1].test_acc >= 0.845

@@ -8,8 +8,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from softmax_mlops import config
 from helpers import cli, copy_project, run_tool
+from softmax_mlops import config
 
 pytestmark = pytest.mark.realdata
 
@@ -55,7 +55,9 @@ def read_json(path):
 
 def test_both_implementations_reach_0_81_and_agree(repo):
     compare = read_json(repo / "reports/compare.json")
-    accuracies = {impl: read_json(repo / f"metrics/{impl}/eval.json")["test_accuracy"] for impl in ("scratch", "concise")}
+    accuracies = {
+        impl: read_json(repo / f"metrics/{impl}/eval.json")["test_accuracy"] for impl in ("scratch", "concise")
+    }
     assert min(accuracies.values()) >= 0.81
     assert abs(accuracies["scratch"] - accuracies["concise"]) * 100 <= 0.2
     assert compare["impls"]["scratch"]["test_accuracy"] == accuracies["scratch"]
@@ -64,10 +66,20 @@ def test_both_implementations_reach_0_81_and_agree(repo):
 
 
 def test_outputs_exist_and_dvc_is_up_to_date(repo):
-    for rel in ("data/prepared/summary.json", "data/prepared/val.npz", "metrics/scratch/calibration.json",
-                "reports/concise/reliability.png", "metrics/scratch/history.csv", "metrics/concise/confusion.csv",
-                "reports/scratch/confusion.png", "reports/concise/curves.png", "reports/scratch/predictions.png",
-                "reports/compare_curves.png", "reports/accuracy_curves.csv", "metrics/headline.json"):
+    for rel in (
+        "data/prepared/summary.json",
+        "data/prepared/val.npz",
+        "metrics/scratch/calibration.json",
+        "reports/concise/reliability.png",
+        "metrics/scratch/history.csv",
+        "metrics/concise/confusion.csv",
+        "reports/scratch/confusion.png",
+        "reports/concise/curves.png",
+        "reports/scratch/predictions.png",
+        "reports/compare_curves.png",
+        "reports/accuracy_curves.csv",
+        "metrics/headline.json",
+    ):
         assert (repo / rel).stat().st_size > 0, rel
     status = run_tool("dvc", "status", "--json", cwd=repo)
     assert json.loads(status.stdout) == {}
@@ -76,7 +88,6 @@ def test_outputs_exist_and_dvc_is_up_to_date(repo):
 
 
 def test_training_never_sees_the_validation_split(repo):
-    import numpy as np
 
     from softmax_mlops.data import load_split
 
@@ -134,7 +145,7 @@ def test_calibration_is_fitted_on_validation_and_recorded_everywhere(repo, runs,
 
 def test_history_shows_train_accuracy_starting_below_test(repo):
     rows = (repo / "metrics/scratch/history.csv").read_text().splitlines()
-    header, first = rows[0].split(","), dict(zip(rows[0].split(","), map(float, rows[1].split(","))))
+    header, first = rows[0].split(","), dict(zip(rows[0].split(","), map(float, rows[1].split(",")), strict=True))
     assert len(rows) == 1 + 5 and header[:5] == ["epoch", "loss", "train_acc_running", "train_acc", "test_acc"]
     assert first["train_acc_running"] < first["test_acc"]
 
@@ -159,8 +170,15 @@ def test_one_mlflow_run_per_implementation_with_params_tags_and_epochs(repo, run
         assert run.data.metrics["test_accuracy"] == read_json(repo / f"metrics/{impl}/eval.json")["test_accuracy"]
         assert read_json(repo / f"models/{impl}/mlflow_run.json")["run_id"] == run.info.run_id
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"history.csv", "eval.json", "confusion.png", "predictions.png", "curves.png", "calibration.json",
-                "reliability.png"} <= artifacts
+        assert {
+            "history.csv",
+            "eval.json",
+            "confusion.png",
+            "predictions.png",
+            "curves.png",
+            "calibration.json",
+            "reliability.png",
+        } <= artifacts
         compared = {a.path for a in client.list_artifacts(run.info.run_id, "compare")}
         assert compared == {"compare/compare.md", "compare/compare.json", "compare/compare_curves.png"}
 
@@ -208,7 +226,10 @@ def test_registered_with_candidate_and_champion_aliases(runs, impl):
     assert str(candidate.version) == str(champion.version) == "1"
     assert candidate.run_id == runs[impl].info.run_id
     assert client.get_registered_model(name).tags["impl"] == impl
-    assert client.get_model_version(name, "1").tags["champion_reason"] == "promoted: 0.8266 ≥ gate 0.8200, no champion before"
+    assert (
+        client.get_model_version(name, "1").tags["champion_reason"]
+        == "promoted: 0.8266 ≥ gate 0.8200, no champion before"
+    )
 
 
 @pytest.mark.parametrize("impl", ["scratch", "concise"])
@@ -221,8 +242,13 @@ def test_registered_version_says_what_it_is_and_loads_for_cpu_with_a_named_input
     client = mlflow.MlflowClient()
     version = client.get_model_version(f"softmax-mlops-{impl}", "1")
     run = runs[impl]
-    for fact in (read_json(repo / "data/prepared/summary.json")["data_md5"], run.data.tags["git_commit"],
-                 run.info.run_id, "lr=0.1", "0.8266"):
+    for fact in (
+        read_json(repo / "data/prepared/summary.json")["data_md5"],
+        run.data.tags["git_commit"],
+        run.info.run_id,
+        "lr=0.1",
+        "0.8266",
+    ):
         assert fact in version.description, fact
     local = Path(mlflow.artifacts.download_artifacts(f"models:/softmax-mlops-{impl}/1"))
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
@@ -240,8 +266,11 @@ def test_dvc_views_are_readable(repo):
     the plots with no CDN."""
     shown = json.loads(run_tool("dvc", "metrics", "show", "--json", cwd=repo).stdout)
     (files,) = [rev["data"] for rev in shown.values()]
-    assert sorted(files) == ["metrics/concise/calibration.json", "metrics/headline.json",
-                             "metrics/scratch/calibration.json"]
+    assert sorted(files) == [
+        "metrics/concise/calibration.json",
+        "metrics/headline.json",
+        "metrics/scratch/calibration.json",
+    ]
     assert set(files["metrics/headline.json"]["data"]) == {"scratch", "concise"}
 
     plots = json.loads(run_tool("dvc", "plots", "show", "--json", cwd=repo).stdout)["data"]
@@ -294,7 +323,10 @@ def test_champion_stays_when_a_new_model_misses_the_gate(repo, runs):
     assert str(client.get_model_version_by_alias("softmax-mlops-scratch", "champion").version) == "1"
     tags = client.get_model_version("softmax-mlops-scratch", "2").tags
     assert tags["champion_decision"] == "kept" and tags["champion_reason"] == "kept v1: 0.8266 < gate 0.9900"
-    assert "- @champion: kept v1: 0.8266 < gate 0.9900" in client.get_model_version("softmax-mlops-scratch", "2").description
+    assert (
+        "- @champion: kept v1: 0.8266 < gate 0.9900"
+        in client.get_model_version("softmax-mlops-scratch", "2").description
+    )
     assert "kept v1" in result.stdout + result.stderr
 
 
@@ -313,10 +345,17 @@ def test_a_fresh_clone_reproduces_the_committed_dvc_lock(repo):
     from helpers import REPO
 
     written = (first_run(repo) / "dvc.lock").read_text()
-    assert written == (REPO / "dvc.lock").read_text(), \
-        "dvc.lock differs from what a fresh clone writes:\n" + "\n".join(
-            line for line in difflib.unified_diff((REPO / "dvc.lock").read_text().splitlines(), written.splitlines(),
-                                                  "committed", "fresh clone", lineterm="", n=6))
+    assert written == (REPO / "dvc.lock").read_text(), "dvc.lock differs from what a fresh clone writes:\n" + "\n".join(
+        line
+        for line in difflib.unified_diff(
+            (REPO / "dvc.lock").read_text().splitlines(),
+            written.splitlines(),
+            "committed",
+            "fresh clone",
+            lineterm="",
+            n=6,
+        )
+    )
 
 
 def test_a_second_clean_run_is_byte_identical(repo, tmp_path):
@@ -333,18 +372,22 @@ def test_a_second_clean_run_is_byte_identical(repo, tmp_path):
 
 def _imported(repo: Path, *command: str) -> set[str]:
     """The project modules a stage command really imports, from a run of it under DVC's working directory."""
-    script = ("import atexit, json, sys\n"
-              "atexit.register(lambda: print(json.dumps(sorted(m for m in sys.modules "
-              "if m.split('.')[0] in ('softmax_mlops', 'pipelines')))))\n"
-              f"sys.argv = ['softmax-mlops', *{list(command)!r}]\n"
-              "from pipelines.cli import main\nmain()\n")
+    script = (
+        "import atexit, json, sys\n"
+        "atexit.register(lambda: print(json.dumps(sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('softmax_mlops', 'pipelines')))))\n"
+        f"sys.argv = ['softmax-mlops', *{list(command)!r}]\n"
+        "from pipelines.cli import main\nmain()\n"
+    )
     result = run_tool("python", "-c", script, cwd=repo)
     assert result.returncode == 0, result.stderr[-2000:]
     return set(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
-@pytest.mark.parametrize("stage", ["ingest", "train@scratch", "train@concise", "evaluate@scratch", "calibrate@concise",
-                                   "export@concise", "compare"])
+@pytest.mark.parametrize(
+    "stage",
+    ["ingest", "train@scratch", "train@concise", "evaluate@scratch", "calibrate@concise", "export@concise", "compare"],
+)
 def test_each_stage_depends_on_the_code_its_command_imports(repo, stage):
     """A change to any module a stage runs must make DVC rerun it: every imported project module is a file
     (or inside a folder) the stage lists in its deps."""

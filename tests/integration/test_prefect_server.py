@@ -4,8 +4,8 @@
 import mlflow
 import pytest
 
-from softmax_mlops import config
 from helpers import copy_project
+from softmax_mlops import config
 from stack import Processes, free_port, prefect_call, prefect_env, run_deployment_and_wait, start_prefect
 
 pytestmark = pytest.mark.realdata

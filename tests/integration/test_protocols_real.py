@@ -9,8 +9,8 @@ import httpx
 import numpy as np
 import pytest
 
-from softmax_mlops import config
 from helpers import copy_project, run_tool
+from softmax_mlops import config
 from stack import Processes, free_port, wait_http
 
 pytestmark = pytest.mark.realdata
@@ -27,8 +27,21 @@ def servers(real_splits, tmp_path_factory):
     ours, theirs = free_port(), free_port()
     with Processes() as procs:
         ours_proc = procs.start("softmax-mlops", "serve", "-m", MODEL, "--port", str(ours), cwd=root, env=env)
-        theirs_proc = procs.start("mlflow", "models", "serve", "-m", MODEL, "--env-manager", "local",
-                                  "--host", "127.0.0.1", "--port", str(theirs), cwd=root, env=env)
+        theirs_proc = procs.start(
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            MODEL,
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(theirs),
+            cwd=root,
+            env=env,
+        )
         wait_http(f"http://127.0.0.1:{ours}/ping", ours_proc)
         wait_http(f"http://127.0.0.1:{theirs}/ping", theirs_proc)
         yield f"http://127.0.0.1:{ours}", f"http://127.0.0.1:{theirs}"
@@ -40,9 +53,12 @@ def images(real_splits):
 
 
 def bodies(images: np.ndarray) -> dict:
-    return {"inputs": {"inputs": images.tolist()}, "inputs-named": {"inputs": {"image": images.tolist()}},
-            "instances": {"instances": images.tolist()},
-            "instances-records": {"instances": [{"image": image.tolist()} for image in images]}}
+    return {
+        "inputs": {"inputs": images.tolist()},
+        "inputs-named": {"inputs": {"image": images.tolist()}},
+        "instances": {"instances": images.tolist()},
+        "instances-records": {"instances": [{"image": image.tolist()} for image in images]},
+    }
 
 
 @pytest.mark.parametrize("form", ["inputs", "inputs-named", "instances", "instances-records"])
@@ -56,12 +72,21 @@ def test_invocations_give_what_mlflow_models_serve_gives(servers, images, form):
     assert np.argmax(ours["probabilities"], 1).tolist() == np.argmax(theirs["probabilities"], 1).tolist()
 
 
-@pytest.mark.parametrize("body", [b"garbage", b'{"nothing": 1}', json.dumps({"inputs": [[0] * 784]}).encode(),
-                                  json.dumps({"inputs": [[[300] * 28] * 28]}).encode()],
-                         ids=["not-json", "no-field", "flat-784", "over-255"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"garbage",
+        b'{"nothing": 1}',
+        json.dumps({"inputs": [[0] * 784]}).encode(),
+        json.dumps({"inputs": [[[300] * 28] * 28]}).encode(),
+    ],
+    ids=["not-json", "no-field", "flat-784", "over-255"],
+)
 def test_bad_invocations_are_refused_the_way_mlflow_refuses_them(servers, body):
-    ours, theirs = (httpx.post(f"{url}/invocations", content=body, headers={"content-type": "application/json"},
-                               timeout=60) for url in servers)
+    ours, theirs = (
+        httpx.post(f"{url}/invocations", content=body, headers={"content-type": "application/json"}, timeout=60)
+        for url in servers
+    )
     assert ours.status_code == theirs.status_code == 400, (ours.text, theirs.text[:300])
     assert ours.json()["error_code"] == theirs.json()["error_code"] == "BAD_REQUEST"
 
@@ -82,11 +107,14 @@ def test_triton_client_on_real_images_equals_predict(servers, real_splits):
         assert client.is_server_live() and client.is_server_ready()
         name = "softmax-mlops-scratch"  # the registered model's name, from its model card
         assert client.is_model_ready(name)
-        assert client.get_model_metadata(name)["inputs"][0] == {"name": "image", "datatype": "UINT8",
-                                                                "shape": [-1, 28, 28]}
+        assert client.get_model_metadata(name)["inputs"][0] == {
+            "name": "image",
+            "datatype": "UINT8",
+            "shape": [-1, 28, 28],
+        }
         probabilities = []
         for start in range(0, len(images), 100):  # within serve.max_instances (256)
-            batch = images[start:start + 100]
+            batch = images[start : start + 100]
             tensor = httpclient.InferInput("image", [len(batch), 28, 28], "UINT8")
             tensor.set_data_from_numpy(batch)
             probabilities.append(client.infer(name, [tensor]).as_numpy("probabilities"))
@@ -95,7 +123,7 @@ def test_triton_client_on_real_images_equals_predict(servers, real_splits):
     probabilities = np.concatenate(probabilities)
     predicted = []
     for start in range(0, len(images), 100):
-        response = httpx.post(f"{ours}/predict", json={"instances": images[start:start + 100].tolist()})
+        response = httpx.post(f"{ours}/predict", json={"instances": images[start : start + 100].tolist()})
         predicted += response.json()["predictions"]
     assert probabilities.argmax(1).tolist() == [p["class_id"] for p in predicted]
     assert probabilities.max(1).tolist() == [p["probability"] for p in predicted]

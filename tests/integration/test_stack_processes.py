@@ -8,8 +8,7 @@ import mlflow
 import pytest
 
 from helpers import copy_project
-from stack import (PostgreSQL, Processes, free_port, prefect_env, run_deployment_and_wait, start_prefect,
-                   wait_http)
+from stack import PostgreSQL, Processes, free_port, prefect_env, run_deployment_and_wait, start_prefect, wait_http
 
 pytestmark = pytest.mark.realdata
 
@@ -26,8 +25,7 @@ def postgres():
         yield server
 
 
-def test_training_deployment_runs_against_postgres_backed_mlflow_and_prefect(real_splits, postgres,
-                                                                            tmp_path_factory):
+def test_training_deployment_runs_against_postgres_backed_mlflow_and_prefect(real_splits, postgres, tmp_path_factory):
     root = copy_project(tmp_path_factory.mktemp("stack"))
     mlflow_db = postgres.create_database("mlflow")
     prefect_db = postgres.create_database("prefect")
@@ -37,10 +35,20 @@ def test_training_deployment_runs_against_postgres_backed_mlflow_and_prefect(rea
     env["MLFLOW_TRACKING_URI"] = mlflow_url
 
     with Processes() as procs:
-        server = procs.start("mlflow", "server", "--host", "127.0.0.1", "--port", mlflow_url.rsplit(":", 1)[1],
-                             "--backend-store-uri", f"postgresql://{mlflow_db}",
-                             "--artifacts-destination", str(tmp_path_factory.mktemp("mlartifacts")),
-                             cwd=root, env=env)
+        server = procs.start(
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            mlflow_url.rsplit(":", 1)[1],
+            "--backend-store-uri",
+            f"postgresql://{mlflow_db}",
+            "--artifacts-destination",
+            str(tmp_path_factory.mktemp("mlartifacts")),
+            cwd=root,
+            env=env,
+        )
         wait_http(f"{mlflow_url}/health", server)
         start_prefect(procs, root, env)
         flow_run_id, state = run_deployment_and_wait(env, "training-pipeline/weekly-retrain")

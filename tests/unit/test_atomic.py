@@ -8,10 +8,9 @@ from softmax_mlops.atomic import atomic_path, write_json
 
 def test_failure_leaves_nothing(tmp_path):
     target = tmp_path / "out" / "weights.npz"
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            np.savez(tmp, W=np.zeros(3))
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        np.savez(tmp, W=np.zeros(3))
+        raise RuntimeError("interrupted")
     assert list((tmp_path / "out").iterdir()) == []
 
 

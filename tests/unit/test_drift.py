@@ -60,7 +60,7 @@ def test_a_long_batch_is_ks_tested_on_a_bounded_seeded_uniform_sample():
     def collect() -> drift.Collector:
         collector = drift.Collector(capacity=1000, seed=0)
         for start in range(0, 5000, 700):
-            collector.add(batch_images[start:start + 700], batch_p[start:start + 700])
+            collector.add(batch_images[start : start + 700], batch_p[start : start + 700])
         return collector
 
     collector = collect()

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import idx_bytes
 from softmax_mlops.errors import PipelineError
 from softmax_mlops.inputs import open_source
-from helpers import idx_bytes
 
 
 def collect(source):
@@ -66,15 +66,21 @@ def test_image_folder_is_converted_to_28x28_grayscale(tmp_path):
     assert images[0].max() < 5 and images[1].min() == 255
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: np.save(p / "x.npy", np.zeros((2, 28, 28), np.float32)), "expected uint8 pixels, got float32"),
-    (lambda p: np.save(p / "x.npy", np.zeros((2, 27, 28), np.uint8)), "expected shape [N, 28, 28] or [N, 784]"),
-    (lambda p: (p / "x.npy").write_bytes(b"\x93NUMPY garbage"), "not a readable .npy array"),
-    (lambda p: (p / "x.idx").write_bytes(idx_bytes(np.zeros((3, 28, 28), np.uint8))[:-10]), "is truncated"),
-    (lambda p: (p / "x.gz").write_bytes(gzip.compress(idx_bytes(np.zeros((3, 28, 28), np.uint8))[:-10])), "is truncated"),
-    (lambda p: (p / "x.idx").write_bytes(idx_bytes(np.zeros(5, np.uint8))), "IDX label file, not images"),
-    (lambda p: (p / "x.idx").write_bytes(b"PK\x03\x04 a zip"), "not an IDX file"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: np.save(p / "x.npy", np.zeros((2, 28, 28), np.float32)), "expected uint8 pixels, got float32"),
+        (lambda p: np.save(p / "x.npy", np.zeros((2, 27, 28), np.uint8)), "expected shape [N, 28, 28] or [N, 784]"),
+        (lambda p: (p / "x.npy").write_bytes(b"\x93NUMPY garbage"), "not a readable .npy array"),
+        (lambda p: (p / "x.idx").write_bytes(idx_bytes(np.zeros((3, 28, 28), np.uint8))[:-10]), "is truncated"),
+        (
+            lambda p: (p / "x.gz").write_bytes(gzip.compress(idx_bytes(np.zeros((3, 28, 28), np.uint8))[:-10])),
+            "is truncated",
+        ),
+        (lambda p: (p / "x.idx").write_bytes(idx_bytes(np.zeros(5, np.uint8))), "IDX label file, not images"),
+        (lambda p: (p / "x.idx").write_bytes(b"PK\x03\x04 a zip"), "not an IDX file"),
+    ],
+)
 def test_bad_inputs_name_the_file(tmp_path, make, message):
     make(tmp_path)
     (path,) = tmp_path.iterdir()

@@ -6,8 +6,8 @@ import re
 import pytest
 import yaml
 
-from softmax_mlops import config
 from helpers import REPO
+from softmax_mlops import config
 
 MANIFEST = REPO / "deploy" / "kserve" / "inferenceservice.yaml"
 
@@ -33,7 +33,7 @@ def test_it_runs_the_serving_image_as_the_compose_stack_does(container):
     compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
     assert container["image"] == compose["services"]["inference"]["image"]
     dockerfile = (REPO / "docker" / "Dockerfile.serve").read_text()
-    cmd = re.search(r'^CMD (\[.*\])$', dockerfile, re.M).group(1)
+    cmd = re.search(r"^CMD (\[.*\])$", dockerfile, re.M).group(1)
     assert container["command"] == yaml.safe_load(cmd)
     assert f"EXPOSE {container['ports'][0]['containerPort']}" in dockerfile
     assert container["ports"] == [{"containerPort": 8000, "protocol": "TCP"}]

@@ -28,8 +28,10 @@ def test_the_package_never_imports_the_orchestration_layer():
 def test_loading_every_package_module_loads_nothing_from_pipelines():
     """The same at run time, for imports the source scan could miss (importlib, __import__)."""
     modules = [f"softmax_mlops.{p.stem}" for p in PACKAGE.glob("*.py") if p.stem != "__init__"]
-    script = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
-              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pipelines'))")
+    script = (
+        f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pipelines'))"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO / "src")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -23,8 +23,9 @@ def test_one_row_per_image_matching_the_model(onnx_model, images, tmp_path, suff
 
     path, pixels = images
     out = tmp_path / f"out.{suffix}"
-    result = cli("predict", str(path), "-o", str(out), "-m", str(onnx_model[0]), "--batch-size", "7",
-                 "--top-k", "2", cwd=REPO)
+    result = cli(
+        "predict", str(path), "-o", str(out), "-m", str(onnx_model[0]), "--batch-size", "7", "--top-k", "2", cwd=REPO
+    )
     assert result.returncode == 0, result.stderr
     _, probabilities = Predictor(onnx_model[0]).run(pixels)
     if suffix == "csv":
@@ -59,8 +60,10 @@ def test_threads_follow_the_cpus_this_process_may_use():
     import subprocess
     import sys
 
-    code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
-            "from softmax_mlops.inference import available_cpus; print(available_cpus())")
+    code = (
+        "import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+        "from softmax_mlops.inference import available_cpus; print(available_cpus())"
+    )
     pinned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert pinned.stdout.strip() == "1"
     from softmax_mlops.inference import available_cpus
@@ -74,11 +77,16 @@ def test_explicit_threads_reach_onnxruntime(onnx_model):
     assert Predictor(onnx_model[0], threads=1).session.get_session_options().intra_op_num_threads == 1
 
 
-@pytest.mark.parametrize("ids, names", [
-    (np.arange(5, 10), [f"class {i}" for i in range(10)]),
-    (["a.png", "dir, with comma/b.png", 'quote"d.png', "new\nline.png", "plain/c.png"],
-     ["t-shirt", "a,b", 'q"uote', "x\ry", *map(str, range(6))]),
-])
+@pytest.mark.parametrize(
+    "ids, names",
+    [
+        (np.arange(5, 10), [f"class {i}" for i in range(10)]),
+        (
+            ["a.png", "dir, with comma/b.png", 'quote"d.png', "new\nline.png", "plain/c.png"],
+            ["t-shirt", "a,b", 'q"uote', "x\ry", *map(str, range(6))],
+        ),
+    ],
+)
 def test_fast_csv_text_is_what_the_csv_module_writes(ids, names):
     import csv
     import io
@@ -93,6 +101,9 @@ def test_fast_csv_text_is_what_the_csv_module_writes(ids, names):
     top_ids[1:, 0] = [1, 2, 3, 1]  # the names that need quoting, in the class_name column too
     expected = io.StringIO()
     csv.writer(expected, lineterminator="\n").writerows(
-        (i, row[0], names[row[0]], f"{p[0]:.6f}", ";".join(f"{names[c]}:{q:.6f}" for c, q in zip(row, p)))
-        for i, row, p in zip(ids if isinstance(ids, list) else ids.tolist(), top_ids.tolist(), top_probs.tolist()))
+        (i, row[0], names[row[0]], f"{p[0]:.6f}", ";".join(f"{names[c]}:{q:.6f}" for c, q in zip(row, p, strict=True)))
+        for i, row, p in zip(
+            ids if isinstance(ids, list) else ids.tolist(), top_ids.tolist(), top_probs.tolist(), strict=True
+        )
+    )
     assert csv_text(ids, top_ids, top_probs, names) == expected.getvalue()

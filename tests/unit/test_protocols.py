@@ -20,9 +20,20 @@ NAME = "softmax-mlops"  # the fixture model has no model card, so the server's d
 def server(onnx_model):
     port = free_port()
     with Processes() as procs:
-        proc = procs.start("softmax-mlops", "serve", "-m", str(onnx_model[0]), "--port", str(port),
-                           "--max-body-bytes", str(MAX_BODY), "--max-instances", str(MAX_INSTANCES),
-                           cwd=REPO, env=dict(os.environ))
+        proc = procs.start(
+            "softmax-mlops",
+            "serve",
+            "-m",
+            str(onnx_model[0]),
+            "--port",
+            str(port),
+            "--max-body-bytes",
+            str(MAX_BODY),
+            "--max-instances",
+            str(MAX_INSTANCES),
+            cwd=REPO,
+            env=dict(os.environ),
+        )
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/health", proc)
         yield url
@@ -48,8 +59,10 @@ def test_triton_client_sees_a_live_ready_server_and_the_model_metadata(triton):
     assert triton.is_server_live() and triton.is_server_ready() and triton.is_model_ready(NAME)
     metadata = triton.get_model_metadata(NAME)
     assert metadata["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, 28, 28]}]
-    assert metadata["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]},
-                                   {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
+    assert metadata["outputs"] == [
+        {"name": "logits", "datatype": "FP32", "shape": [-1, 10]},
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
+    ]
     assert triton.get_server_metadata()["extensions"] == ["binary_tensor_data"]
     assert not triton.is_model_ready("another-model")
 
@@ -89,8 +102,10 @@ def test_json_data_may_be_flat_or_nested(server, expected):
 
 
 def test_v2_answers_the_same_as_predict(server, expected):
-    body = {"inputs": [{"name": "image", "shape": [6, 784], "datatype": "INT64", "data": IMAGES.ravel().tolist()}],
-            "outputs": [{"name": "probabilities"}]}
+    body = {
+        "inputs": [{"name": "image", "shape": [6, 784], "datatype": "INT64", "data": IMAGES.ravel().tolist()}],
+        "outputs": [{"name": "probabilities"}],
+    }
     v2 = httpx.post(f"{server}/v2/models/{NAME}/infer", json=body).json()["outputs"][0]["data"]
     predict = httpx.post(f"{server}/predict", json={"instances": IMAGES.tolist()}).json()["predictions"]
     assert np.array(v2).reshape(6, 10).argmax(1).tolist() == [p["class_id"] for p in predict]
@@ -101,64 +116,87 @@ def v2_body(**tensor) -> dict:
     return {"inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "UINT8", "data": [0] * 784} | tensor]}
 
 
-@pytest.mark.parametrize("case, body, status, message", [
-    ("not JSON", b"{nope", 400, "malformed JSON"),
-    ("no inputs", {"outputs": []}, 400, '"inputs"'),
-    ("wrong input name", v2_body(name="pixels"), 400, 'one input, "image"'),
-    ("strings", v2_body(datatype="BYTES"), 400, "datatype 'BYTES' is not supported"),
-    ("shape and data disagree", v2_body(shape=[2, 28, 28]), 400, "shape [2, 28, 28] needs 1568"),
-    ("negative dimension", v2_body(shape=[-1, 28, 28]), 400, "non-negative integers"),
-    ("wrong image shape", v2_body(shape=[1, 28, 27], data=[0] * 756), 422, "[N, 28, 28]"),
-    ("over 255", v2_body(data=[256] * 784), 422, "in 0..255"),
-    ("fractions", v2_body(datatype="FP32", data=[0.5] * 784), 422, "integers"),
-    ("NaN", v2_body(datatype="FP32", data=[float("nan")] * 784), 422, "finite"),
-    ("too many images", v2_body(shape=[9, 28, 28], data=[0] * 784 * 9), 413, "over the limit of 8"),
-    ("unknown output", v2_body() | {"outputs": [{"name": "embedding"}]}, 400, "unknown output 'embedding'"),
-    ("classification extension", v2_body() | {"outputs": [{"name": "probabilities",
-                                                           "parameters": {"classification": 3}}]}, 400,
-     "classification extension"),
-])
+@pytest.mark.parametrize(
+    "case, body, status, message",
+    [
+        ("not JSON", b"{nope", 400, "malformed JSON"),
+        ("no inputs", {"outputs": []}, 400, '"inputs"'),
+        ("wrong input name", v2_body(name="pixels"), 400, 'one input, "image"'),
+        ("strings", v2_body(datatype="BYTES"), 400, "datatype 'BYTES' is not supported"),
+        ("shape and data disagree", v2_body(shape=[2, 28, 28]), 400, "shape [2, 28, 28] needs 1568"),
+        ("negative dimension", v2_body(shape=[-1, 28, 28]), 400, "non-negative integers"),
+        ("wrong image shape", v2_body(shape=[1, 28, 27], data=[0] * 756), 422, "[N, 28, 28]"),
+        ("over 255", v2_body(data=[256] * 784), 422, "in 0..255"),
+        ("fractions", v2_body(datatype="FP32", data=[0.5] * 784), 422, "integers"),
+        ("NaN", v2_body(datatype="FP32", data=[float("nan")] * 784), 422, "finite"),
+        ("too many images", v2_body(shape=[9, 28, 28], data=[0] * 784 * 9), 413, "over the limit of 8"),
+        ("unknown output", v2_body() | {"outputs": [{"name": "embedding"}]}, 400, "unknown output 'embedding'"),
+        (
+            "classification extension",
+            v2_body() | {"outputs": [{"name": "probabilities", "parameters": {"classification": 3}}]},
+            400,
+            "classification extension",
+        ),
+    ],
+)
 def test_bad_v2_requests_get_a_4xx_with_a_json_error(server, case, body, status, message):
     content = body if isinstance(body, bytes) else json.dumps(body, allow_nan=True).encode()
-    response = httpx.post(f"{server}/v2/models/{NAME}/infer", content=content,
-                          headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{server}/v2/models/{NAME}/infer", content=content, headers={"content-type": "application/json"}
+    )
     assert response.status_code == status, (case, response.text)
     assert message in response.json()["error"], response.json()
 
 
 def test_bad_binary_tensors_get_a_400(server):
-    header = json.dumps({"inputs": [{"name": "image", "shape": [2, 28, 28], "datatype": "UINT8",
-                                     "parameters": {"binary_data_size": 1568}}]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "image", "shape": [2, 28, 28], "datatype": "UINT8", "parameters": {"binary_data_size": 1568}}
+            ]
+        }
+    ).encode()
     for headers, content, message in [
         ({"inference-header-content-length": str(len(header))}, header + b"\0" * 100, "does not hold UINT8"),
         ({"inference-header-content-length": "99999"}, header, "does not fit"),
         ({"inference-header-content-length": "-3"}, header, "does not fit"),
     ]:
-        response = httpx.post(f"{server}/v2/models/{NAME}/infer", content=content,
-                              headers=headers | {"content-type": "application/octet-stream"})
+        response = httpx.post(
+            f"{server}/v2/models/{NAME}/infer",
+            content=content,
+            headers=headers | {"content-type": "application/octet-stream"},
+        )
         assert response.status_code == 400 and message in response.json()["error"], response.text
 
 
 def test_unknown_models_and_paths_get_a_404(server):
-    for response in (httpx.get(f"{server}/v2/models/other"), httpx.get(f"{server}/v2/models/other/ready"),
-                     httpx.post(f"{server}/v2/models/other/infer", json=v2_body())):
+    for response in (
+        httpx.get(f"{server}/v2/models/other"),
+        httpx.get(f"{server}/v2/models/other/ready"),
+        httpx.post(f"{server}/v2/models/other/infer", json=v2_body()),
+    ):
         assert response.status_code == 404 and "unknown model 'other'" in response.json()["error"]
     assert httpx.get(f"{server}/v2/models/{NAME}/versions/1").status_code == 404
 
 
 def test_oversized_v2_body_is_refused_with_413(server):
-    response = httpx.post(f"{server}/v2/models/{NAME}/infer", content=b"x" * (MAX_BODY + 1),
-                          headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{server}/v2/models/{NAME}/infer", content=b"x" * (MAX_BODY + 1), headers={"content-type": "application/json"}
+    )
     assert response.status_code == 413 and "limit" in response.json()["error"]
 
 
 # --- MLflow's scoring protocol -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("form", ["inputs", "inputs-named", "instances", "instances-records"])
 def test_invocations_take_what_mlflow_models_serve_takes(server, expected, form):
-    body = {"inputs": {"inputs": IMAGES.tolist()}, "inputs-named": {"inputs": {"image": IMAGES.tolist()}},
-            "instances": {"instances": IMAGES.tolist()},
-            "instances-records": {"instances": [{"image": image.tolist()} for image in IMAGES]}}[form]
+    body = {
+        "inputs": {"inputs": IMAGES.tolist()},
+        "inputs-named": {"inputs": {"image": IMAGES.tolist()}},
+        "instances": {"instances": IMAGES.tolist()},
+        "instances-records": {"instances": [{"image": image.tolist()} for image in IMAGES]},
+    }[form]
     response = httpx.post(f"{server}/invocations", json=body)
     assert response.status_code == 200, response.text
     predictions = response.json()["predictions"]
@@ -173,16 +211,19 @@ def test_ping_and_version(server):
     assert httpx.get(f"{server}/version").text == version("mlflow-skinny")
 
 
-@pytest.mark.parametrize("body, status, message", [
-    (b"garbage", 400, "malformed JSON"),
-    ({"nothing": 1}, 400, "exactly one of the input fields"),
-    ({"inputs": [[[0] * 28] * 28], "instances": [[[0] * 28] * 28]}, 400, "exactly one"),
-    ({"dataframe_split": {"columns": ["image"], "data": [[0]]}}, 400, "tensor input 'image'"),
-    ({"inputs": [[0] * 784]}, 400, "[N, 28, 28]"),
-    ({"inputs": [[[300] * 28] * 28]}, 400, "in 0..255"),
-    ({"inputs": {"pixels": [[[0] * 28] * 28]}}, 400, "'image'"),
-    ({"inputs": [[[0] * 28] * 28] * 9}, 413, "over the limit"),
-])
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        (b"garbage", 400, "malformed JSON"),
+        ({"nothing": 1}, 400, "exactly one of the input fields"),
+        ({"inputs": [[[0] * 28] * 28], "instances": [[[0] * 28] * 28]}, 400, "exactly one"),
+        ({"dataframe_split": {"columns": ["image"], "data": [[0]]}}, 400, "tensor input 'image'"),
+        ({"inputs": [[0] * 784]}, 400, "[N, 28, 28]"),
+        ({"inputs": [[[300] * 28] * 28]}, 400, "in 0..255"),
+        ({"inputs": {"pixels": [[[0] * 28] * 28]}}, 400, "'image'"),
+        ({"inputs": [[[0] * 28] * 28] * 9}, 413, "over the limit"),
+    ],
+)
 def test_bad_invocations_get_mlflows_error_shape(server, body, status, message):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = httpx.post(f"{server}/invocations", content=content, headers={"content-type": "application/json"})

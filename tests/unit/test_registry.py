@@ -50,8 +50,9 @@ def data_and_models(tmp_path_factory):
     images = torch.randint(0, 256, (500, 28, 28), dtype=torch.uint8, generator=generator).numpy()
     paths = {}
     for name in ("good", "bad"):
-        module = ExportedSoftmaxRegression(torch.randn(784, 10, generator=generator),
-                                           torch.randn(10, generator=generator))
+        module = ExportedSoftmaxRegression(
+            torch.randn(784, 10, generator=generator), torch.randn(10, generator=generator)
+        )
         paths[name] = folder / f"{name}.onnx"
         export_onnx(module, paths[name], opset=18)
     labels = Predictor(paths["good"]).run(images)[1].argmax(axis=1)
@@ -68,8 +69,9 @@ def registry(tmp_path):
 
 def register(path) -> str:
     with mlflow.start_run():
-        info = mlflow.onnx.log_model(onnx.load(str(path)), name="model", registered_model_name=NAME,
-                                     save_as_external_data=False)
+        info = mlflow.onnx.log_model(
+            onnx.load(str(path)), name="model", registered_model_name=NAME, save_as_external_data=False
+        )
     return str(info.registered_model_version)
 
 

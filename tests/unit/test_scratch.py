@@ -50,15 +50,16 @@ def test_manual_sgd_follows_torch_optim_sgd(momentum, weight_decay):
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(X @ theirs[0] + theirs[1], y).backward()
         optimizer.step()
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b)
 
 
 def test_scratch_uses_no_torch_nn_or_optim():
     """Checked on the code itself (imports and attribute access), not on the prose in docstrings."""
     tree = ast.parse(Path(scratch.__file__).read_text())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
-                for alias in node.names} | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported = {
+        alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names
+    } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     used = {ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
     forbidden = ("torch.nn", "torch.optim", "nn", "optim", "F")
     assert not {n for n in imported | used if n and any(n == f or n.startswith(f + ".") for f in forbidden)}

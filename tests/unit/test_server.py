@@ -19,9 +19,20 @@ MAX_BODY, MAX_INSTANCES = 200_000, 4
 def server(onnx_model):
     port = free_port()
     with Processes() as procs:
-        proc = procs.start("softmax-mlops", "serve", "-m", str(onnx_model[0]), "--port", str(port),
-                           "--max-body-bytes", str(MAX_BODY), "--max-instances", str(MAX_INSTANCES),
-                           cwd=REPO, env=dict(os.environ))
+        proc = procs.start(
+            "softmax-mlops",
+            "serve",
+            "-m",
+            str(onnx_model[0]),
+            "--port",
+            str(port),
+            "--max-body-bytes",
+            str(MAX_BODY),
+            "--max-instances",
+            str(MAX_INSTANCES),
+            cwd=REPO,
+            env=dict(os.environ),
+        )
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/health", proc)
         yield url
@@ -82,8 +93,13 @@ BAD = [
     ("negative", instances([[[-1] * 28] * 28]), "application/json", 422, "in 0..255"),
     ("strings", instances([[["a"] * 28] * 28]), "application/json", 422, "must be numbers"),
     ("booleans", instances([[[True] * 28] * 28]), "application/json", 422, "must be numbers"),
-    ("NaN", '{"instances": [[' + ",".join(["[" + ",".join(["NaN"] * 28) + "]"] * 28) + "]]}", "application/json",
-     422, "NaN"),
+    (
+        "NaN",
+        '{"instances": [[' + ",".join(["[" + ",".join(["NaN"] * 28) + "]"] * 28) + "]]}",
+        "application/json",
+        422,
+        "NaN",
+    ),
     ("fractions", instances([[[0.5] * 28] * 28]), "application/json", 422, "integers"),
     ("too many instances", instances([[[0] * 28] * 28] * (MAX_INSTANCES + 1)), "application/json", 413, "limit of 4"),
     ("oversized body", b" " * (MAX_BODY + 1), "application/json", 413, "byte limit"),
@@ -111,6 +127,7 @@ def test_chunked_body_without_length_is_capped(server):
 
 def test_multipart_without_a_file(server):
     body = b'--XyZ\r\nContent-Disposition: form-data; name="note"\r\n\r\nno file here\r\n--XyZ--\r\n'
-    response = httpx.post(f"{server}/predict", content=body,
-                          headers={"content-type": "multipart/form-data; boundary=XyZ"})
+    response = httpx.post(
+        f"{server}/predict", content=body, headers={"content-type": "multipart/form-data; boundary=XyZ"}
+    )
     assert response.status_code == 422 and "holds no file" in response.json()["error"]

@@ -18,8 +18,13 @@ EXAMPLES = 500  # per test: the five tests below send about 2,500 requests
 @pytest.fixture(scope="module")
 def server(onnx_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("fuzz") / "server.log"
-    with serving(onnx_model[0], log, "--max-body-bytes", str(MAX_BODY), "--max-instances", str(MAX_INSTANCES)) \
-            as (url, _), httpx.Client(base_url=url, timeout=30) as client:
+    with (
+        serving(onnx_model[0], log, "--max-body-bytes", str(MAX_BODY), "--max-instances", str(MAX_INSTANCES)) as (
+            url,
+            _,
+        ),
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
         yield client
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
@@ -30,17 +35,34 @@ def check(response: httpx.Response) -> None:
         assert isinstance(response.json().get("error"), str), response.text[:300]
 
 
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-scalars = st.none() | st.booleans() | st.integers(-300, 300) | st.integers() | st.floats(allow_nan=True) \
-    | st.text(max_size=5)
-any_json = st.recursive(scalars, lambda inner: st.lists(inner, max_size=5)
-                        | st.dictionaries(st.text(max_size=5), inner, max_size=4), max_leaves=40)
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+scalars = (
+    st.none() | st.booleans() | st.integers(-300, 300) | st.integers() | st.floats(allow_nan=True) | st.text(max_size=5)
+)
+any_json = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=40,
+)
 pixel = st.integers(-2, 258) | st.floats(-1, 256) | st.sampled_from([True, None, "7", 1e308])
 row = st.lists(pixel, min_size=27, max_size=29)
 near_image = st.lists(row, min_size=27, max_size=29) | st.lists(pixel, min_size=783, max_size=785)
-CONTENT_TYPES = ["application/json", "image/png", "image/jpeg", "multipart/form-data; boundary=b",
-                 "multipart/form-data", "text/plain", "", "application/json; charset=latin-1", "image/png; x=y"]
+CONTENT_TYPES = [
+    "application/json",
+    "image/png",
+    "image/jpeg",
+    "multipart/form-data; boundary=b",
+    "multipart/form-data",
+    "text/plain",
+    "",
+    "application/json; charset=latin-1",
+    "image/png; x=y",
+]
 
 
 @FUZZ
@@ -62,17 +84,27 @@ def test_random_bytes_under_every_content_type(server, body, content_type):
 
 
 @FUZZ
-@given(prefix=st.sampled_from([b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"--b\r\nContent-Disposition: form-data; "
-                                b'name="file"; filename="x.png"\r\n\r\n']), tail=st.binary(max_size=3000))
+@given(
+    prefix=st.sampled_from(
+        [
+            b"\x89PNG\r\n\x1a\n",
+            b"\xff\xd8\xff\xe0",
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n',
+        ]
+    ),
+    tail=st.binary(max_size=3000),
+)
 def test_truncated_and_corrupt_images_and_uploads(server, prefix, tail):
     content_type = "multipart/form-data; boundary=b" if prefix.startswith(b"--") else "image/png"
     check(server.post("/predict", content=prefix + tail, headers={"content-type": content_type}))
 
 
 @FUZZ
-@given(method=st.sampled_from(["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "POST"]),
-       path=st.sampled_from(["/predict", "/health", "/metadata", "/nope", "/predict/", "/%00", "/docs"]),
-       query=st.text(max_size=20))
+@given(
+    method=st.sampled_from(["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "POST"]),
+    path=st.sampled_from(["/predict", "/health", "/metadata", "/nope", "/predict/", "/%00", "/docs"]),
+    query=st.text(max_size=20),
+)
 def test_methods_and_paths(server, method, path, query):
     response = server.request(method, path, params={"q": query} if query else None)
     assert response.status_code < 500

@@ -15,7 +15,7 @@ def toy_data(n, seed):
     labels = np.arange(n) % 10
     images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
     for i, label in enumerate(labels):
-        images[i, label * 2:label * 2 + 3, :] = 250
+        images[i, label * 2 : label * 2 + 3, :] = 250
     return images, labels.astype(np.int64)
 
 
@@ -28,9 +28,14 @@ def test_same_seed_gives_same_initial_weights_in_both():
     assert abs(W.std().item() - 0.01) < 0.001 and (b == 0).all()
 
 
-@pytest.mark.parametrize("hp", [TrainConfig(epochs=3, batch_size=32),
-                                TrainConfig(epochs=3, batch_size=32, momentum=0.9, weight_decay=1e-3,
-                                            lr_schedule="cosine")], ids=["sgd", "momentum-wd-cosine"])
+@pytest.mark.parametrize(
+    "hp",
+    [
+        TrainConfig(epochs=3, batch_size=32),
+        TrainConfig(epochs=3, batch_size=32, momentum=0.9, weight_decay=1e-3, lr_schedule="cosine"),
+    ],
+    ids=["sgd", "momentum-wd-cosine"],
+)
 def test_both_implementations_learn_the_same_weights(hp):
     data, test = toy_data(400, 0), toy_data(100, 1)
     results = {impl: train.fit(impl, hp, data, test, progress=False) for impl in ("scratch", "concise")}

@@ -47,9 +47,11 @@ class SoftmaxModel(Protocol):
 def build(impl: str, W: torch.Tensor, b: torch.Tensor, hp: TrainConfig) -> SoftmaxModel:
     if impl == "scratch":
         from .scratch import ScratchSoftmaxRegression
+
         return ScratchSoftmaxRegression(W, b, hp)
     if impl == "concise":
         from .concise import ConciseSoftmaxRegression
+
         return ConciseSoftmaxRegression(W, b, hp)
     raise PipelineError(f"unknown implementation {impl!r}: choose scratch or concise")
 

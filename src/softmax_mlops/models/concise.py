@@ -20,8 +20,9 @@ class ConciseSoftmaxRegression:
             self.net.weight.copy_(W.T)
             self.net.bias.copy_(b)
         self.loss = nn.CrossEntropyLoss()
-        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=hp.lr, momentum=hp.momentum,
-                                         weight_decay=hp.weight_decay)
+        self.optimizer = torch.optim.SGD(
+            self.net.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+        )
 
     def logits(self, X: torch.Tensor) -> torch.Tensor:
         return self.net(X)

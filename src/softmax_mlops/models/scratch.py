@@ -35,11 +35,14 @@ def cross_entropy(Z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -log_softmax(Z).gather(1, y.unsqueeze(1)).mean()
 
 
-def sgd(params: list[torch.Tensor], velocities: list[torch.Tensor], lr: float,
-        momentum: float, weight_decay: float) -> None:
+def sgd(
+    params: list[torch.Tensor], velocities: list[torch.Tensor], lr: float, momentum: float, weight_decay: float
+) -> None:
     """p -= lr * v, with v = momentum * v + grad + weight_decay * p (torch.optim.SGD's exact rule)."""
     with torch.no_grad():
-        for p, v in zip(params, velocities):
+        for p, v in zip(params, velocities, strict=True):
+            if p.grad is None:
+                raise RuntimeError("sgd() before backward(): a parameter has no gradient")
             grad = p.grad + weight_decay * p if weight_decay else p.grad
             if momentum:
                 v.mul_(momentum).add_(grad)
