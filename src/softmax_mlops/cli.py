@@ -265,9 +265,7 @@ def serve(
     ] = None,
 ) -> None:
     """HTTP inference: POST /predict (JSON {"instances": [...]} or a PNG/JPEG), GET /health, GET /metadata."""
-    import dataclasses
-
-    from . import server
+    from . import config, server
 
     wait_s = model_wait if model_wait is not None else _config(standalone=model is not None).serve.model_wait_s
     cfg, predictor = _predictor(model, threads, wait_s)
@@ -281,7 +279,7 @@ def serve(
         "max_connections": max_connections,
         "max_image_pixels": max_image_pixels,
     }
-    limits = dataclasses.replace(cfg.serve, **{k: v for k, v in overrides.items() if v is not None})
+    limits = config.overridden(cfg.serve, "serve", **overrides)
     server.serve(predictor, limits, cfg.predict.top_k)
 
 

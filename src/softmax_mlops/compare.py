@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict
 
 from .atomic import write_json, write_text
 from .config import Config
@@ -85,7 +84,9 @@ def _markdown(cfg: Config, report: dict) -> str:
     lines = [
         "# scratch vs concise",
         "",
-        "Same data, seed and hyperparameters: " + ", ".join(f"{k}={v}" for k, v in asdict(cfg.train).items()) + ".",
+        "Same data, seed and hyperparameters: "
+        + ", ".join(f"{k}={v}" for k, v in cfg.train.model_dump().items())
+        + ".",
         "",
         "| metric | " + " | ".join(impls) + " |",
         "|---|" + "---:|" * len(impls),

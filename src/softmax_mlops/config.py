@@ -1,23 +1,24 @@
 """Typed view of params.yaml: the one place configuration is read and environment overrides are resolved.
 
 Every module takes a :class:`Config` instead of reading files or environment variables itself, so a path,
-hyperparameter or URI has exactly one definition (params.yaml) and one loader (here).
+hyperparameter or URI has exactly one definition (params.yaml) and one loader (here). Each section is a pydantic
+model whose fields declare their types and ranges; a bad value is reported as one line naming its key.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import PipelineError
 
 PARAMS_FILE = "params.yaml"
 IMPLS = ("scratch", "concise")
-LR_SCHEDULES = ("constant", "cosine")
 MIRROR_ENV = "FASHION_MNIST_MIRROR"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 # The MLflow UI as a browser reaches it. In a container stack the tracking URI is an in-network name
@@ -119,117 +120,92 @@ class Paths:
         return self.metrics / "headline.json"
 
 
-@dataclass(frozen=True)
-class IngestConfig:
+class Section(BaseModel):
+    """A params.yaml section: pydantic checks the types (strictly: no "0.1" for a float, no true for an int,
+    though an int is a float) and the ranges declared on each field, and refuses unknown keys. Frozen, so a
+    loaded configuration cannot change under a running stage."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+S = TypeVar("S", bound=Section)
+
+
+class IngestConfig(Section):
     mirror: str = ""  # FASHION_MNIST_MIRROR overrides it
-    validation_size: int = 5000  # training images set aside, stratified by class
-    validation_seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.validation_size < 10 or self.validation_seed < 0:
-            raise PipelineError(
-                f"ingest.validation_size must be >= 10 (one image per class) and "
-                f"ingest.validation_seed >= 0, got {self.validation_size}, {self.validation_seed}"
-            )
+    validation_size: int = Field(5000, ge=10)  # training images set aside, stratified by class (>= 1 per class)
+    validation_seed: int = Field(0, ge=0)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     seed: int = 0
-    batch_size: int = 256
-    lr: float = 0.1
-    epochs: int = 5
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.epochs < 1:
-            raise PipelineError(f"train.batch_size and train.epochs must be >= 1, got {self.batch_size}, {self.epochs}")
-        if not self.lr > 0:
-            raise PipelineError(f"train.lr must be > 0, got {self.lr}")
-        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
-            raise PipelineError("train.momentum must be in [0, 1) and train.weight_decay >= 0")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise PipelineError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(0.1, gt=0)
+    epochs: int = Field(5, ge=1)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
-    grid_images: int = 18
+class EvaluateConfig(Section):
+    grid_images: int = Field(18, ge=1)
 
 
-@dataclass(frozen=True)
-class CalibrateConfig:
-    bins: int = 15  # equal-width confidence bins of the ECE (Guo et al. 2017)
-    initial_temperature: float = 1.5  # where LBFGS starts, as in the reference implementation
-    max_iter: int = 100  # LBFGS iterations at most
-
-    def __post_init__(self) -> None:
-        if self.bins < 1 or not self.initial_temperature > 0 or self.max_iter < 1:
-            raise PipelineError(
-                "calibrate.bins and calibrate.max_iter must be >= 1 and calibrate.initial_temperature > 0"
-            )
+class CalibrateConfig(Section):
+    bins: int = Field(15, ge=1)  # equal-width confidence bins of the ECE (Guo et al. 2017)
+    initial_temperature: float = Field(1.5, gt=0)  # where LBFGS starts, as in the reference implementation
+    max_iter: int = Field(100, ge=1)  # LBFGS iterations at most
 
 
-@dataclass(frozen=True)
-class ExportConfig:
-    opset: int = 18
-    champion_min_accuracy: float = 0.82
+class ExportConfig(Section):
+    opset: int = Field(18, ge=7)
+    champion_min_accuracy: float = Field(0.82, ge=0, le=1)
 
 
-@dataclass(frozen=True)
-class PredictConfig:
-    batch_size: int = 4096
-    top_k: int = 3
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or not 1 <= self.top_k <= 10:
-            raise PipelineError("predict.batch_size must be >= 1 and predict.top_k between 1 and 10")
+class PredictConfig(Section):
+    batch_size: int = Field(4096, ge=1)
+    top_k: int = Field(3, ge=1, le=10)
 
 
-@dataclass(frozen=True)
-class DriftConfig:
-    alpha: float = 0.05  # level of each drift test (the per-class KS tests share it through Bonferroni)
-    min_images: int = 200  # smaller batches are reported "not tested"
-    max_images: int = 100_000  # larger batches are KS-tested on a seeded uniform sample of this many
+class DriftConfig(Section):
+    alpha: float = Field(0.05, gt=0, lt=1)  # level of each drift test (the per-class KS tests share it: Bonferroni)
+    min_images: int = Field(200, ge=1)  # smaller batches are reported "not tested"
+    max_images: int = Field(100_000, ge=1)  # larger batches are KS-tested on a seeded uniform sample of this many
 
-    def __post_init__(self) -> None:
-        if not 0 < self.alpha < 1 or self.min_images < 1 or self.max_images < self.min_images:
-            raise PipelineError(
-                "drift.alpha must be between 0 and 1, drift.min_images >= 1 and drift.max_images >= drift.min_images"
-            )
+    @model_validator(mode="after")
+    def _sample_holds_a_test(self) -> DriftConfig:
+        if self.max_images < self.min_images:
+            raise ValueError(f"drift.max_images ({self.max_images}) must be >= drift.min_images ({self.min_images})")
+        return self
 
 
-@dataclass(frozen=True)
-class ServeConfig:
+class ServeConfig(Section):
     model: str = "models/scratch/model.onnx"
     host: str = "127.0.0.1"
-    port: int = 8000
-    max_body_bytes: int = 1 << 20
-    max_instances: int = 256
-    request_timeout_s: float = 10.0
-    model_wait_s: float = 0.0  # how long to wait for a models:/ URI that does not resolve yet
-    read_timeout_s: float = 10.0  # a request's headers, and then its body, must arrive within this
-    max_connections: int = 64  # open connections; more are answered 503 and closed
-    max_image_pixels: int = 4194304  # an uploaded image's declared width x height; more get 413
+    port: int = Field(8000, ge=1, le=65535)
+    max_body_bytes: int = Field(1 << 20, ge=1)
+    max_instances: int = Field(256, ge=1)
+    request_timeout_s: float = Field(10.0, gt=0)
+    model_wait_s: float = Field(0.0, ge=0)  # how long to wait for a models:/ URI that does not resolve yet
+    read_timeout_s: float = Field(10.0, gt=0)  # a request's headers, and then its body, must arrive within this
+    max_connections: int = Field(64, ge=1)  # open connections; more are answered 503 and closed
+    max_image_pixels: int = Field(4194304, ge=1)  # an uploaded image's declared width x height; more get 413
 
 
-@dataclass(frozen=True)
-class BatchInferenceConfig:
+class BatchInferenceConfig(Section):
     input: str = "data/incoming"
     output_dir: str = "predictions"
     model: str = "models:/softmax-mlops-scratch@champion"
 
 
-@dataclass(frozen=True)
-class MlflowConfig:
+class MlflowConfig(Section):
     tracking_uri: str
     experiment: str
     ui_url: str = "http://127.0.0.1:5000"  # where a browser opens the MLflow UI (links in summaries)
-    http_retries: int = 3  # retries of a failed request to a tracking server
-    http_timeout_s: int = 10  # per request (MLflow takes whole seconds); with the retries' back-off, a dead server is
-    # reported in about http_retries x http_timeout_s + 7 s
+    http_retries: int = Field(3, ge=0)  # retries of a failed request to a tracking server
+    # per request (MLflow takes whole seconds); with the retries' back-off, a dead server is reported in about
+    # http_retries x http_timeout_s + 7 s
+    http_timeout_s: int = Field(10, ge=1)
 
     @property
     def is_local_sqlite(self) -> bool:
@@ -273,22 +249,47 @@ class Config:
         return self.ingest.mirror
 
 
-def _section(cls: type, raw: dict[str, Any] | None, name: str) -> Any:
-    """Build a dataclass from a params.yaml section, naming unknown keys and wrong types."""
-    raw = raw or {}
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise PipelineError(f"{PARAMS_FILE}: unknown key(s) in '{name}': {', '.join(unknown)}")
-    values = {}
-    for key, value in raw.items():
-        expected = {"int": int, "float": float, "str": str}[str(known[key].type)]
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, expected) or isinstance(value, bool):
-            raise PipelineError(f"{PARAMS_FILE}: {name}.{key} must be {expected.__name__}, got {value!r}")
-        values[key] = value
-    return cls(**values)
+def _section(cls: type[S], raw: dict[str, Any] | None, name: str) -> S:
+    """Build a section from params.yaml, with pydantic's findings as one line that names each key."""
+    try:
+        return cls.model_validate(raw or {})
+    except ValidationError as exc:
+        raise PipelineError(f"{PARAMS_FILE}: " + "; ".join(_problems(name, exc.errors()))) from None
+
+
+def _problems(section: str, errors: list[Any]) -> list[str]:
+    unknown = [str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden"]
+    found = [f"unknown key(s) in '{section}': {', '.join(unknown)}"] if unknown else []
+    for error in errors:
+        key, ctx, value = ".".join([section, *map(str, error["loc"])]), error.get("ctx") or {}, error.get("input")
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            continue
+        if kind in TYPE_NAMES:
+            found.append(f"{key} must be {TYPE_NAMES[kind]}, got {value!r}")
+        elif kind in BOUNDS:
+            symbol, bound = BOUNDS[kind]
+            found.append(f"{key} must be {symbol} {ctx[bound]:g}, got {value!r}")
+        elif kind == "literal_error":
+            choices = str(ctx["expected"]).replace("'", "").replace(" or ", ", ")
+            found.append(f"{key} must be one of {choices}, got {value!r}")
+        else:  # a model validator's own message names its keys
+            found.append(str(error["msg"]).removeprefix("Value error, "))
+    return found
+
+
+def overridden(section: S, name: str, **values: Any) -> S:
+    """``section`` with the values that are not None replaced (command-line options), checked as params.yaml is."""
+    return _section(type(section), section.model_dump() | {k: v for k, v in values.items() if v is not None}, name)
+
+
+TYPE_NAMES = {"int_type": "int", "float_type": "float", "string_type": "str", "bool_type": "bool"}
+BOUNDS = {
+    "greater_than_equal": (">=", "ge"),
+    "greater_than": (">", "gt"),
+    "less_than": ("<", "lt"),
+    "less_than_equal": ("<=", "le"),
+}
 
 
 EXPERIMENT_COPIES = Path(".dvc") / "tmp" / "exps"

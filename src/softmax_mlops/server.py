@@ -23,7 +23,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .config import ServeConfig
-from .errors import PipelineError
 from .images import ImageError, ImageTooLarge, decode
 from .inference import OUTPUT_NAMES, Predictor
 from .protocols import HEADER_LENGTH, as_array, check_pixels, load_json
@@ -369,12 +368,6 @@ def protocol(limits: ServeConfig) -> type:
 def serve(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> None:
     import uvicorn
 
-    if (
-        min(limits.max_body_bytes, limits.max_instances, limits.max_connections, limits.max_image_pixels) < 1
-        or limits.request_timeout_s <= 0
-        or limits.read_timeout_s <= 0
-    ):
-        raise PipelineError("serve limits must be positive")
     app = create_app(predictor, limits, top_k)
     # Everything loaded so far (FastAPI, onnxruntime, the model, MLflow's client) lives as long as the process:
     # move it out of the collector's reach, so that a request that parses a large JSON body does not set off a

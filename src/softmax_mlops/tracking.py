@@ -194,7 +194,7 @@ def resume_run(cfg: Config, impl: str, stage: str) -> Iterator[mlflow.ActiveRun]
 
 
 def log_params(impl: str, hp: TrainConfig) -> None:
-    mlflow.log_params({"impl": impl, **asdict(hp)})
+    mlflow.log_params({"impl": impl, **hp.model_dump()})
 
 
 def log_timing(**seconds: float) -> None:
@@ -262,7 +262,7 @@ def version_description(cfg: Config, impl: str, test_accuracy: float) -> str:
     if run is None:
         raise PipelineError("a model version is registered from inside the export stage's MLflow run")
     tags = mlflow.get_run(run.info.run_id).data.tags
-    params = ", ".join(f"{k}={v}" for k, v in asdict(cfg.train).items())
+    params = ", ".join(f"{k}={v}" for k, v in cfg.train.model_dump().items())
     lines = [
         f"softmax regression ({impl}), test accuracy {test_accuracy:.4f} on the Fashion-MNIST test set",
         f"- data md5: {data_md5(cfg)}",

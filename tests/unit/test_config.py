@@ -52,8 +52,15 @@ def test_int_given_for_float_is_accepted(tmp_path):
         ("train.lr", "fast", "train.lr must be float"),
         ("train.epochs", 0, "must be >= 1"),
         ("train.lr_schedule", "step", "lr_schedule must be one of constant, cosine"),
-        ("train.momentum", 1.5, "momentum must be in [0, 1)"),
+        ("train.momentum", 1.5, "train.momentum must be < 1, got 1.5"),
         ("train.learning_rate", 0.1, "unknown key(s) in 'train': learning_rate"),
+        ("train.lr", "0.1", "train.lr must be float, got '0.1'"),  # strict: YAML that quoted a number
+        ("train.epochs", True, "train.epochs must be int, got True"),
+        ("train.epochs", 2.5, "train.epochs must be int, got 2.5"),
+        ("drift.max_images", 100, "drift.max_images (100) must be >= drift.min_images (200)"),
+        ("calibrate.initial_temperature", 0, "calibrate.initial_temperature must be > 0"),
+        ("serve.port", 70000, "serve.port must be <= 65535, got 70000"),
+        ("ingest.validation_size", 5, "ingest.validation_size must be >= 10, got 5"),
     ],
 )
 def test_bad_params_are_named(tmp_path, key, value, message):
@@ -64,3 +71,12 @@ def test_bad_params_are_named(tmp_path, key, value, message):
 def test_missing_params_file_is_a_clear_error(tmp_path):
     with pytest.raises(PipelineError, match="no params.yaml"):
         config.load(tmp_path)
+
+
+def test_every_problem_of_a_section_is_in_the_one_line(tmp_path):
+    params = write_params(tmp_path, **{"train.lr": -1, "train.epochs": "five", "train.speed": 3})
+    with pytest.raises(PipelineError) as err:
+        config.load(params)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("params.yaml: unknown key(s) in 'train': speed")
+    assert "train.lr must be > 0, got -1" in message and "train.epochs must be int, got 'five'" in message
