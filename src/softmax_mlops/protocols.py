@@ -36,12 +36,18 @@ V2_DTYPES = {
 HEADER_LENGTH = "inference-header-content-length"
 
 
-class ProtocolError(Exception):
-    """Bad input: the status to answer and a message that says what was wrong."""
+INVALID = "INVALID_PARAMETER_VALUE"  # MLflow's error code for input that does not fit the model's signature
 
-    def __init__(self, status: int, message: str) -> None:
+
+class ProtocolError(Exception):
+    """Bad input: the status to answer and a message that says what was wrong, and the error code MLflow's
+    scoring server gives the same fault: BAD_REQUEST for a request it cannot read (malformed JSON, a missing
+    field, values out of range), INVALID_PARAMETER_VALUE for one that does not fit the signature (its shape,
+    the input's name, a dataframe for a tensor input)."""
+
+    def __init__(self, status: int, message: str, code: str = "BAD_REQUEST") -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.code = status, message, code
 
 
 def load_json(body: bytes) -> Any:
@@ -71,7 +77,7 @@ def check_pixels(array: np.ndarray, max_instances: int, flat_ok: bool = True) ->
         array = array.reshape(-1, 28, 28)
     if array.ndim != 3 or array.shape[1:] != (28, 28) or not len(array):
         shapes = "[N, 28, 28] or [N, 784]" if flat_ok else "[N, 28, 28]"
-        raise ProtocolError(422, f"images must have shape {shapes} with N >= 1; got {list(array.shape)}")
+        raise ProtocolError(422, f"images must have shape {shapes} with N >= 1; got {list(array.shape)}", INVALID)
     if array.dtype.kind == "f":
         if not np.isfinite(array).all():
             raise ProtocolError(422, "pixel values must be finite integers; found NaN or infinity")
@@ -239,14 +245,15 @@ def parse_mlflow(body: bytes, max_instances: int) -> np.ndarray:
             400,
             f"{key} does not fit this model's tensor input 'image' (uint8 [-1, 28, 28]): "
             'send {"inputs": [[28 rows of 28 pixels], ...]}',
+            INVALID,
         )
     if key == "inputs" and isinstance(value, dict):
         if set(value) != {"image"}:
-            raise ProtocolError(400, f"inputs must name the one input 'image', got {sorted(value)}")
+            raise ProtocolError(400, f"inputs must name the one input 'image', got {sorted(value)}", INVALID)
         value = value["image"]
     elif key == "instances" and isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         if any(set(v) != {"image"} for v in value):
-            raise ProtocolError(400, "each instance must hold the one input 'image'")
+            raise ProtocolError(400, "each instance must hold the one input 'image'", INVALID)
         value = [v["image"] for v in value]
     return check_pixels(as_array(value, key), max_instances, flat_ok=False)
 

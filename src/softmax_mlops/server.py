@@ -189,7 +189,7 @@ def create_app(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> Fas
     async def _bad_request(request: Request, exc: BadRequest) -> JSONResponse:
         if request.url.path == "/invocations":  # MLflow's error shape; it answers bad input with 400
             status = exc.status if exc.status in (408, 413, 415) else 400
-            return JSONResponse({"error_code": "BAD_REQUEST", "message": exc.message}, status_code=status)
+            return JSONResponse({"error_code": exc.code, "message": exc.message}, status_code=status)
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)

@@ -211,25 +211,30 @@ def test_ping_and_version(server):
     assert httpx.get(f"{server}/version").text == version("mlflow-skinny")
 
 
+BAD, INVALID = "BAD_REQUEST", "INVALID_PARAMETER_VALUE"  # as MLflow 3.17 answers each case
+
+
 @pytest.mark.parametrize(
-    "body, status, message",
+    "body, status, code, message",
     [
-        (b"garbage", 400, "malformed JSON"),
-        ({"nothing": 1}, 400, "exactly one of the input fields"),
-        ({"inputs": [[[0] * 28] * 28], "instances": [[[0] * 28] * 28]}, 400, "exactly one"),
-        ({"dataframe_split": {"columns": ["image"], "data": [[0]]}}, 400, "tensor input 'image'"),
-        ({"inputs": [[0] * 784]}, 400, "[N, 28, 28]"),
-        ({"inputs": [[[300] * 28] * 28]}, 400, "in 0..255"),
-        ({"inputs": {"pixels": [[[0] * 28] * 28]}}, 400, "'image'"),
-        ({"inputs": [[[0] * 28] * 28] * 9}, 413, "over the limit"),
+        (b"garbage", 400, BAD, "malformed JSON"),
+        ({"nothing": 1}, 400, BAD, "exactly one of the input fields"),
+        ({"inputs": [[[0] * 28] * 28], "instances": [[[0] * 28] * 28]}, 400, BAD, "exactly one"),
+        ({"dataframe_split": {"columns": ["image"], "data": [[0]]}}, 400, INVALID, "tensor input 'image'"),
+        ({"inputs": [[0] * 784]}, 400, INVALID, "[N, 28, 28]"),
+        ({"inputs": []}, 400, INVALID, "N >= 1"),
+        ({"inputs": [[[300] * 28] * 28]}, 400, BAD, "in 0..255"),
+        ({"inputs": [[[0] * 28] * 27 + [[0] * 3]]}, 400, BAD, "rectangular"),
+        ({"inputs": {"pixels": [[[0] * 28] * 28]}}, 400, INVALID, "'image'"),
+        ({"inputs": [[[0] * 28] * 28] * 9}, 413, BAD, "over the limit"),
     ],
 )
-def test_bad_invocations_get_mlflows_error_shape(server, body, status, message):
+def test_bad_invocations_get_mlflows_error_shape(server, body, status, code, message):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = httpx.post(f"{server}/invocations", content=content, headers={"content-type": "application/json"})
     assert response.status_code == status, response.text
     error = response.json()
-    assert error["error_code"] == "BAD_REQUEST" and message in error["message"], error
+    assert error["error_code"] == code and message in error["message"], error
 
 
 def test_invocations_refuse_other_content_types_with_415(server):
