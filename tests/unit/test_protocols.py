@@ -2,14 +2,12 @@
 tritonclient (a client nobody here wrote) in its binary and JSON modes, raw requests, and hostile input."""
 
 import json
-import os
 
 import httpx
 import numpy as np
 import pytest
 
-from helpers import REPO
-from stack import Processes, free_port, wait_http
+from stack import serving
 
 MAX_BODY, MAX_INSTANCES = 400_000, 8
 IMAGES = np.random.default_rng(5).integers(0, 256, size=(6, 28, 28), dtype=np.uint8)
@@ -17,25 +15,10 @@ NAME = "softmax-mlops"  # the fixture model has no model card, so the server's d
 
 
 @pytest.fixture(scope="module")
-def server(onnx_model):
-    port = free_port()
-    with Processes() as procs:
-        proc = procs.start(
-            "softmax-mlops",
-            "serve",
-            "-m",
-            str(onnx_model[0]),
-            "--port",
-            str(port),
-            "--max-body-bytes",
-            str(MAX_BODY),
-            "--max-instances",
-            str(MAX_INSTANCES),
-            cwd=REPO,
-            env=dict(os.environ),
-        )
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/health", proc)
+def server(onnx_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("protocols") / "serve.log"
+    options = ("--max-body-bytes", str(MAX_BODY), "--max-instances", str(MAX_INSTANCES))
+    with serving(onnx_model[0], log, *options) as (url, _):
         yield url
 
 
