@@ -13,6 +13,7 @@ Only parsing and encoding live here; server.py routes requests and runs the mode
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +111,7 @@ def parse_v2(body: bytes, header_length: str | None, max_instances: int) -> V2Re
     """An inference request with one input, ``image``, as JSON data or as a binary tensor."""
     binary = b""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise ProtocolError(
                 400, f"Inference-Header-Content-Length {header_length!r} does not fit a {len(body)}-byte body"
             )
@@ -134,7 +135,7 @@ def parse_v2(body: bytes, header_length: str | None, max_instances: int) -> V2Re
         )
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise ProtocolError(400, f"input shape must be a list of non-negative integers, got {shape!r}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)  # Python's integers: a hostile shape cannot overflow into a plausible size
     if shape and shape[0] > max_instances:
         raise ProtocolError(413, f"{shape[0]} images is over the limit of {max_instances} per request")
     size = _binary_size(tensor.get("parameters"))

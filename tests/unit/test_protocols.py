@@ -108,6 +108,8 @@ def v2_body(**tensor) -> dict:
         ("strings", v2_body(datatype="BYTES"), 400, "datatype 'BYTES' is not supported"),
         ("shape and data disagree", v2_body(shape=[2, 28, 28]), 400, "shape [2, 28, 28] needs 1568"),
         ("negative dimension", v2_body(shape=[-1, 28, 28]), 400, "non-negative integers"),
+        # 2**62 * 4 overflows int64 to 0, the size of an empty "data": it must not reach numpy's reshape
+        ("overflowing shape", v2_body(shape=[1, 2**62, 4], data=[]), 400, "needs 18446744073709551616"),
         ("wrong image shape", v2_body(shape=[1, 28, 27], data=[0] * 756), 422, "[N, 28, 28]"),
         ("over 255", v2_body(data=[256] * 784), 422, "in 0..255"),
         ("fractions", v2_body(datatype="FP32", data=[0.5] * 784), 422, "integers"),
@@ -143,6 +145,7 @@ def test_bad_binary_tensors_get_a_400(server):
         ({"inference-header-content-length": str(len(header))}, header + b"\0" * 100, "does not hold UINT8"),
         ({"inference-header-content-length": "99999"}, header, "does not fit"),
         ({"inference-header-content-length": "-3"}, header, "does not fit"),
+        ({"inference-header-content-length": b"\xb2"}, header, "does not fit"),  # a digit to isdigit(), not to int()
     ]:
         response = httpx.post(
             f"{server}/v2/models/{NAME}/infer",
