@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from stack import serving
 
 MAX_BODY, MAX_INSTANCES = 100_000, 8
-EXAMPLES = 500  # per test: the five tests below send about 2,500 requests
+EXAMPLES = 500  # per test: the five /predict tests send about 2,500 requests, the four protocol tests 1,200
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +110,67 @@ def test_methods_and_paths(server, method, path, query):
     assert response.status_code < 500
     if response.status_code >= 400 and method != "HEAD":
         assert "error" in response.json()
+
+
+# --- the two standard protocols: the same rules (no 5xx, a JSON error that says what was wrong) ---------------
+
+V2_INFER = "/v2/models/softmax-mlops/infer"  # the fixture model has no card: the server's default name
+PROTOCOL = settings(FUZZ, max_examples=300)
+
+
+def check_mlflow(response: httpx.Response) -> None:
+    """MLflow's error shape on /invocations: error_code and message."""
+    assert response.status_code < 500, (response.status_code, response.text[:300])
+    if response.status_code >= 400:
+        error = response.json()
+        assert isinstance(error.get("error_code"), str) and isinstance(error.get("message"), str), response.text[:300]
+
+
+@PROTOCOL
+@given(body=any_json, path=st.sampled_from([V2_INFER, "/invocations"]))
+def test_any_json_document_on_both_protocols(server, body, path):
+    response = server.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    (check_mlflow if path == "/invocations" else check)(response)
+
+
+dims = st.integers(-2, 30) | st.integers() | st.sampled_from([784, 2**31, 2**62, 2**64])
+v2_tensor = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(["image", "images", ""]),
+        "shape": st.lists(dims, max_size=4) | scalars,
+        "datatype": st.sampled_from(["UINT8", "INT64", "FP32", "FP16", "BYTES", "BOOL", "uint8"]) | scalars,
+    },
+    optional={"data": near_image | st.lists(pixel, max_size=10) | any_json, "parameters": any_json},
+)
+
+
+@PROTOCOL
+@given(
+    inputs=st.lists(v2_tensor, max_size=2),
+    outputs=st.none() | st.lists(st.fixed_dictionaries({"name": st.text(max_size=12) | scalars}), max_size=3),
+)
+def test_near_miss_v2_requests(server, inputs, outputs):
+    body = {"inputs": inputs} | ({"outputs": outputs} if outputs is not None else {})
+    check(server.post(V2_INFER, content=json.dumps(body), headers={"content-type": "application/json"}))
+
+
+@PROTOCOL
+@given(
+    header=any_json,
+    # any value a header may legally carry (what is not, httptools refuses before the service sees it)
+    length=st.integers(-5, 3000) | st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=4),
+    tail=st.binary(max_size=2000),
+)
+def test_binary_tensor_bodies(server, header, length, tail):
+    content = json.dumps(header).encode() + tail
+    headers = {"content-type": "application/octet-stream", "inference-header-content-length": str(length)}
+    check(server.post(V2_INFER, content=content, headers=headers))
+
+
+@PROTOCOL
+@given(
+    key=st.sampled_from(["inputs", "instances", "dataframe_split", "dataframe_records"]),
+    value=st.lists(near_image, max_size=3) | st.dictionaries(st.sampled_from(["image", "x"]), near_image) | any_json,
+)
+def test_near_miss_invocations(server, key, value):
+    check_mlflow(server.post("/invocations", json={key: value}))
