@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -97,7 +97,6 @@ class V2Request:
     images: np.ndarray
     outputs: dict[str, bool]  # requested output -> as binary data
     id: str | None = None
-    parameters: dict = field(default_factory=dict)
 
 
 def _binary_flag(parameters: Any, key: str, default: bool) -> bool:
@@ -154,7 +153,7 @@ def parse_v2(body: bytes, header_length: str | None, max_instances: int) -> V2Re
         if array.size != count:
             raise ProtocolError(400, f"input data holds {array.size} values, shape {shape} needs {count}")
     images = check_pixels(array.reshape(shape), max_instances)
-    return V2Request(images, _requested_outputs(request), _request_id(request), request.get("parameters") or {})
+    return V2Request(images, _requested_outputs(request), _request_id(request))
 
 
 def _binary_size(parameters: Any) -> int | None:
