@@ -1,6 +1,8 @@
 # The two entry points the README opens with. Both work on a fresh machine with Python 3.11:
 #   make run    create .venv, install from requirements.lock, run the whole pipeline (dvc repro)
 #   make test   the same setup, then the test suite (unit tests and real-data integration tests)
+#   make test-fast   the edit loop: every test that needs no real data and no containers, on both cores
+#   make mutation    mutmut on the guard modules, then the score per module (tools/mutation_score.py)
 #   make lint   ruff check, ruff format --check and mypy, all with zero findings
 #   make stack-test   build the images and test docker/compose.yaml as containers (Docker, or podman)
 #   make plots  `dvc plots show`, offline
@@ -11,7 +13,7 @@ STAMP := $(VENV)/.installed-stamp
 # DVC runs each stage's `cmd` through the shell: the venv's console scripts must be on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test lint stack-test plots bench lock clean
+.PHONY: setup run test test-fast mutation lint stack-test plots bench lock clean
 
 setup: $(STAMP)
 
@@ -25,6 +27,20 @@ run: setup
 
 test: setup
 	pytest $(PYTEST_ARGS)
+
+# The tests that need neither the genuine data nor containers (generated IDX files, real servers on 127.0.0.1),
+# spread over the cores by pytest-xdist: about a minute and a half on 2 cores.
+test-fast: setup
+	pytest -m "not realdata" -n $(or $(JOBS),auto) $(PYTEST_ARGS)
+
+# mutmut plants one-line bugs in the guard modules ([tool.mutmut] in pyproject.toml) and runs the fast tests
+# that reach each one; mutants/ keeps its results, so a second run retests only what changed. The score per
+# module, with the survivors judged equivalent (tests/mutation/equivalent.txt) set aside, goes to
+# mutants/score.json; it fails when a module falls below its floor (tests/mutation/floor.json).
+mutation: setup
+	@mkdir -p mutants
+	mutmut run --max-children $(or $(JOBS),$(shell nproc)) > mutants/run.log 2>&1 || { tail -n 40 mutants/run.log; exit 1; }
+	python tools/mutation_score.py
 
 # ruff (lint and format, rules in pyproject.toml) and mypy on src/ and pipelines/: zero findings, or it fails.
 lint: setup

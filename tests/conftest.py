@@ -32,6 +32,18 @@ def _absolute_mirror() -> None:
 _absolute_mirror()
 
 
+UNIT_TIMEOUT_S = 120  # the slowest unit test (500 fuzzed requests to a real server) takes about 40 s
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Unit tests use generated data and should be quick: a hang there fails in two minutes, not in the global
+    fifteen (pyproject.toml). A test that names its own timeout keeps it."""
+    unit = Path(__file__).parent / "unit"
+    for item in items:
+        if item.path.is_relative_to(unit) and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(UNIT_TIMEOUT_S))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _tests_use_their_own_mlflow_stores():
     """Every test uses an MLflow store in its own project copy: a MLFLOW_TRACKING_URI exported in the

@@ -8,7 +8,7 @@ from helpers import copy_project
 from softmax_mlops import config
 from stack import Processes, free_port, prefect_call, prefect_env, run_deployment_and_wait, start_prefect
 
-pytestmark = pytest.mark.realdata
+pytestmark = [pytest.mark.realdata, pytest.mark.server]
 
 
 @pytest.fixture(scope="module")

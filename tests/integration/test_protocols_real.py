@@ -13,7 +13,7 @@ from helpers import copy_project, run_tool
 from softmax_mlops import config
 from stack import Processes, free_port, wait_http
 
-pytestmark = pytest.mark.realdata
+pytestmark = [pytest.mark.realdata, pytest.mark.server]
 MODEL = "models:/softmax-mlops-scratch@champion"
 
 

@@ -10,7 +10,7 @@ import pytest
 from helpers import copy_project
 from stack import PostgreSQL, Processes, free_port, prefect_env, run_deployment_and_wait, start_prefect, wait_http
 
-pytestmark = pytest.mark.realdata
+pytestmark = [pytest.mark.realdata, pytest.mark.server]
 
 
 @pytest.fixture(scope="module")

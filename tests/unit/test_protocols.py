@@ -9,6 +9,8 @@ import pytest
 
 from stack import serving
 
+pytestmark = pytest.mark.server
+
 MAX_BODY, MAX_INSTANCES = 400_000, 8
 IMAGES = np.random.default_rng(5).integers(0, 256, size=(6, 28, 28), dtype=np.uint8)
 NAME = "softmax-mlops"  # the fixture model has no model card, so the server's default name

@@ -12,6 +12,8 @@ from PIL import Image
 from helpers import REPO
 from stack import Processes, free_port, wait_http
 
+pytestmark = pytest.mark.server
+
 MAX_BODY, MAX_INSTANCES = 200_000, 4
 
 

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from stack import serving
 
+pytestmark = pytest.mark.server
+
 MAX_BODY, MAX_INSTANCES = 100_000, 8
 EXAMPLES = 500  # per test: the five /predict tests send about 2,500 requests, the four protocol tests 1,200
 

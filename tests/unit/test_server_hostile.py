@@ -14,6 +14,8 @@ from PIL import Image
 
 from stack import serving
 
+pytestmark = pytest.mark.server
+
 READ_TIMEOUT, MAX_CONNECTIONS, MAX_PIXELS = 1.0, 8, 1_000_000
 
 
