@@ -47,6 +47,8 @@ def write_mirror(folder: Path, n_train: int = 60, n_test: int = 20, seed: int = 
 
 
 REPO = Path(__file__).resolve().parents[1]
+if REPO.name == "mutants":  # `make mutation`: mutmut runs the tests in its copy; the project is the repository
+    REPO = REPO.parent
 
 
 def cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -79,3 +81,26 @@ def copy_project(dest: Path) -> Path:
 def run_tool(*cmd: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run dvc, git or another installed tool with the test environment (plus ``env``)."""
     return subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def clone_state(src: Path, dest: Path) -> Path:
+    """A copy of a project after it ran: code, git, outputs, DVC cache and the embedded MLflow store, for a test
+    that changes things other tests read. MLflow's SQLite store records absolute artifact locations; they are
+    moved to the copy, so nothing the copy logs lands in the original's artifacts."""
+    import sqlite3
+
+    dvc_tmp = (src / ".dvc" / "tmp").resolve()  # DVC's locks and caches of the source, not state to copy
+    shutil.copytree(
+        src, dest, symlinks=True, ignore=lambda d, names: ["tmp"] if Path(d).resolve() == dvc_tmp.parent else []
+    )
+    db = dest / "mlflow.db"
+    if db.exists():
+        old, new = str(src.resolve()), str(dest.resolve())
+        with sqlite3.connect(db) as conn:
+            tables = [row[0] for row in conn.execute("select name from sqlite_master where type = 'table'")]
+            for table in tables:
+                for column in conn.execute(f"pragma table_info({table})").fetchall():
+                    if column[2].upper().startswith(("VARCHAR", "TEXT")):
+                        conn.execute(f'update {table} set "{column[1]}" = replace("{column[1]}", ?, ?)', (old, new))
+        conn.close()
+    return dest

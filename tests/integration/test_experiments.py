@@ -34,34 +34,57 @@ def runs_named(root, experiment: str) -> list[tuple[str, str]]:
         )
 
 
-@pytest.mark.parametrize("how, lr", [([], 0.05), (["--temp"], 0.07)], ids=["workspace", "temp"])
-def test_exp_run_logs_to_the_project_store(project, how, lr):
-    # each case its own params: DVC's run cache would otherwise restore the outputs without running anything
-    name = f"lr{lr}-{'temp' if how else 'workspace'}"
-    result = run_tool("dvc", "exp", "run", *how, "--name", name, "-S", f"train.lr={lr}", cwd=project)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert runs_named(project, name) == [("concise", "FINISHED"), ("scratch", "FINISHED")]
-    assert not list((project / ".dvc" / "tmp").rglob("mlflow.db")), "no store left inside an experiment copy"
+WORKSPACE, TEMP = "lr0.05-workspace", "lr0.07-temp"
+QUEUE_WAIT_S = 600  # one queued experiment: a 2-epoch chain of both implementations, about a minute
 
 
-def test_queued_experiments_log_to_the_project_store(project):
+def wait_for_queued(root, name: str) -> str:
+    """`dvc queue status` once the task ``name`` has ended, or a failure naming it after QUEUE_WAIT_S."""
+    deadline = time.monotonic() + QUEUE_WAIT_S
+    while time.monotonic() < deadline:
+        status = run_tool("dvc", "queue", "status", cwd=root).stdout
+        if name in status and ("Success" in status or "Failed" in status):
+            return status
+        time.sleep(2)
+    pytest.fail(f"the queued experiment {name!r} did not end within {QUEUE_WAIT_S} s:\n{status}")
+
+
+@pytest.fixture(scope="module")
+def experiments(project):
+    """Each way of running an experiment, once, before any test reads the store, so that no test depends on
+    another having run first. Each has its own params: DVC's run cache would otherwise restore the outputs
+    without running anything."""
+    done = {
+        WORKSPACE: run_tool("dvc", "exp", "run", "--name", WORKSPACE, "-S", "train.lr=0.05", cwd=project),
+        TEMP: run_tool("dvc", "exp", "run", "--temp", "--name", TEMP, "-S", "train.lr=0.07", cwd=project),
+    }
     queued = run_tool("dvc", "exp", "run", "--queue", "--name", "queued", "-S", "train.epochs=2", cwd=project)
     assert queued.returncode == 0, queued.stdout + queued.stderr
     started = run_tool("dvc", "queue", "start", "--jobs", "1", cwd=project)
     assert started.returncode == 0, started.stdout + started.stderr
     try:
-        while True:  # bounded by the queue itself: the one task ends in Success or Failed
-            status = run_tool("dvc", "queue", "status", cwd=project).stdout
-            if "queued" in status and ("Success" in status or "Failed" in status):
-                break
-            time.sleep(2)
-        assert "Success" in status, status + run_tool("dvc", "queue", "logs", "queued", cwd=project).stdout
+        done["queued"] = wait_for_queued(project, "queued")
+        if "Success" not in done["queued"]:
+            done["queued"] += run_tool("dvc", "queue", "logs", "queued", cwd=project).stdout
     finally:
         run_tool("dvc", "queue", "stop", "--kill", cwd=project)
+    return done
+
+
+@pytest.mark.parametrize("name", [WORKSPACE, TEMP], ids=["workspace", "temp"])
+def test_exp_run_logs_to_the_project_store(project, experiments, name):
+    result = experiments[name]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert runs_named(project, name) == [("concise", "FINISHED"), ("scratch", "FINISHED")]
+    assert not list((project / ".dvc" / "tmp").rglob("mlflow.db")), "no store left inside an experiment copy"
+
+
+def test_queued_experiments_log_to_the_project_store(project, experiments):
+    assert "Success" in experiments["queued"], experiments["queued"]
     assert runs_named(project, "queued") == [("concise", "FINISHED"), ("scratch", "FINISHED")]
 
 
-def test_the_readme_exp_show_command_keeps_only_the_headline_and_changed_params(project):
+def test_the_readme_exp_show_command_keeps_only_the_headline_and_changed_params(project, experiments):
     """The README's own `dvc exp show` line, run as written, after the experiments above (one of them queued,
     which adds State and Executor columns unless dropped)."""
     import re
@@ -84,7 +107,7 @@ def test_the_readme_exp_show_command_keeps_only_the_headline_and_changed_params(
         "train.lr",
         "train.epochs",
     ], rows[1]
-    assert "lr0.05-workspace" in shown.stdout
+    assert WORKSPACE in shown.stdout
     # the README's arithmetic: 117 columns for one experiment named lr05, plus longer names, plus about 15 for
     # the second changed param (train.epochs, from the queued experiment)
     label = max(len(re.match(r"\s*(\S.*?)(\s{2,}|$)", row).group(1)) for row in rows[3:-1])

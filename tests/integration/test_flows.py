@@ -11,7 +11,7 @@ from PIL import Image
 from helpers import copy_project, run_tool
 from softmax_mlops import config
 
-pytestmark = pytest.mark.realdata
+pytestmark = [pytest.mark.realdata, pytest.mark.server]
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +58,11 @@ def test_every_stage_ran_as_a_task(project):
 
 
 def test_mlflow_runs_carry_the_flow_run_id(project):
+    """The two runs this flow run opened (other tests here run experiments into the same store)."""
     root, state = project
-    mlflow.set_tracking_uri(config.load(root).mlflow.tracking_uri)
-    runs = mlflow.search_runs(experiment_names=["softmax-mlops"], output_format="list")
-    assert len(runs) == 2
+    client = mlflow.MlflowClient(config.load(root).mlflow.tracking_uri)
+    runs = [client.get_run(m["mlflow_run_id"]) for m in state.result()["impls"].values()]
+    assert sorted(r.data.params["impl"] for r in runs) == ["concise", "scratch"]
     assert {r.data.tags["prefect_flow_run_id"] for r in runs} == {str(state.state_details.flow_run_id)}
 
 
@@ -69,14 +70,17 @@ def test_markdown_summary_links_each_mlflow_run(project):
     import asyncio
 
     from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     root, state = project
 
-    async def read():
+    async def read():  # this flow run's summary: other tests here run the flow again
         async with get_client() as client:
-            return await client.read_latest_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["training-metrics"]))
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=["training-metrics"]),
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+                )
             )
 
     (artifact,) = asyncio.run(read())

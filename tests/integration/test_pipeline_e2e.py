@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from helpers import cli, copy_project, run_tool
+from helpers import cli, clone_state, copy_project, run_tool
 from softmax_mlops import config
 
 pytestmark = pytest.mark.realdata
@@ -47,6 +47,22 @@ def runs(repo):
     mlflow.set_tracking_uri(config.load(repo).mlflow.tracking_uri)
     found = mlflow.search_runs(experiment_names=["softmax-mlops"], output_format="list")
     return {run.data.params["impl"]: run for run in found}
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_of_the_shared_project(repo):
+    """Every test here reads the shared project's store, whichever test ran before it (a test that changes a
+    copy points MLflow at the copy's store)."""
+    mlflow.set_tracking_uri(config.load(repo).mlflow.tracking_uri)
+
+
+@pytest.fixture
+def changed(repo, tmp_path):
+    """A copy of the shared project after its first run (code, outputs, DVC cache and MLflow store), for a test
+    that changes params or breaks files: the tests that read the shared project never see its changes."""
+    dest = clone_state(repo, tmp_path / "project")
+    mlflow.set_tracking_uri(config.load(dest).mlflow.tracking_uri)
+    return dest
 
 
 def read_json(path):
@@ -217,18 +233,26 @@ def test_onnx_parity_and_model_card(repo, runs, impl):
     assert card["data_md5"] == read_json(repo / "data/prepared/summary.json")["data_md5"]
 
 
+def measured_accuracy(repo: Path, impl: str) -> float:
+    """What evaluate measured: the figure every registry decision and description below must quote."""
+    return read_json(repo / f"metrics/{impl}/eval.json")["test_accuracy"]
+
+
 @pytest.mark.parametrize("impl", ["scratch", "concise"])
-def test_registered_with_candidate_and_champion_aliases(runs, impl):
+def test_registered_with_candidate_and_champion_aliases(repo, runs, impl):
     client = mlflow.MlflowClient()
     name = f"softmax-mlops-{impl}"
+    gate = config.load(repo).export.champion_min_accuracy
+    accuracy = measured_accuracy(repo, impl)
+    assert accuracy >= gate  # the default model passes the default gate, else nothing below would hold
     candidate = client.get_model_version_by_alias(name, "candidate")
-    champion = client.get_model_version_by_alias(name, "champion")  # 0.8266 passes the 0.82 gate
+    champion = client.get_model_version_by_alias(name, "champion")
     assert str(candidate.version) == str(champion.version) == "1"
     assert candidate.run_id == runs[impl].info.run_id
     assert client.get_registered_model(name).tags["impl"] == impl
     assert (
         client.get_model_version(name, "1").tags["champion_reason"]
-        == "promoted: 0.8266 ≥ gate 0.8200, no champion before"
+        == f"promoted: {accuracy:.4f} ≥ gate {gate:.4f}, no champion before"
     )
 
 
@@ -247,7 +271,7 @@ def test_registered_version_says_what_it_is_and_loads_for_cpu_with_a_named_input
         run.data.tags["git_commit"],
         run.info.run_id,
         "lr=0.1",
-        "0.8266",
+        f"{measured_accuracy(repo, impl):.4f}",
     ):
         assert fact in version.description, fact
     local = Path(mlflow.artifacts.download_artifacts(f"models:/softmax-mlops-{impl}/1"))
@@ -313,30 +337,28 @@ def test_predict_from_the_registry_on_the_genuine_idx_file(repo, runs):
     assert accuracy == pytest.approx(read_json(repo / "metrics/scratch/eval.json")["test_accuracy"])
 
 
-def test_champion_stays_when_a_new_model_misses_the_gate(repo, runs):
-    params = (repo / "params.yaml").read_text()
-    (repo / "params.yaml").write_text(params.replace("champion_min_accuracy: 0.82", "champion_min_accuracy: 0.99"))
-    result = run_tool("dvc", "repro", "export@scratch", cwd=repo)
+def test_champion_stays_when_a_new_model_misses_the_gate(changed):
+    params = (changed / "params.yaml").read_text()
+    (changed / "params.yaml").write_text(params.replace("champion_min_accuracy: 0.82", "champion_min_accuracy: 0.99"))
+    result = run_tool("dvc", "repro", "export@scratch", cwd=changed)
     assert result.returncode == 0, result.stdout + result.stderr
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias("softmax-mlops-scratch", "candidate").version) == "2"
     assert str(client.get_model_version_by_alias("softmax-mlops-scratch", "champion").version) == "1"
+    reason = f"kept v1: {measured_accuracy(changed, 'scratch'):.4f} < gate 0.9900"
     tags = client.get_model_version("softmax-mlops-scratch", "2").tags
-    assert tags["champion_decision"] == "kept" and tags["champion_reason"] == "kept v1: 0.8266 < gate 0.9900"
-    assert (
-        "- @champion: kept v1: 0.8266 < gate 0.9900"
-        in client.get_model_version("softmax-mlops-scratch", "2").description
-    )
+    assert tags["champion_decision"] == "kept" and tags["champion_reason"] == reason
+    assert f"- @champion: {reason}" in client.get_model_version("softmax-mlops-scratch", "2").description
     assert "kept v1" in result.stdout + result.stderr
 
 
-def test_failing_stage_marks_its_run_failed(repo, runs):
-    weights = repo / "models/concise/weights.npz"
-    weights.write_bytes(b"garbage")
-    result = cli("evaluate", "concise", cwd=repo)
+def test_failing_stage_marks_its_run_failed(changed):
+    run_id = read_json(changed / "models/concise/mlflow_run.json")["run_id"]
+    (changed / "models/concise/weights.npz").write_bytes(b"garbage")
+    result = cli("evaluate", "concise", cwd=changed)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "weights.npz is not a weights file" in result.stderr
-    assert mlflow.get_run(runs["concise"].info.run_id).info.status == "FAILED"
+    assert mlflow.get_run(run_id).info.status == "FAILED"
 
 
 def test_a_fresh_clone_reproduces_the_committed_dvc_lock(repo):
