@@ -51,15 +51,32 @@ class Processes:
                 proc.wait()
 
 
-def wait_http(url: str, proc: subprocess.Popen) -> None:
-    while True:
-        assert proc.poll() is None, f"{proc.args} exited:\n{proc.stdout.read()}"
+SERVER_START_S = 180  # an MLflow or Prefect server on 2 busy cores starts in 5-30 s; the margin is for CI load
+FLOW_RUN_S = 600  # a whole training deployment (ten stages) takes 1-3 min here
+
+
+def wait_until(predicate, what: str, timeout_s: float, proc: subprocess.Popen | None = None, every: float = 0.5):
+    """Poll ``predicate`` until it returns something truthy (which is returned), for at most ``timeout_s``
+    seconds; fail naming ``what`` was awaited, or at once if ``proc`` ends first."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := predicate()):
+        if proc is not None and proc.poll() is not None:
+            output = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"waiting for {what}: {proc.args} exited first ({proc.returncode}):\n{output}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(every)
+    return result
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = SERVER_START_S) -> None:
+    def answers() -> bool:
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
+            return httpx.get(url, timeout=2).status_code == 200
         except httpx.TransportError:
-            pass
-        time.sleep(0.5)
+            return False
+
+    wait_until(answers, f"{url} to answer 200", timeout_s, proc)
 
 
 @contextlib.contextmanager
@@ -142,9 +159,11 @@ def run_deployment_and_wait(env: dict, name: str):
     async def state(client):
         return (await client.read_flow_run(flow_run_id)).state
 
-    while not (current := prefect_call(env, state)).is_final():
-        time.sleep(2)
-    return flow_run_id, current
+    def final_state():
+        current = prefect_call(env, state)
+        return current if current.is_final() else None
+
+    return flow_run_id, wait_until(final_state, f"flow run {flow_run_id} of {name} to end", FLOW_RUN_S, every=2)
 
 
 class PostgreSQL:

@@ -18,7 +18,7 @@ import pytest
 from helpers import cli, copy_project, run_tool
 from stack import free_port, wait_http
 
-pytestmark = pytest.mark.realdata
+pytestmark = [pytest.mark.realdata, pytest.mark.server]
 TRAIN_OUTPUTS = (
     "models/scratch/weights.npz",
     "models/scratch/mlflow_run.json",
@@ -52,10 +52,16 @@ def runs(root: Path) -> list[tuple[str, str]]:
             return []
 
 
+WAIT_S = 300  # the longest wait here is for a stage to start training: an MLflow run, torch's import, the data
+
+
 def wait_for(predicate, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + WAIT_S
     while not predicate():
         if proc is not None and proc.poll() is not None:
             pytest.fail(f"{what}: the process ended first ({proc.returncode}):\n{proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {WAIT_S} s waiting for {what}")
         time.sleep(0.2)
 
 
