@@ -52,28 +52,33 @@ class ExportedSoftmaxRegression(nn.Module):
 def export_onnx(module: nn.Module, path, opset: int) -> None:  # noqa: ANN001
     """torch's dynamo exporter, with the batch axis declared dynamic and checked afterwards: an example batch
     the exporter specialises on would silently give a fixed-size model."""
+    with atomic_path(path) as tmp:
+        _write_onnx(module, tmp, opset, path)
+
+
+def _write_onnx(module: nn.Module, tmp: Path, opset: int, path) -> None:  # noqa: ANN001
+    """export_onnx into ``tmp``, a temporary file that becomes ``path`` (named in errors) once accepted."""
     import onnx
 
     example = torch.zeros((3, 28, 28), dtype=torch.uint8)
-    with atomic_path(path) as tmp:
-        torch.onnx.export(
-            module.eval(),
-            (example,),
-            str(tmp),
-            dynamo=True,
-            opset_version=opset,
-            input_names=[INPUT],
-            output_names=list(OUTPUTS),
-            external_data=False,
-            dynamic_shapes={"image": {0: torch.export.Dim("batch")}},
-            verbose=False,
-        )
-        model = onnx.load(str(tmp))
-        batch_dims = [v.type.tensor_type.shape.dim[0] for v in (*model.graph.input, *model.graph.output)]
-        if any(d.dim_value or not d.dim_param for d in batch_dims):
-            raise PipelineError(f"ONNX export of {path} lost the dynamic batch axis")
-        _drop_source_paths(model)
-        onnx.save(model, str(tmp))
+    torch.onnx.export(
+        module.eval(),
+        (example,),
+        str(tmp),
+        dynamo=True,
+        opset_version=opset,
+        input_names=[INPUT],
+        output_names=list(OUTPUTS),
+        external_data=False,
+        dynamic_shapes={"image": {0: torch.export.Dim("batch")}},
+        verbose=False,
+    )
+    model = onnx.load(str(tmp))
+    batch_dims = [v.type.tensor_type.shape.dim[0] for v in (*model.graph.input, *model.graph.output)]
+    if any(d.dim_value or not d.dim_param for d in batch_dims):
+        raise PipelineError(f"ONNX export of {path} lost the dynamic batch axis")
+    _drop_source_paths(model)
+    onnx.save(model, str(tmp))
 
 
 def _drop_source_paths(model) -> None:  # noqa: ANN001 - onnx.ModelProto
@@ -125,15 +130,19 @@ def run(cfg: Config, impl: str) -> dict:
         test_accuracy = json.loads(paths.eval_metrics(impl).read_text())["test_accuracy"]
         temperature = read_temperature(cfg, impl)
         module = ExportedSoftmaxRegression(W, b, temperature).eval()
-        export_onnx(module, paths.onnx(impl), cfg.export.opset)
-
-        parity = check_parity(module, paths.onnx(impl), images)
-        write_json(paths.parity(impl), parity)
-        if parity["max_abs_diff"] > PARITY_MAX_ABS_DIFF or parity["argmax_match"] < 1.0:
-            raise PipelineError(
-                f"ONNX parity failed for {impl}: max abs diff {parity['max_abs_diff']:.2e} "
-                f"(limit {PARITY_MAX_ABS_DIFF}), argmax match {parity['argmax_match']:.4%}"
-            )
+        # model.onnx appears only once it has passed the parity check: a model that fails it is never where
+        # `serve`, `predict` or DVC would take it for the export's result, even for a moment
+        with atomic_path(paths.onnx(impl)) as onnx_tmp:
+            _write_onnx(module, onnx_tmp, cfg.export.opset, paths.onnx(impl))
+            parity = check_parity(module, onnx_tmp, images)
+            write_json(paths.parity(impl), parity)
+            # written so that a NaN difference (a model whose outputs are NaN) fails too: NaN > limit is False
+            if not parity["max_abs_diff"] <= PARITY_MAX_ABS_DIFF or not parity["argmax_match"] >= 1.0:
+                raise PipelineError(
+                    f"ONNX parity failed for {impl}: max abs diff {parity['max_abs_diff']:.2e} "
+                    f"(limit {PARITY_MAX_ABS_DIFF}), argmax match {parity['argmax_match']:.4%}; "
+                    f"{paths.onnx(impl)} not written"
+                )
         card = {
             "impl": impl,
             "class_names": list(CLASS_NAMES),
