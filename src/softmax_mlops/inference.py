@@ -109,9 +109,49 @@ def sidecar(onnx_path: Path, name: str) -> Path | None:
 
 
 def _model_card(onnx_path: Path) -> dict:
-    if card := sidecar(onnx_path, "model.json"):
-        return json.loads(card.read_text())
-    return {"class_names": list(CLASS_NAMES)}
+    if not (card := sidecar(onnx_path, "model.json")):
+        return {"class_names": list(CLASS_NAMES)}
+    try:
+        metadata = json.loads(card.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PipelineError(f"{card} is not a model card: {reason}") from None
+    names = metadata.get("class_names", CLASS_NAMES) if isinstance(metadata, dict) else None
+    if not isinstance(names, list | tuple) or not all(isinstance(name, str) for name in names):
+        raise PipelineError(f"{card} is not a model card: expected a JSON object whose class_names are strings")
+    return metadata
+
+
+def _check_signature(session, path: str | Path, classes: int) -> None:  # noqa: ANN001 - ort.InferenceSession
+    """The export's contract, checked when the model loads: uint8 images [N, 28, 28] named `image` in, float32
+    logits and probabilities [N, classes] out, N dynamic. Any other ONNX file would load, and then fail on every
+    batch and every request."""
+
+    def fits(shape: list, sizes: tuple[int, ...]) -> bool:  # a dynamic batch axis, then these sizes
+        return (
+            len(shape) == 1 + len(sizes)
+            and not isinstance(shape[0], int)
+            and all(not isinstance(dim, int) or dim == size for dim, size in zip(shape[1:], sizes, strict=True))
+        )
+
+    def described(args: list) -> str:
+        return ", ".join(f"{a.name} {a.type} {a.shape}" for a in args) or "none"
+
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    image = inputs[0] if len(inputs) == 1 else None
+    if image is None or image.name != INPUT_NAME or image.type != "tensor(uint8)" or not fits(image.shape, (28, 28)):
+        raise PipelineError(
+            f"{path} is not a model of this project: expected one input {INPUT_NAME} tensor(uint8) "
+            f"['N', 28, 28], got {described(inputs)}"
+        )
+    by_name = {output.name: output for output in outputs}
+    for name in OUTPUT_NAMES:
+        output = by_name.get(name)
+        if output is None or output.type != "tensor(float)" or not fits(output.shape, (classes,)):
+            raise PipelineError(
+                f"{path} is not a model of this project: expected outputs {' and '.join(OUTPUT_NAMES)} "
+                f"tensor(float) ['N', {classes}], got {described(outputs)}"
+            )
 
 
 class Predictor:
@@ -131,6 +171,7 @@ class Predictor:
         self.path = Path(model_path)
         self.metadata = _model_card(self.path)
         self.class_names = list(self.metadata.get("class_names", CLASS_NAMES))
+        _check_signature(self.session, model_path, len(self.class_names))
         self.threads = options.intra_op_num_threads
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
