@@ -33,11 +33,32 @@ def save_reference(path: Path, probabilities: np.ndarray, images: np.ndarray) ->
 
 
 def load_reference(path: Path) -> dict[str, np.ndarray]:
+    """The arrays save_reference wrote. Never unpickles: an archive holding object arrays, a truncated or
+    foreign file, or arrays of the wrong shape are one error that names the file."""
+    import zipfile
+    import zlib
+
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a lone .npy array
+            raise ValueError(f"a single {loaded.dtype} array {list(loaded.shape)}, not an .npz archive")
+        with loaded as npz:
             reference = {key: npz[key] for key in ("probabilities", "intensity")}
-    except (OSError, ValueError, KeyError) as exc:
-        raise PipelineError(f"{path} is not a drift reference: {exc}") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PipelineError(f"{path} is not a drift reference: {reason}") from None
+    probabilities, intensities = reference["probabilities"], reference["intensity"]
+    if (
+        probabilities.ndim != 2
+        or intensities.ndim != 1
+        or not len(probabilities) == len(intensities) > 0
+        or probabilities.dtype.kind != "f"
+        or intensities.dtype.kind != "f"
+    ):
+        raise PipelineError(
+            f"{path} is not a drift reference: expected float probabilities [N, classes] and intensity [N], got "
+            f"{probabilities.dtype} {list(probabilities.shape)} and {intensities.dtype} {list(intensities.shape)}"
+        )
     return reference
 
 

@@ -106,6 +106,11 @@ def run(
     if reference_path:
         refuse_overwriting_input(input_path, drift.report_path(output))
     reference = drift.load_reference(reference_path) if reference_path else None
+    if reference is not None and reference["probabilities"].shape[1] != len(predictor.class_names):
+        raise PipelineError(
+            f"{reference_path} is not a drift reference for {predictor.path}: it has "
+            f"{reference['probabilities'].shape[1]} classes, the model {len(predictor.class_names)}"
+        )
     if reference is not None:  # scipy.stats takes 1.5 s to import: let it load while the batches run
         threading.Thread(target=importlib.import_module, args=("scipy.stats",), daemon=True).start()
     collector = drift.Collector(drift_cfg.max_images) if reference is not None and drift_cfg else None
