@@ -78,11 +78,11 @@ def current_champion(
         version = str(client.get_model_version_by_alias(name, CHAMPION).version)
     except mlflow.exceptions.MlflowException:
         return None  # no such model or no such alias yet: the first version that passes the gate wins
-    path = resolve_model(f"models:/{name}/{version}", tracking_uri)
-    try:
-        return version, score(Predictor(path), images, labels)
+    try:  # an artifact that is gone or unreadable is an error that names the champion, not a traceback
+        return version, score(Predictor(resolve_model(f"models:/{name}/{version}", tracking_uri)), images, labels)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a model it cannot run
-        raise PipelineError(f"cannot score the current champion models:/{name}/{version}: {exc}") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PipelineError(f"cannot score the current champion models:/{name}/{version}: {reason}") from None
 
 
 def promote_if_not_worse(
