@@ -113,7 +113,9 @@ def test_overrides_run_as_a_dvc_experiment_and_leave_params_alone(project):
     assert run_tool("git", "worktree", "list", cwd=root).stdout.count("\n") == 1
     shown = run_tool("dvc", "exp", "show", "--json", cwd=root).stdout
     assert "one-epoch" in shown
-    assert result["impls"]["scratch"]["test_accuracy"] < 0.81  # one epoch: the override really applied
+    # a bound: one epoch measures about 0.79 (the first row of metrics/scratch/history.csv), under the five-epoch
+    # 0.8266, so a run that silently ignored the override would fail here
+    assert result["impls"]["scratch"]["test_accuracy"] < 0.81
 
 
 def test_failing_stage_fails_the_flow_with_its_name_and_reason(project):

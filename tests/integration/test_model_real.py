@@ -47,4 +47,6 @@ def test_documented_tuned_setting_reaches_0_845(training_splits, impl):
     _, history = train.fit(
         impl, TrainConfig(**settings), training_splits["train"], training_splits["test"], progress=False
     )
+    # a bound: scikit-learn's LogisticRegression (lbfgs, the optimum of this linear model) reaches about 0.843 on
+    # this data; the tuned SGD run measured 0.8466, so 0.845 says "at the optimum", with a little room
     assert history[-1].test_acc >= 0.845

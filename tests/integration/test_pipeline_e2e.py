@@ -74,10 +74,14 @@ def test_both_implementations_reach_0_81_and_agree(repo):
     accuracies = {
         impl: read_json(repo / f"metrics/{impl}/eval.json")["test_accuracy"] for impl in ("scratch", "concise")
     }
+    # a bound, not a pin: the textbook trains this model into the low 0.8s in its chapter (ours
+    # measures 0.8266, read from eval.json wherever a test needs the exact figure)
     assert min(accuracies.values()) >= 0.81
+    # a bound: same seed, init and batch order, so the two may differ by float rounding only (0.2 points is 20
+    # of the 10,000 test images)
     assert abs(accuracies["scratch"] - accuracies["concise"]) * 100 <= 0.2
     assert compare["impls"]["scratch"]["test_accuracy"] == accuracies["scratch"]
-    assert compare["difference"]["max_abs_weight_diff"] < 1e-3
+    assert compare["difference"]["max_abs_weight_diff"] < 1e-3  # a bound: float32 rounding over 5 epochs (4.5e-7)
     assert "| test accuracy |" in (repo / "reports/compare.md").read_text()
 
 

@@ -141,4 +141,4 @@ def test_triton_client_on_real_images_equals_predict(servers, real_splits):
     assert probabilities.argmax(1).tolist() == [p["class_id"] for p in predicted]
     assert probabilities.max(1).tolist() == [p["probability"] for p in predicted]
     accuracy = (probabilities.argmax(1) == real_splits["test"][1][:200]).mean()
-    assert accuracy > 0.75  # the real trained model, not random weights
+    assert accuracy > 0.75  # a bound: the trained model (0.8266) and not random weights (about 0.1) on 200 images

@@ -70,5 +70,7 @@ def test_a_long_batch_is_ks_tested_on_a_bounded_seeded_uniform_sample():
     assert sum(report["tests"]["chi2_predicted_class"]["batch_counts"]) == 5000
     assert report == collect().report(ref, alpha=0.05, min_images=100)
     white = (collector.intensities == 1.0).mean()
+    # a uniform sample of 1,000 from a batch that is half white holds Binomial(1000, 0.5) white images: a standard
+    # deviation of 0.016 in the fraction, so 0.42-0.58 is five of them either side
     assert 0.42 < white < 0.58, white
     assert report["tests"]["ks_mean_intensity"]["drift"]
