@@ -8,9 +8,11 @@ they leave the denominator.
 
     score = caught / (mutants - equivalent)
 
-The scores go to mutants/score.json and to stdout as a table. The run fails (exit 1) when a module falls below
-its floor in tests/mutation/floor.json, when a mutant listed as equivalent no longer exists or is now caught
-(the list is stale), or when mutants were left unchecked (an interrupted run).
+With module names as arguments (``python tools/mutation_score.py registry protocols``), only those are
+scored: the scoped run in CI. The scores go to mutants/score.json and to stdout as a table. The run fails
+(exit 1) when a module falls below its floor in tests/mutation/floor.json, when a mutant listed as
+equivalent no longer exists or is now caught (the list is stale), or when mutants were left unchecked (an
+interrupted run).
 """
 
 from __future__ import annotations
@@ -101,14 +103,18 @@ def problems(found: dict[str, dict[str, str]], equivalent: dict[str, str], table
     return lines
 
 
-def main() -> int:
+def main(modules: list[str]) -> int:
+    """Score every module mutmut has results for, or only ``modules`` (short names: registry, protocols, ...)."""
     found = results()
+    if modules:
+        found = {path: statuses for path, statuses in found.items() if Path(path).stem in modules}
     if not found:
         print(f"mutation_score: no mutmut results under {MUTANTS}: run `make mutation`", file=sys.stderr)
         return 1
-    equivalent = equivalents()
+    scored = {Path(path).stem for path in found}  # mutant names read softmax_mlops.<module>.<function>__mutmut_N
+    equivalent = {name: why for name, why in equivalents().items() if name.split(".")[1] in scored}
     table = scores(found, equivalent)
-    floor = json.loads(FLOOR.read_text()) if FLOOR.exists() else {}
+    floor = {m: f for m, f in json.loads(FLOOR.read_text()).items() if m in found} if FLOOR.exists() else {}
     (MUTANTS / "score.json").write_text(json.dumps(table, indent=2) + "\n")
     print(f"{'module':<28} {'mutants':>7} {'killed':>6} {'timeout':>7} {'equiv.':>6} {'left':>5} {'score':>6}")
     for module, row in table.items():
@@ -125,4 +131,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -24,6 +24,8 @@ from helpers import FILES, cli, copy_project, idx_bytes
 from softmax_mlops import config, data
 from softmax_mlops.errors import PipelineError
 
+pytestmark = pytest.mark.heavy  # its fixture ingests, trains, evaluates and calibrates a project
+
 IMPL = "scratch"
 SCALE = 1e6
 OUTPUTS = ("model.onnx", "model.json", "parity.json", "drift_reference.npz")  # what export@ writes in models/{impl}
