@@ -143,7 +143,10 @@ def test_v2_binary_tensor_and_its_header_length():
         assert error.message == f"Inference-Header-Content-Length {length!r} does not fit a {len(body)}-byte body"
     assert parse_v2(v2(), str(len(v2())), 1).images.shape == (1, 28, 28)  # a header that is the whole body
     short = refused(parse_v2, body[:-1], str(len(header)), 1)
-    assert short.message == "binary input of 783 bytes (binary_data_size 784) does not hold UINT8 [1, 28, 28]"
+    assert (short.status, short.message) == (
+        400,
+        "binary input of 783 bytes (binary_data_size 784) does not hold UINT8 [1, 28, 28]",
+    )
     stray = refused(parse_v2, v2() + b"\0", str(len(v2())), 1)
     assert stray.message == "binary data after the header, but no input declares binary_data_size"
 
@@ -333,3 +336,61 @@ def test_mlflow_limit_and_encoding():
     assert parse_mlflow(two, 2).shape == (2, 28, 28) and refused(parse_mlflow, two, 1).status == 413
     results = {"logits": np.zeros((1, 10), np.float32), "probabilities": np.ones((1, 10), np.float32)}
     assert protocols.encode_mlflow(results) == {"predictions": {"logits": [[0.0] * 10], "probabilities": [[1.0] * 10]}}
+
+
+# --- edges that mutation testing found unchecked -----------------------------------------------------------------
+
+
+def test_edges_of_counts_shapes_and_sizes():
+    assert refused(check_pixels, np.zeros(5), 2).status == 413  # a flat list of pixels is counted before its shape
+    two_flat = check_pixels(np.stack([IMAGE.ravel(), IMAGE.ravel()]), 2)
+    assert two_flat.shape == (2, 28, 28) and (two_flat[1] == IMAGE).all()
+    none = refused(parse_v2, v2({"shape": [0, 28, 28], "data": []}), None, 4)  # zero images: a shape, but no batch
+    assert (none.status, none.message) == (
+        422,
+        "images must have shape [N, 28, 28] or [N, 784] with N >= 1; got [0, 28, 28]",
+    )
+    empty_binary = v2({"shape": [0, 28, 28], "parameters": {"binary_data_size": 0}})
+    assert refused(parse_v2, empty_binary, str(len(empty_binary)), 4).status == 422
+    sized = refused(parse_v2, v2({"parameters": {"binary_data_size": 784}}), None, 1)  # no header: no binary part
+    assert sized.message == "binary input of 0 bytes (binary_data_size 784) does not hold UINT8 [1, 28, 28]"
+    error = ProtocolError(400, "why")
+    assert str(error) == "why" and (error.status, error.code) == (400, "BAD_REQUEST")
+
+
+def test_a_wider_binary_datatype_and_other_parameters():
+    pixels = IMAGE.astype("<u2")
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "image", "datatype": "UINT16", "shape": [1, 28, 28], "parameters": {"binary_data_size": 1568}}
+            ]
+        }
+    ).encode()
+    assert (parse_v2(header + pixels.tobytes(), str(len(header)), 1).images[0] == IMAGE).all()
+    stray = refused(parse_v2, v2() + b"\0", str(len(v2())), 1)
+    assert stray.status == 400
+    other = parse_v2(v2(parameters={"priority": 1}, outputs=[{"name": "logits", "parameters": {"x": 1}}]), None, 1)
+    assert other.outputs == {"logits": False}
+
+
+def test_v2_binary_outputs_are_little_endian_float32_back_to_back():
+    results = {"logits": np.full((1, 10), 1.5), "probabilities": np.full((1, 10), 0.25)}  # float64 from elsewhere
+    request = protocols.V2Request(IMAGE[None].astype(np.uint8), {"logits": True, "probabilities": True})
+    body, headers = protocols.encode_v2("m", request, results)
+    length = int(headers["inference-header-content-length"])
+    assert [o["parameters"]["binary_data_size"] for o in json.loads(body[:length])["outputs"]] == [40, 40]
+    assert np.frombuffer(body[length:], "<f4").tolist() == [1.5] * 10 + [0.25] * 10
+
+
+def test_v2_model_metadata_is_the_exports_signature():
+    assert protocols.v2_model_metadata("m") == {
+        "name": "m",
+        "versions": [],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": "image", "datatype": "UINT8", "shape": [-1, 28, 28]}],
+        "outputs": [
+            {"name": "logits", "datatype": "FP32", "shape": [-1, 10]},
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
+        ],
+    }
