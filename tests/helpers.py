@@ -78,6 +78,15 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The failure as the project promises it: exit 1, no traceback, and stderr exactly one error line."""
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("softmax-mlops: error: "), result.stderr
+    return lines[0]
+
+
 def run_tool(*cmd: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run dvc, git or another installed tool with the test environment (plus ``env``)."""
     return subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})

@@ -2,7 +2,6 @@
 exits 1 with one line naming the file, writes no output, and never unpickles anything."""
 
 import io
-import subprocess
 import zipfile
 import zlib
 from pathlib import Path
@@ -10,17 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REPO, cli
+from helpers import REPO, cli, one_error_line
 from softmax_mlops import drift
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    """The failure as the project promises it: exit 1, no traceback, and stderr exactly one error line."""
-    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("softmax-mlops: error: "), result.stderr
-    return lines[0]
 
 
 class Trap:

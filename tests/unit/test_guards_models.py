@@ -10,20 +10,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import REPO, cli
+from helpers import REPO, cli, one_error_line
 from softmax_mlops.errors import PipelineError
 from stack import free_port
 
 SERVE_TIMEOUT_S = 60  # a server that (wrongly) starts is killed after this, and the test fails
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    """The failure as the project promises it: exit 1, no traceback, and stderr exactly one error line."""
-    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("softmax-mlops: error: "), result.stderr
-    return lines[0]
 
 
 def save_graph(

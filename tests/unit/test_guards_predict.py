@@ -9,16 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import REPO, cli
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    """The failure as the project promises it: exit 1, no traceback, and stderr exactly one error line."""
-    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("softmax-mlops: error: "), result.stderr
-    return lines[0]
+from helpers import REPO, cli, one_error_line
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
