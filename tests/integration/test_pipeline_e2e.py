@@ -410,22 +410,29 @@ def _imported(repo: Path, *command: str) -> set[str]:
     return set(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
+@pytest.fixture(scope="module")
+def rerun(repo, tmp_path_factory):
+    """A copy of the shared project for the tests that run stage commands again: each run opens new MLflow runs
+    and rewrites models/{impl}/mlflow_run.json, which the tests of the shared project read."""
+    return clone_state(repo, tmp_path_factory.mktemp("rerun") / "project")
+
+
 @pytest.mark.parametrize(
     "stage",
     ["ingest", "train@scratch", "train@concise", "evaluate@scratch", "calibrate@concise", "export@concise", "compare"],
 )
-def test_each_stage_depends_on_the_code_its_command_imports(repo, stage):
+def test_each_stage_depends_on_the_code_its_command_imports(rerun, stage):
     """A change to any module a stage runs must make DVC rerun it: every imported project module is a file
     (or inside a folder) the stage lists in its deps."""
     import importlib.util
 
     import yaml
 
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]
+    lock = yaml.safe_load((rerun / "dvc.lock").read_text())["stages"][stage]
     deps = [Path(d["path"]) for d in lock["deps"]]
     command = lock["cmd"].split()[1:]
     missing = []
-    for module in _imported(repo, *command):
+    for module in _imported(rerun, *command):
         origin = Path(importlib.util.find_spec(module).origin).resolve()
         rel = origin.relative_to(Path(importlib.util.find_spec("softmax_mlops").origin).resolve().parents[2])
         if not any(rel == dep or dep in rel.parents for dep in deps):
