@@ -2,6 +2,7 @@
 
 import difflib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -42,9 +43,17 @@ def _keep(repo: Path, dest: Path) -> None:
             shutil.copy2(repo / rel, dest / rel)
 
 
+def use_store(root: Path) -> None:
+    """Point this process's MLflow client at ``root``'s store. set_tracking_uri also exports
+    MLFLOW_TRACKING_URI, which every stage run as a subprocess would inherit (and config.load honours): a stage
+    run in another copy of the project would then log to this store. Unexport it."""
+    mlflow.set_tracking_uri(config.load(root).mlflow.tracking_uri)
+    os.environ.pop(config.TRACKING_URI_ENV, None)
+
+
 @pytest.fixture(scope="module")
 def runs(repo):
-    mlflow.set_tracking_uri(config.load(repo).mlflow.tracking_uri)
+    use_store(repo)
     found = mlflow.search_runs(experiment_names=["softmax-mlops"], output_format="list")
     return {run.data.params["impl"]: run for run in found}
 
@@ -53,7 +62,7 @@ def runs(repo):
 def _tracking_uri_of_the_shared_project(repo):
     """Every test here reads the shared project's store, whichever test ran before it (a test that changes a
     copy points MLflow at the copy's store)."""
-    mlflow.set_tracking_uri(config.load(repo).mlflow.tracking_uri)
+    use_store(repo)
 
 
 @pytest.fixture
@@ -61,7 +70,7 @@ def changed(repo, tmp_path):
     """A copy of the shared project after its first run (code, outputs, DVC cache and MLflow store), for a test
     that changes params or breaks files: the tests that read the shared project never see its changes."""
     dest = clone_state(repo, tmp_path / "project")
-    mlflow.set_tracking_uri(config.load(dest).mlflow.tracking_uri)
+    use_store(dest)
     return dest
 
 
