@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_npz
-from .errors import PipelineError
+from .errors import PipelineError, first_line
 
 REFERENCE_FILE = "drift_reference.npz"
 
@@ -45,7 +45,7 @@ def load_reference(path: Path) -> dict[str, np.ndarray]:
         with loaded as npz:
             reference = {key: npz[key] for key in ("probabilities", "intensity")}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise PipelineError(f"{path} is not a drift reference: {reason}") from None
     probabilities, intensities = reference["probabilities"], reference["intensity"]
     if (

@@ -21,6 +21,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from .errors import first_line
+
 FORMATS = ("PNG", "JPEG")
 SIZE = (28, 28)
 
@@ -64,5 +66,5 @@ def decode(source: bytes | Path | BinaryIO, max_pixels: int | None = None) -> np
     except ImageError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise ImageError(f"not a readable PNG or JPEG image ({reason})") from None

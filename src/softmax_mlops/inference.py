@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import CLASS_NAMES
-from .errors import PipelineError
+from .errors import PipelineError, first_line
 
 INPUT_NAME = "image"  # uint8 [N, 28, 28]
 OUTPUT_NAMES = ("logits", "probabilities")  # float32 [N, 10] each, both after the temperature
@@ -63,10 +63,7 @@ def resolve_model(source: str, tracking_uri: str | None = None) -> Path:
         try:
             folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
         except Exception as exc:  # noqa: BLE001 - mlflow raises many types; all mean "cannot have that model"
-            raise PipelineError(
-                f"cannot load {source} from {tracking_uri or 'MLflow'}: "
-                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-            ) from None
+            raise PipelineError(f"cannot load {source} from {tracking_uri or 'MLflow'}: {first_line(exc)}") from None
         path = folder / "model.onnx"
     else:
         path = Path(source)
@@ -114,7 +111,7 @@ def _model_card(onnx_path: Path) -> dict:
     try:
         metadata = json.loads(card.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise PipelineError(f"{card} is not a model card: {reason}") from None
     names = metadata.get("class_names", CLASS_NAMES) if isinstance(metadata, dict) else None
     if not isinstance(names, list | tuple) or not all(isinstance(name, str) for name in names):
@@ -167,7 +164,7 @@ class Predictor:
         try:
             self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types are not importable
-            raise PipelineError(f"{model_path} is not a loadable ONNX model: {str(exc).splitlines()[0]}") from None
+            raise PipelineError(f"{model_path} is not a loadable ONNX model: {first_line(exc)}") from None
         self.path = Path(model_path)
         self.metadata = _model_card(self.path)
         self.class_names = list(self.metadata.get("class_names", CLASS_NAMES))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import PipelineError
+from .errors import PipelineError, first_line
 from .inference import Predictor, resolve_model
 
 CHAMPION, CANDIDATE = "champion", "candidate"
@@ -81,7 +81,7 @@ def current_champion(
     try:  # an artifact that is gone or unreadable is an error that names the champion, not a traceback
         return version, score(Predictor(resolve_model(f"models:/{name}/{version}", tracking_uri)), images, labels)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a model it cannot run
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise PipelineError(f"cannot score the current champion models:/{name}/{version}: {reason}") from None
 
 
