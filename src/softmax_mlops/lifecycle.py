@@ -9,14 +9,23 @@ it is a BaseException, so no library's `except Exception` swallows it.
 DVC runs a stage's command as a child and does not pass SIGTERM on: `kill <dvc pid>` used to leave the
 stage training on and writing outputs behind DVC's back. Under DVC (which sets DVC_STAGE for the command),
 a watcher thread sends this process SIGTERM as soon as the process that ran the stage is gone.
+
+Two steps must not be cut in half, and are guarded here:
+- `deferred_interrupts()` holds a signal until a block ends. Opening an MLflow run writes it RUNNING and only
+  then hands back the object whose exit ends it; a signal in between left the run RUNNING for good.
+- Only the first signal raises. Cleanup (ending the run FAILED, taking back outputs) runs while a second one
+  arrives, from an impatient `kill`, a process group's SIGTERM followed by the watcher's, or Ctrl-C twice;
+  raising again would abandon the cleanup half done. SIGKILL is the way to stop without cleaning up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 SHELLS = {"sh", "bash", "dash", "zsh", "fish", "ksh"}
@@ -26,12 +35,45 @@ class Interrupted(BaseException):
     """SIGINT or SIGTERM arrived; the message names the signal."""
 
 
+class _State:
+    """What the handler has seen: the signal being handled (None until one is), the depth of
+    `deferred_interrupts` blocks, and a signal held until the outermost one ends."""
+
+    stopping: int | None = None
+    deferred = 0
+    pending: int | None = None
+
+
+def _interrupt(signum: int) -> None:
+    _State.stopping = signum
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def interrupt_on_signals() -> None:
     def handler(signum: int, frame: object) -> None:
-        raise Interrupted(signal.Signals(signum).name)
+        if _State.stopping is not None:
+            return  # already stopping: let the cleanup finish
+        if _State.deferred:
+            _State.pending = _State.pending or signum
+            return
+        _interrupt(signum)
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Run the block whole: a SIGINT or SIGTERM that arrives during it is raised when it ends (as
+    ``Interrupted``, where a `with` around the block's result can handle it)."""
+    _State.deferred += 1
+    try:
+        yield
+    finally:
+        _State.deferred -= 1
+        if not _State.deferred and _State.pending is not None:
+            signum, _State.pending = _State.pending, None
+            _interrupt(signum)
 
 
 def _stat(pid: int) -> tuple[str, str, int] | None:
@@ -73,6 +115,7 @@ def follow_stage_runner(interval: float = 1.0) -> None:
     def watch() -> None:
         while _alive(runner):
             time.sleep(interval)
-        os.kill(os.getpid(), signal.SIGTERM)
+        if _State.stopping is None:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="follow-dvc", daemon=True).start()

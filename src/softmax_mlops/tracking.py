@@ -2,7 +2,9 @@
 
 train@{impl} opens the run and records its id in models/{impl}/mlflow_run.json; evaluate and export reopen
 that run by id, so a single run holds the params, the per-epoch curves, the test metrics and the models.
-A stage that raises leaves its run FAILED (mlflow's ActiveRun does that on exit with an exception).
+A stage that raises leaves its run FAILED (mlflow's ActiveRun does that on exit with an exception). Runs are
+opened with signals held (`_open`), so an interrupt never lands between the run being written RUNNING and the
+ActiveRun that ends it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from .atomic import write_json
 from .config import Config, TrainConfig
 from .errors import PipelineError
+from .lifecycle import deferred_interrupts
 
 PREFECT_FLOW_RUN_ENV = "PREFECT_FLOW_RUN_ID"
 
@@ -102,7 +105,17 @@ def start_run(cfg: Config, impl: str) -> Iterator[mlflow.ActiveRun]:
     fail_orphaned_runs(experiment_id, impl)
     tags = _stage_tags(cfg, f"train@{impl}") | {"impl": impl, "dvc_stages": f"train@{impl}"} | _owner()
     tags["mlflow.note.content"] = RUN_NOTE
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name(impl, tags), tags=tags) as run:
+    with _open(experiment_id=experiment_id, run_name=run_name(impl, tags), tags=tags) as run:
+        yield run
+
+
+@contextlib.contextmanager
+def _open(**start_run: object) -> Iterator[mlflow.ActiveRun]:
+    """mlflow.start_run(**start_run) as a `with`, opened whole: a signal during the opening is raised once the
+    ActiveRun's exit is in place, which ends the run FAILED."""
+    with contextlib.ExitStack() as stack:
+        with deferred_interrupts():
+            run = stack.enter_context(mlflow.start_run(**start_run))  # type: ignore[arg-type]
         yield run
 
 
@@ -186,7 +199,7 @@ def resume_run(cfg: Config, impl: str, stage: str) -> Iterator[mlflow.ActiveRun]
             f"{cfg.mlflow.tracking_uri}; rerun train with `dvc repro --force train@{impl}`"
         ) from None
     stages = previous.data.tags.get("dvc_stages", "")
-    with mlflow.start_run(run_id=run_id) as run:
+    with _open(run_id=run_id) as run:
         tags = _stage_tags(cfg, stage) | _owner()
         tags["dvc_stages"] = ",".join(filter(None, [*stages.split(","), stage]))
         mlflow.set_tags(tags)

@@ -124,7 +124,9 @@ def test_sigterm_to_dvc_repro_stops_the_stage_cleanly(fresh, target):
     proc.wait()
     assert proc.returncode != 0
     wait_for(lambda: not stage_children(root), "the stage command to stop after DVC")
-    assert [s for _, s in runs(root)] == ["FAILED"], "the run is ended, not left RUNNING"
+    assert [s for _, s in runs(root)] == ["FAILED"], (
+        f"the run is ended, not left RUNNING:\n{proc.stderr.read()[-3000:]}"
+    )
     assert not [rel for rel in TRAIN_OUTPUTS if (root / rel).exists()], "no partial outputs"
 
 
