@@ -10,6 +10,8 @@ import contextlib
 import hashlib
 import tempfile
 import urllib.request
+import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .atomic import write_json, write_npz
-from .errors import PipelineError
+from .errors import PipelineError, first_line
 
 if TYPE_CHECKING:
     from .config import IngestConfig, Paths
@@ -175,8 +177,8 @@ def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
             images, labels = npz["images"], npz["labels"]
     except FileNotFoundError:
         raise PipelineError(f"{path} is missing: run `dvc repro ingest` (or `softmax-mlops ingest`) first") from None
-    except (KeyError, ValueError, OSError) as exc:
-        raise PipelineError(f"{path} is not a prepared split (images, labels): {exc}") from None
+    except (KeyError, ValueError, OSError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error) as exc:
+        raise PipelineError(f"{path} is not a prepared split (images, labels): {first_line(exc)}") from None
     if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE or labels.shape != images.shape[:1]:
         raise PipelineError(
             f"{path}: expected uint8 images [N, 28, 28] and N labels, got "

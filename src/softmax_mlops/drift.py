@@ -24,8 +24,8 @@ REFERENCE_FILE = "drift_reference.npz"
 
 
 def intensity(images: np.ndarray) -> np.ndarray:
-    """Each image's mean pixel value in [0, 1]."""
-    return images.reshape(len(images), -1).mean(axis=1, dtype=np.float64).astype(np.float32) / 255.0
+    """Each image's mean pixel value in [0, 1]; none for no images (a batch that won no reservoir slot)."""
+    return images.mean(axis=tuple(range(1, images.ndim)), dtype=np.float64).astype(np.float32) / 255.0
 
 
 def save_reference(path: Path, probabilities: np.ndarray, images: np.ndarray) -> None:
@@ -44,7 +44,7 @@ def load_reference(path: Path) -> dict[str, np.ndarray]:
             raise ValueError(f"a single {loaded.dtype} array {list(loaded.shape)}, not an .npz archive")
         with loaded as npz:
             reference = {key: npz[key] for key in ("probabilities", "intensity")}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+    except (OSError, ValueError, KeyError, EOFError, NotImplementedError, zipfile.BadZipFile, zlib.error) as exc:
         reason = first_line(exc)
         raise PipelineError(f"{path} is not a drift reference: {reason}") from None
     probabilities, intensities = reference["probabilities"], reference["intensity"]

@@ -9,6 +9,7 @@ import gzip
 import mmap
 import struct
 import sys
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,13 @@ def _read_idx_header(fh, path: Path) -> tuple[tuple[int, ...], int]:  # noqa: AN
     return dims, 4 + 4 * ndim
 
 
+def _read_gzip(gz: gzip.GzipFile, size: int, path: Path) -> bytes:
+    try:
+        return gz.read(size)
+    except (OSError, EOFError, zlib.error) as exc:  # a bad CRC is an OSError (BadGzipFile), bad deflate data zlib's
+        raise PipelineError(f"{path} is corrupted: {exc}") from None
+
+
 def _open_idx(path: Path, batch_size: int) -> Source:
     with open(path, "rb") as fh:
         gzipped = fh.read(2) == b"\x1f\x8b"
@@ -90,13 +98,15 @@ def _open_idx(path: Path, batch_size: int) -> Source:
         expected = offset + int(np.prod(dims))
         if path.stat().st_size < expected:
             raise PipelineError(f"{path} is truncated: {path.stat().st_size} bytes, header promises {expected}")
+        if path.stat().st_size > expected:
+            raise PipelineError(f"{path} holds more than the {dims[0]} images its header promises")
         return Source(dims[0], _mapped_batches(path, offset, dims[0], batch_size))
 
     # not a `with`: the stream below owns the handle and closes it when the batches are done
     gz = gzip.open(path, "rb")  # noqa: SIM115
     try:
         dims, _ = _read_idx_header(gz, path)
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         gz.close()
         raise PipelineError(f"{path} is not a readable gzip file: {exc}") from None
 
@@ -104,15 +114,15 @@ def _open_idx(path: Path, batch_size: int) -> Source:
         with gz:
             for start in range(0, dims[0], batch_size):
                 n = min(batch_size, dims[0] - start)
-                try:
-                    raw = gz.read(n * PIXELS)
-                except (OSError, EOFError) as exc:
-                    raise PipelineError(f"{path} is corrupted: {exc}") from None
+                raw = _read_gzip(gz, n * PIXELS, path)
                 if len(raw) < n * PIXELS:
                     raise PipelineError(
                         f"{path} is truncated: image {start + len(raw) // PIXELS} of {dims[0]} is incomplete"
                     )
                 yield np.arange(start, start + n), np.frombuffer(raw, dtype=np.uint8).reshape(n, 28, 28)
+            # reading on to the end is what makes gzip check its CRC and length trailer
+            if _read_gzip(gz, 1, path):
+                raise PipelineError(f"{path} holds more than the {dims[0]} images its header promises")
 
     return Source(dims[0], stream())
 

@@ -1,0 +1,393 @@
+"""The drift module in process, at its edges: the reference file's refusals word for word, the collector's
+bounded float32 buffers and its uniform reservoir sample, every number of a report against scipy called
+directly, the strict ``p < alpha`` boundary, and the exact text of the summary and the Markdown artifact.
+
+test_drift.py covers the common path and test_guards_drift.py the refusals through the real CLI (a subprocess,
+which mutation testing cannot see); these pin the details those leave open."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from softmax_mlops import drift
+from softmax_mlops.errors import PipelineError
+
+
+def probabilities_of(rng: np.random.Generator, n: int, classes: int = 10) -> np.ndarray:
+    return rng.dirichlet(np.ones(classes), size=n).astype(np.float32)
+
+
+def pixels_of(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+
+
+def refused(path: Path) -> str:
+    with pytest.raises(PipelineError) as err:
+        drift.load_reference(path)
+    return str(err.value)
+
+
+# --- intensity and the reference file -----------------------------------------------------------------------------
+
+
+def test_intensity_is_the_float64_mean_of_each_image_as_float32():
+    """Float pixels too are averaged in double precision and rounded once: float32 accumulation would differ
+    in the last bit for about a third of these images."""
+    images = (np.random.default_rng(0).random((200, 28, 28)) * 255).astype(np.float32)
+    expected = images.reshape(200, 784).astype(np.float64).mean(axis=1).astype(np.float32) / np.float32(255.0)
+    got = drift.intensity(images)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_save_reference_stores_float32_probabilities_and_intensities(tmp_path):
+    rng = np.random.default_rng(1)
+    probabilities = rng.dirichlet(np.ones(10), size=40)  # float64, as a caller may hand them over
+    images = pixels_of(rng, 40)
+    drift.save_reference(tmp_path / "ref.npz", probabilities, images)
+    reference = drift.load_reference(tmp_path / "ref.npz")
+    assert set(reference) == {"probabilities", "intensity"}
+    assert reference["probabilities"].dtype == np.float32 and reference["intensity"].dtype == np.float32
+    np.testing.assert_array_equal(reference["probabilities"], probabilities.astype(np.float32))
+    np.testing.assert_array_equal(reference["intensity"], drift.intensity(images))
+
+
+def test_a_one_image_reference_loads(tmp_path):
+    rng = np.random.default_rng(2)
+    probabilities, images = probabilities_of(rng, 1), pixels_of(rng, 1)
+    drift.save_reference(tmp_path / "one.npz", probabilities, images)
+    reference = drift.load_reference(tmp_path / "one.npz")
+    np.testing.assert_array_equal(reference["probabilities"], probabilities)
+    assert reference["intensity"].shape == (1,)
+
+
+def test_a_reference_that_needs_a_newer_zip_version_is_one_line(tmp_path):
+    """zipfile refuses such an archive with NotImplementedError, which is neither OSError nor ValueError."""
+    rng = np.random.default_rng(3)
+    path = tmp_path / drift.REFERENCE_FILE
+    drift.save_reference(path, probabilities_of(rng, 5), pixels_of(rng, 5))
+    raw = path.read_bytes()
+    directory = raw.rfind(b"PK\x01\x02")  # the last member's "version needed to extract" set to 25.5
+    path.write_bytes(raw[: directory + 6] + bytes([255, 0]) + raw[directory + 8 :])
+    with pytest.raises(PipelineError) as caught:
+        drift.load_reference(path)
+    assert str(caught.value) == f"{path} is not a drift reference: zip file version 25.5"
+
+
+def test_a_lone_npy_array_is_named_with_its_dtype_and_shape(tmp_path):
+    path = tmp_path / drift.REFERENCE_FILE
+    with open(path, "wb") as fh:  # np.save on an open file keeps the .npz name
+        np.save(fh, np.zeros((300, 10), np.float32))
+    assert refused(path) == f"{path} is not a drift reference: a single float32 array [300, 10], not an .npz archive"
+
+
+class Trap:
+    """Unpickling this creates ``marker``: proof that a file was unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_object_arrays_are_refused_without_being_unpickled(tmp_path):
+    path, marker = tmp_path / drift.REFERENCE_FILE, tmp_path / "unpickled"
+    trap = np.array([Trap(marker)], dtype=object)
+    with open(path, "wb") as fh:
+        np.savez(fh, probabilities=trap, intensity=trap)
+    assert refused(path) == (f"{path} is not a drift reference: Object arrays cannot be loaded when allow_pickle=False")
+    assert not marker.exists(), "the reference was unpickled"
+
+
+def npy_with_a_long_header(array: np.ndarray, header_bytes: int) -> bytes:
+    """A version 1.0 .npy whose header is padded to ``header_bytes``: numpy refuses to parse headers over
+    10,000 bytes unless pickles are allowed too."""
+    header = f"{{'descr': '{array.dtype.str}', 'fortran_order': False, 'shape': {array.shape}, }}"
+    header = header.ljust(header_bytes - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1") + array.tobytes()
+
+
+def test_an_oversized_header_is_refused_and_only_its_first_line_quoted(tmp_path):
+    """numpy's message runs over three lines; the error quotes the first."""
+    import zipfile
+
+    path = tmp_path / drift.REFERENCE_FILE
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("probabilities.npy", npy_with_a_long_header(np.full((5, 10), 0.1, np.float32), 20_000))
+        archive.writestr("intensity.npy", npy_with_a_long_header(np.zeros(5, np.float32), 128))
+    assert refused(path) == (
+        f"{path} is not a drift reference: Header info length (20000) is large and may not be safe to load securely."
+    )
+
+
+@pytest.mark.parametrize(
+    "probabilities, intensity, got",
+    [
+        (np.zeros((300, 10), np.int64), np.zeros(300, np.float32), "int64 [300, 10] and float32 [300]"),
+        (np.zeros((300, 10), np.float32), np.zeros(300, np.uint8), "float32 [300, 10] and uint8 [300]"),
+        (np.zeros((300, 10), np.float32), np.zeros(200, np.float32), "float32 [300, 10] and float32 [200]"),
+        (np.zeros((300, 10), np.float32), np.zeros((300, 2), np.float32), "float32 [300, 10] and float32 [300, 2]"),
+        (np.zeros(300, np.float32), np.zeros(300, np.float32), "float32 [300] and float32 [300]"),
+        (np.zeros((0, 10), np.float32), np.zeros(0, np.float32), "float32 [0, 10] and float32 [0]"),
+    ],
+    ids=["int-probabilities", "int-intensity", "lengths-differ", "2d-intensity", "1d-probabilities", "empty"],
+)
+def test_a_reference_of_the_wrong_shape_or_dtype_is_named_exactly(tmp_path, probabilities, intensity, got):
+    path = tmp_path / drift.REFERENCE_FILE
+    with open(path, "wb") as fh:
+        np.savez(fh, probabilities=probabilities, intensity=intensity)
+    assert refused(path) == (
+        f"{path} is not a drift reference: expected float probabilities [N, classes] and intensity [N], got {got}"
+    )
+
+
+# --- the collector ------------------------------------------------------------------------------------------------
+
+
+def test_the_collector_keeps_float32_samples_and_integer_counts(tmp_path):
+    """Its memory is what the docstring promises: 11 float32 per sampled image, whatever the input dtype, and
+    class counts that stay integers in the JSON report."""
+    rng = np.random.default_rng(3)
+    collector = drift.Collector(capacity=50)
+    collector.add(pixels_of(rng, 30), rng.dirichlet(np.ones(10), size=30))  # float64 probabilities
+    collector.add(pixels_of(rng, 40), rng.dirichlet(np.ones(10), size=40))
+    assert collector.probabilities.dtype == np.float32 and collector.probabilities.shape == (50, 10)
+    assert collector.intensities.dtype == np.float32 and collector.intensities.shape == (50,)
+    assert collector.probabilities.nbytes + collector.intensities.nbytes == 50 * 11 * 4
+    assert collector.counts.dtype == np.int64 and collector.counts.sum() == 70
+    reference = {"probabilities": probabilities_of(rng, 100), "intensity": drift.intensity(pixels_of(rng, 100))}
+    report = collector.report(reference, alpha=0.05, min_images=10)
+    counts = report["tests"]["chi2_predicted_class"]["batch_counts"]
+    assert json.loads(json.dumps(counts)) == counts and all(type(c) is int for c in counts)
+
+
+def test_the_reservoir_keeps_each_image_with_equal_chance():
+    """Algorithm R with room for one image out of four: over 2,000 seeds each image is the one kept a quarter
+    of the time (a standard deviation of 0.01: 0.2-0.3 is five of them either side). An off-by-one in the
+    replacement chance skews this to 0, 1/2 or 2/5 for some image."""
+    images = np.stack([np.full((28, 28), v, np.uint8) for v in (0, 85, 170, 255)])
+    probabilities = np.full((4, 10), 0.1, np.float32)
+    kept = np.zeros(4, int)
+    for seed in range(2000):
+        collector = drift.Collector(capacity=1, seed=seed)
+        collector.add(images, probabilities)
+        assert collector.seen == 4
+        kept[int(round(float(collector.intensities[0]) * 3))] += 1
+    assert all(0.2 < share < 0.3 for share in kept / 2000), kept
+
+
+def test_a_collector_that_saw_nothing_reports_not_tested():
+    rng = np.random.default_rng(4)
+    reference = {"probabilities": probabilities_of(rng, 120), "intensity": drift.intensity(pixels_of(rng, 120))}
+    report = drift.Collector().report(reference, alpha=0.05, min_images=1)
+    assert report == {
+        "images": 0,
+        "tested_images": 0,
+        "reference_images": 120,
+        "alpha": 0.05,
+        "result": "not tested",
+        "reason": "0 images, fewer than drift.min_images=1",
+    }
+
+
+# --- check(): the statistics --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def shifted():
+    """A reference that never predicts class 9 and a batch of 37 images that predicts it once (a column of
+    the class table with a total of one) and is a little darker."""
+    rng = np.random.default_rng(5)
+    ref_p = probabilities_of(rng, 2000)
+    ref_p[:, 9] = 0.0
+    batch_p = probabilities_of(rng, 37)
+    batch_p[:, 9] = 0.0
+    batch_p[0] = np.eye(10, dtype=np.float32)[9]
+    reference = {"probabilities": ref_p, "intensity": drift.intensity(pixels_of(rng, 2000))}
+    batch_images = (pixels_of(rng, 37) * 0.9).astype(np.uint8)
+    return reference, batch_p, drift.intensity(batch_images)
+
+
+def test_every_number_of_the_report_is_scipys(shifted):
+    reference, batch_p, batch_i = shifted
+    report = drift.check(reference, batch_p, batch_i, alpha=0.05, min_images=37)  # exactly min_images: tested
+
+    ks = [stats.ks_2samp(reference["probabilities"][:, k], batch_p[:, k]) for k in range(10)]
+    reference_counts = [0] * 10
+    for k, n in zip(*np.unique(reference["probabilities"].argmax(axis=1), return_counts=True), strict=True):
+        reference_counts[k] = int(n)
+    batch_counts = [int((batch_p.argmax(axis=1) == k).sum()) for k in range(10)]
+    assert reference_counts[9] == 0 and batch_counts[9] == 1
+    kept = [k for k in range(10) if reference_counts[k] + batch_counts[k] > 0]
+    chi2 = stats.chi2_contingency(np.array([reference_counts, batch_counts])[:, kept])
+    shift = stats.ks_2samp(reference["intensity"], batch_i)
+    statistics = [float(t.statistic) for t in ks]
+    # with 2,000 and 37 images the KS statistics have more than six decimals: the rounding is seen
+    assert any(round(s, 6) != round(s, 7) for s in statistics)
+
+    tests = report.pop("tests")
+    assert report == {
+        "images": 37,
+        "tested_images": 37,
+        "reference_images": 2000,
+        "alpha": 0.05,
+        "result": report["result"],
+        "drifted_tests": report["drifted_tests"],
+    }
+    assert tests["ks_softmax_per_class"]["statistics"] == [round(s, 6) for s in statistics]
+    assert all(type(s) is float for s in tests["ks_softmax_per_class"]["statistics"])
+    assert tests["ks_softmax_per_class"]["p_values"] == pytest.approx([t.pvalue for t in ks], rel=1e-12)
+    assert tests["ks_softmax_per_class"]["p_bonferroni"] == pytest.approx(
+        min(1.0, 10 * min(t.pvalue for t in ks)), rel=1e-12
+    )
+    assert tests["chi2_predicted_class"] == {
+        "reference_counts": reference_counts,
+        "batch_counts": batch_counts,
+        "statistic": pytest.approx(chi2.statistic, rel=1e-12),
+        "p_value": pytest.approx(chi2.pvalue, rel=1e-12),
+        "drift": bool(chi2.pvalue < 0.05),
+    }
+    assert chi2.statistic > 0 and 0 < chi2.pvalue < 1
+    assert tests["ks_mean_intensity"] == {
+        "reference_mean": pytest.approx(float(reference["intensity"].mean()), rel=1e-12),
+        "batch_mean": pytest.approx(float(batch_i.mean()), rel=1e-12),
+        "statistic": pytest.approx(shift.statistic, rel=1e-12),
+        "p_value": pytest.approx(shift.pvalue, rel=1e-12),
+        "drift": bool(shift.pvalue < 0.05),
+    }
+    drifted = [name for name, t in tests.items() if t["drift"]]
+    assert report["drifted_tests"] == drifted and report["result"] == ("drift" if drifted else "no drift")
+
+
+def test_a_batch_like_its_reference_has_a_bonferroni_p_of_one():
+    """All ten per-class p-values are 1: times ten, capped at 1."""
+    rng = np.random.default_rng(6)
+    probabilities, intensities = probabilities_of(rng, 300), drift.intensity(pixels_of(rng, 300))
+    reference = {"probabilities": probabilities, "intensity": intensities}
+    report = drift.check(reference, probabilities, intensities, alpha=0.05, min_images=100)
+    assert report["tests"]["ks_softmax_per_class"]["p_values"] == [1.0] * 10
+    assert report["tests"]["ks_softmax_per_class"]["p_bonferroni"] == 1.0
+    assert report["result"] == "no drift" and report["drifted_tests"] == []
+
+
+def test_one_predicted_class_leaves_no_chi2_test():
+    """Reference and batch predict a single class: no table to test, statistic 0 and p-value 1."""
+    rng = np.random.default_rng(7)
+    probabilities = probabilities_of(rng, 200)
+    probabilities[:, 3] = 5.0  # class 3 wins everywhere
+    reference = {"probabilities": probabilities, "intensity": drift.intensity(pixels_of(rng, 200))}
+    report = drift.check(reference, probabilities[:150], reference["intensity"][:150], alpha=0.05, min_images=100)
+    assert report["tests"]["chi2_predicted_class"] == {
+        "reference_counts": [0, 0, 0, 200, 0, 0, 0, 0, 0, 0],
+        "batch_counts": [0, 0, 0, 150, 0, 0, 0, 0, 0, 0],
+        "statistic": 0.0,
+        "p_value": 1.0,
+        "drift": False,
+    }
+
+
+def test_two_predicted_classes_are_enough_for_a_chi2_test():
+    """Reference 50/50 between two classes, batch 90/10: a 2x2 table, and a clear label shift."""
+    rng = np.random.default_rng(8)
+    reference_p = np.tile(np.eye(10, dtype=np.float32)[[0, 1]], (100, 1))  # 100 of class 0, 100 of class 1
+    batch_p = np.eye(10, dtype=np.float32)[[0] * 180 + [1] * 20]
+    intensities = drift.intensity(pixels_of(rng, 200))
+    report = drift.check({"probabilities": reference_p, "intensity": intensities}, batch_p, intensities, 0.05, 100)
+    expected = stats.chi2_contingency(np.array([[100, 100], [180, 20]]))
+    chi2 = report["tests"]["chi2_predicted_class"]
+    assert chi2["statistic"] == pytest.approx(expected.statistic, rel=1e-12)
+    assert chi2["p_value"] == pytest.approx(expected.pvalue, rel=1e-12) and expected.pvalue < 1e-10
+    assert chi2["drift"] and "chi2_predicted_class" in report["drifted_tests"]
+
+
+@pytest.mark.parametrize(
+    "test, p_key",
+    [
+        ("ks_softmax_per_class", "p_bonferroni"),
+        ("chi2_predicted_class", "p_value"),
+        ("ks_mean_intensity", "p_value"),
+    ],
+)
+def test_a_p_value_equal_to_alpha_is_not_drift(test, p_key):
+    """Each test rejects when p < alpha, strictly: at alpha = p it does not, just above p it does."""
+    rng = np.random.default_rng(9)
+    reference = {"probabilities": probabilities_of(rng, 400), "intensity": drift.intensity(pixels_of(rng, 400))}
+    batch_p = probabilities_of(rng, 300)
+    batch_p[:60, 2] += 1.0  # more of class 2, and higher class-2 outputs
+    batch_i = drift.intensity((pixels_of(rng, 300) * 0.96).astype(np.uint8))
+    p = drift.check(reference, batch_p, batch_i, alpha=0.5, min_images=1)["tests"][test][p_key]
+    assert 0 < p < 1
+    at = drift.check(reference, batch_p, batch_i, alpha=p, min_images=1)
+    above = drift.check(reference, batch_p, batch_i, alpha=float(np.nextafter(p, 1.0)), min_images=1)
+    assert at["tests"][test]["drift"] is False and test not in at["drifted_tests"]
+    assert above["tests"][test]["drift"] is True and test in above["drifted_tests"]
+
+
+def test_fewer_images_than_min_images_is_not_tested():
+    rng = np.random.default_rng(10)
+    reference = {"probabilities": probabilities_of(rng, 50), "intensity": drift.intensity(pixels_of(rng, 50))}
+    report = drift.check(reference, probabilities_of(rng, 9), drift.intensity(pixels_of(rng, 9)), 0.01, 10)
+    assert report == {
+        "images": 9,
+        "tested_images": 9,
+        "reference_images": 50,
+        "alpha": 0.01,
+        "result": "not tested",
+        "reason": "9 images, fewer than drift.min_images=10",
+    }
+    assert drift.summary(report) == "drift: not tested (9 images, fewer than drift.min_images=10)"
+    assert drift.markdown(report) == "**Drift: not tested** (9 images, fewer than drift.min_images=10).\n"
+
+
+# --- the summary line and the Markdown artifact -------------------------------------------------------------------
+
+
+def a_report() -> dict:
+    return {
+        "images": 500,
+        "tested_images": 500,
+        "reference_images": 2000,
+        "alpha": 0.05,
+        "result": "drift",
+        "drifted_tests": ["chi2_predicted_class", "ks_mean_intensity"],
+        "tests": {
+            "ks_softmax_per_class": {"p_bonferroni": 1.0, "drift": False},
+            "chi2_predicted_class": {"p_value": 0.000123456, "drift": True},
+            "ks_mean_intensity": {"reference_mean": 0.28613, "batch_mean": 0.5, "p_value": 0.0421, "drift": True},
+        },
+    }
+
+
+def test_the_markdown_artifact_word_for_word():
+    assert drift.markdown(a_report()) == (
+        "**Drift: drift** over 500 images, against 2000 reference images, alpha 0.05.\n"
+        "\n"
+        "| test | p-value | drift |\n"
+        "|---|---:|---|\n"
+        "| KS per class on softmax outputs (Bonferroni) | 1 | no |\n"
+        "| chi² on predicted-class histogram | 0.000123 | yes |\n"
+        "| KS on mean intensity (0.286 → 0.500) | 0.0421 | yes |\n"
+    )
+
+
+def test_the_summary_line_word_for_word():
+    assert drift.summary(a_report()) == (
+        "drift: drift over 500 images (KS softmax p=1 Bonferroni, chi2 classes p=0.000123, "
+        "KS intensity p=0.0421; alpha 0.05)"
+    )
+
+
+def test_batches_that_win_no_reservoir_slot_are_counted_and_sampled_from_nothing():
+    """Past `capacity` images, a batch can win no slot at all (a one-image batch almost always, once many have
+    been seen). It still counts; before the fix, intensity() of zero images raised and predict crashed on
+    inputs larger than about four times the capacity."""
+    rng = np.random.default_rng(8)
+    collector = drift.Collector(capacity=2, seed=0)
+    for _ in range(200):
+        collector.add(pixels_of(rng, 1), probabilities_of(rng, 1))
+    assert collector.seen == 200 and int(collector.counts.sum()) == 200
+    assert drift.intensity(np.zeros((0, 28, 28), np.uint8)).shape == (0,)
