@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PipelineError
+from .errors import PipelineError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 PIXELS = 28 * 28
@@ -132,8 +132,7 @@ def _open_npy(path: Path, batch_size: int) -> Source:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty or cut-short file
-        reason = str(exc).splitlines()[0] if str(exc) else "the file is empty or cut short"
-        raise PipelineError(f"{path} is not a readable .npy array: {reason}") from None
+        raise PipelineError(f"{path} is not a readable .npy array: {first_line(exc)}") from None
     images = _as_images(array, path)
     if not images.flags.c_contiguous:
         raise PipelineError(
