@@ -13,9 +13,11 @@ a watcher thread sends this process SIGTERM as soon as the process that ran the 
 Two steps must not be cut in half, and are guarded here:
 - `deferred_interrupts()` holds a signal until a block ends. Opening an MLflow run writes it RUNNING and only
   then hands back the object whose exit ends it; a signal in between left the run RUNNING for good.
-- Only the first signal raises. Cleanup (ending the run FAILED, taking back outputs) runs while a second one
-  arrives, from an impatient `kill`, a process group's SIGTERM followed by the watcher's, or Ctrl-C twice;
-  raising again would abandon the cleanup half done. SIGKILL is the way to stop without cleaning up.
+- A signal that arrives while an earlier one's ``Interrupted`` is being handled (cleanup: `finally` blocks and
+  `__exit__` methods ending the run FAILED and taking back outputs) is ignored: it comes from an impatient
+  `kill`, a process group's SIGTERM followed by the watcher's, or Ctrl-C twice, and raising again would
+  abandon the cleanup half done. Once no ``Interrupted`` is in flight (one raised where Python ignores
+  exceptions, such as a weakref callback, is gone), the next signal raises again. SIGKILL stops at once.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -36,22 +39,30 @@ class Interrupted(BaseException):
 
 
 class _State:
-    """What the handler has seen: the signal being handled (None until one is), the depth of
-    `deferred_interrupts` blocks, and a signal held until the outermost one ends."""
+    """The depth of `deferred_interrupts` blocks, and a signal held until the outermost one ends."""
 
-    stopping: int | None = None
     deferred = 0
     pending: int | None = None
 
 
 def _interrupt(signum: int) -> None:
-    _State.stopping = signum
     raise Interrupted(signal.Signals(signum).name)
+
+
+def _cleaning_up() -> bool:
+    """Whether an ``Interrupted`` is being handled where the signal arrived: the exception in flight in a
+    `finally`, `except` or `__exit__` (which the handler's thread sees), or one it was raised from."""
+    exc = sys.exc_info()[1]
+    while exc is not None:
+        if isinstance(exc, Interrupted):
+            return True
+        exc = exc.__context__
+    return False
 
 
 def interrupt_on_signals() -> None:
     def handler(signum: int, frame: object) -> None:
-        if _State.stopping is not None:
+        if _cleaning_up():
             return  # already stopping: let the cleanup finish
         if _State.deferred:
             _State.pending = _State.pending or signum
@@ -115,7 +126,6 @@ def follow_stage_runner(interval: float = 1.0) -> None:
     def watch() -> None:
         while _alive(runner):
             time.sleep(interval)
-        if _State.stopping is None:
-            os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="follow-dvc", daemon=True).start()

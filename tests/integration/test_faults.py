@@ -147,7 +147,7 @@ def test_ctrl_c_on_a_stage_prints_the_cli_line(fresh):
         raise
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate()
-    assert proc.returncode == 130
+    assert proc.returncode == 130, stderr[-3000:]
     assert one_line(stderr) == "softmax-mlops: interrupted (SIGINT)"
     assert [s for _, s in runs(root)] == ["FAILED"]
 

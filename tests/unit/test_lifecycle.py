@@ -106,3 +106,29 @@ def test_deferred_interrupts_hold_a_signal_until_the_block_ends():
         "outer block ended whole",
         "raised after the block: SIGINT",
     ]
+
+
+def test_a_signal_after_a_swallowed_interrupt_still_stops_the_process():
+    """An Interrupted raised where Python ignores exceptions (a weakref callback or __del__ during garbage
+    collection prints "Exception ignored" and goes on) must not make the process deaf to the next signal."""
+    code = textwrap.dedent(
+        """
+        import os, signal
+        from softmax_mlops.lifecycle import Interrupted, interrupt_on_signals
+        interrupt_on_signals()
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(10_000))
+        except Interrupted:
+            print("swallowed", flush=True)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(10_000))
+            print("deaf", flush=True)
+        except Interrupted as exc:
+            print("stopped by", exc, flush=True)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["swallowed", "stopped by SIGTERM"]
