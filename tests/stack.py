@@ -104,53 +104,6 @@ def serving(model: Path, log: Path, *options: str):
             proc.wait(timeout=30)
 
 
-SERVE_LOGGERS = ("uvicorn", "uvicorn.access", "softmax_mlops")  # uvicorn.error propagates to uvicorn
-
-
-@contextlib.contextmanager
-def serving_here(model: Path, log: Path, *options: str):
-    """What `serving` starts, with the same options, as a real uvicorn server on 127.0.0.1 in a thread of this
-    process, so that mutation testing sees the service's code (it cannot see into a subprocess). The app,
-    the limits and uvicorn's settings are built as `softmax-mlops serve` builds them; only the CLI around them
-    is left out, and that runs as a subprocess in the tests that use `serving`. The log gets what the
-    service logs. Yields (base URL, port); the server is asked to stop at the end, as on SIGTERM."""
-    import logging
-    import threading
-
-    import uvicorn
-
-    from softmax_mlops.config import ServeConfig
-    from softmax_mlops.inference import Predictor
-    from softmax_mlops.server import create_app, uvicorn_settings
-
-    fields = ServeConfig.model_fields
-    values: dict = {"port": free_port()}
-    for flag, value in zip(options[::2], options[1::2], strict=True):
-        name = flag.removeprefix("--").replace("-", "_")
-        name = name if name in fields else f"{name}_s"
-        values[name] = fields[name].annotation(value)
-    limits = ServeConfig(**values)
-    server = uvicorn.Server(uvicorn.Config(create_app(Predictor(model), limits), **uvicorn_settings(limits)))
-    handler = logging.FileHandler(log)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    for name in SERVE_LOGGERS:
-        logging.getLogger(name).addHandler(handler)
-    thread = threading.Thread(target=server.run, name="serve", daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started or not thread.is_alive(), "the in-process server to start", SERVER_START_S)
-        assert server.started, f"the in-process server did not start:\n{log.read_text()[-3000:]}"
-        yield f"http://127.0.0.1:{limits.port}", limits.port
-        assert thread.is_alive(), "the server died"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        for name in SERVE_LOGGERS:
-            logging.getLogger(name).removeHandler(handler)
-        handler.close()
-        assert not thread.is_alive(), "the in-process server did not stop within 30 s"
-
-
 def run(*cmd: str, cwd: Path, env: dict) -> str:
     result = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"{cmd}:\n{result.stdout}\n{result.stderr}"

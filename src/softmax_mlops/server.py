@@ -365,20 +365,6 @@ def protocol(limits: ServeConfig) -> type:
     return LimitedHttpToolsProtocol
 
 
-def uvicorn_settings(limits: ServeConfig) -> dict[str, object]:
-    """How uvicorn runs the app: the address and every limit. `serve` passes them to uvicorn.run; the tests run
-    the same settings in a thread of their own (a real server on 127.0.0.1, in-process so that mutation
-    testing sees the code it serves with)."""
-    return {
-        "host": limits.host,
-        "port": limits.port,
-        "log_level": "info",
-        "timeout_keep_alive": 5,
-        "http": protocol(limits),
-        "timeout_graceful_shutdown": 5,
-    }
-
-
 def serve(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> None:
     import uvicorn
 
@@ -387,4 +373,12 @@ def serve(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> None:
     # move it out of the collector's reach, so that a request that parses a large JSON body does not set off a
     # full collection that walks all of it (the p99 of 64-image JSON requests).
     gc.freeze()
-    uvicorn.run(app, **uvicorn_settings(limits))  # type: ignore[arg-type]
+    uvicorn.run(
+        app,
+        host=limits.host,
+        port=limits.port,
+        log_level="info",
+        timeout_keep_alive=5,
+        http=protocol(limits),
+        timeout_graceful_shutdown=5,
+    )

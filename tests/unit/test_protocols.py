@@ -7,7 +7,7 @@ import httpx
 import numpy as np
 import pytest
 
-from stack import serving_here
+from stack import serving
 
 pytestmark = pytest.mark.server
 
@@ -16,11 +16,11 @@ IMAGES = np.random.default_rng(5).integers(0, 256, size=(6, 28, 28), dtype=np.ui
 NAME = "softmax-mlops"  # the fixture model has no model card, so the server's default name
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def server(onnx_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("protocols") / "serve.log"
     options = ("--max-body-bytes", str(MAX_BODY), "--max-instances", str(MAX_INSTANCES))
-    with serving_here(onnx_model[0], log, *options) as (url, _):
+    with serving(onnx_model[0], log, *options) as (url, _):
         yield url
 
 

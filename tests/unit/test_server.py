@@ -1,27 +1,42 @@
-"""The HTTP service, a real uvicorn server on 127.0.0.1 (in a thread here, see stack.serving_here): good requests,
-every kind of bad one, and it keeps serving."""
+"""The HTTP service, started for real on 127.0.0.1: good requests, every kind of bad one, and it keeps serving."""
 
 import io
 import json
+import os
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from stack import serving_here
+from helpers import REPO
+from stack import Processes, free_port, wait_http
 
 pytestmark = pytest.mark.server
 
 MAX_BODY, MAX_INSTANCES = 200_000, 4
 
 
-@pytest.fixture
-def server(onnx_model, tmp_path):
-    """A fresh server for each test: it starts in a few milliseconds in-process, and each test then runs
-    create_app itself, which mutation testing needs to see (the routes are closures inside it)."""
-    options = ("--max-body-bytes", str(MAX_BODY), "--max-instances", str(MAX_INSTANCES))
-    with serving_here(onnx_model[0], tmp_path / "serve.log", *options) as (url, _):
+@pytest.fixture(scope="module")
+def server(onnx_model):
+    port = free_port()
+    with Processes() as procs:
+        proc = procs.start(
+            "softmax-mlops",
+            "serve",
+            "-m",
+            str(onnx_model[0]),
+            "--port",
+            str(port),
+            "--max-body-bytes",
+            str(MAX_BODY),
+            "--max-instances",
+            str(MAX_INSTANCES),
+            cwd=REPO,
+            env=dict(os.environ),
+        )
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health", proc)
         yield url
 
 

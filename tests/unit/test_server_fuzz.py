@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stack import serving_here
+from stack import serving
 
 pytestmark = pytest.mark.server
 
@@ -18,11 +18,11 @@ MAX_BODY, MAX_INSTANCES = 100_000, 8
 EXAMPLES = 500  # per test: the five /predict tests send about 2,500 requests, the four protocol tests 1,200
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def server(onnx_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("fuzz") / "server.log"
     with (
-        serving_here(onnx_model[0], log, "--max-body-bytes", str(MAX_BODY), "--max-instances", str(MAX_INSTANCES)) as (
+        serving(onnx_model[0], log, "--max-body-bytes", str(MAX_BODY), "--max-instances", str(MAX_INSTANCES)) as (
             url,
             _,
         ),

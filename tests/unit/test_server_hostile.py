@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stack import serving_here
+from stack import serving
 
 pytestmark = pytest.mark.server
 
 READ_TIMEOUT, MAX_CONNECTIONS, MAX_PIXELS = 1.0, 8, 1_000_000
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def server(onnx_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with serving_here(
+    with serving(
         onnx_model[0],
         log,
         "--read-timeout",
