@@ -180,6 +180,18 @@ def test_a_configured_tracking_uri_experiment_and_ui_url_are_used(tmp_path):
     assert cfg.mlflow.run_url("1", "abc") == "http://ui.example:8080/#/experiments/1/runs/abc"
 
 
+@pytest.mark.parametrize(
+    "ui_url", ["http://ui.example:8080/", "http://ui.example:8080//", "https://proxy.example/MLFLOW-BOX/"]
+)
+def test_a_ui_url_with_trailing_slashes_gives_one_slash_in_run_links(tmp_path, ui_url):
+    """Only slashes are trimmed from the end (a path that ends in an X keeps it)."""
+    cfg = config.load(
+        write_params(tmp_path, mlflow={"tracking_uri": "sqlite:///m.db", "experiment": "e", "ui_url": ui_url})
+    )
+    assert cfg.mlflow.run_url("1", "abc") == f"{ui_url.rstrip('/')}/#/experiments/1/runs/abc"
+    assert "//#" not in cfg.mlflow.run_url("1", "abc")
+
+
 @pytest.mark.parametrize("server", ["http://mlflow:5000", "https://mlflow.example.org"])
 def test_a_tracking_server_is_its_own_ui(tmp_path, server):
     """The configured ui_url is for a store a browser cannot open; a tracking server can be opened itself."""
