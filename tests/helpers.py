@@ -113,3 +113,26 @@ def clone_state(src: Path, dest: Path) -> Path:
                         conn.execute(f'update {table} set "{column[1]}" = replace("{column[1]}", ?, ?)', (old, new))
         conn.close()
     return dest
+
+
+def paths_in(root: Path):  # noqa: ANN201 - softmax_mlops.config.Paths, imported here only when used
+    """The project's output folders under ``root``, as params.yaml's defaults lay them out."""
+    from softmax_mlops import config
+
+    return config.Paths(
+        root=root,
+        prepared=root / "prepared",
+        models=root / "models",
+        metrics=root / "metrics",
+        reports=root / "reports",
+    )
+
+
+class Trap:
+    """Unpickling this creates ``marker``: proof that a file was unpickled (tests of loaders that must not)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")

@@ -5,19 +5,9 @@ import gzip
 import numpy as np
 import pytest
 
-from helpers import REPO, cli
+from helpers import REPO, cli, paths_in
 from softmax_mlops import config, data
 from softmax_mlops.errors import PipelineError
-
-
-def paths_in(tmp_path) -> config.Paths:
-    return config.Paths(
-        root=tmp_path,
-        prepared=tmp_path / "prepared",
-        models=tmp_path / "models",
-        metrics=tmp_path / "metrics",
-        reports=tmp_path / "reports",
-    )
 
 
 def settings(mirror: str, validation_size: int = 20, seed: int = 0) -> config.IngestConfig:

@@ -13,18 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import Trap, paths_in
 from softmax_mlops import config, data
 from softmax_mlops.errors import PipelineError
-
-
-def paths_in(root: Path) -> config.Paths:
-    return config.Paths(
-        root=root,
-        prepared=root / "prepared",
-        models=root / "models",
-        metrics=root / "metrics",
-        reports=root / "reports",
-    )
 
 
 def fetch_error(mirror: str, resources) -> str:
@@ -180,16 +171,6 @@ def test_ingest_writes_the_summary_it_returns(idx_mirror, tmp_path):
 
 
 # --- a prepared split ---------------------------------------------------------------------------------------------
-
-
-class Trap:
-    """Unpickling this creates ``marker``: proof that a file was unpickled."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
 
 
 def test_a_split_holding_pickles_is_refused_without_unpickling(tmp_path):

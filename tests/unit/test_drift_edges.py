@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from helpers import Trap
 from softmax_mlops import drift
 from softmax_mlops.errors import PipelineError
 
@@ -82,16 +83,6 @@ def test_a_lone_npy_array_is_named_with_its_dtype_and_shape(tmp_path):
     with open(path, "wb") as fh:  # np.save on an open file keeps the .npz name
         np.save(fh, np.zeros((300, 10), np.float32))
     assert refused(path) == f"{path} is not a drift reference: a single float32 array [300, 10], not an .npz archive"
-
-
-class Trap:
-    """Unpickling this creates ``marker``: proof that a file was unpickled."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
 
 
 def test_object_arrays_are_refused_without_being_unpickled(tmp_path):

@@ -9,18 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REPO, cli, one_error_line
+from helpers import REPO, Trap, cli, one_error_line
 from softmax_mlops import drift
-
-
-class Trap:
-    """Unpickling this creates ``marker``: proof that a file was unpickled."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
 
 
 def good_reference(path: Path, n: int = 300) -> None:

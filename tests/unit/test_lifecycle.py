@@ -81,6 +81,13 @@ def test_a_second_signal_while_the_run_is_ended_does_not_cut_the_cleanup_short(t
     assert status == ["FAILED"]
 
 
+def printed_by(code: str) -> list[str]:
+    """The lines ``code`` prints, run in a fresh Python process that must exit 0."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.splitlines()
+
+
 def test_deferred_interrupts_hold_a_signal_until_the_block_ends():
     code = textwrap.dedent(
         """
@@ -99,9 +106,7 @@ def test_deferred_interrupts_hold_a_signal_until_the_block_ends():
             print("raised after the block:", exc, flush=True)
         """
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.splitlines() == [
+    assert printed_by(code) == [
         "inner block ended whole",
         "outer block ended whole",
         "raised after the block: SIGINT",
@@ -129,6 +134,4 @@ def test_a_signal_after_a_swallowed_interrupt_still_stops_the_process():
             print("stopped by", exc, flush=True)
         """
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.splitlines() == ["swallowed", "stopped by SIGTERM"]
+    assert printed_by(code) == ["swallowed", "stopped by SIGTERM"]
