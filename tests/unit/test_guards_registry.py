@@ -182,6 +182,43 @@ def test_a_champion_whose_artifact_cannot_be_loaded_is_one_line_naming_its_uri(r
     message = str(raised.value)
     assert message.startswith(f"cannot score the current champion models:/{registry.name}/{champion}: "), message
     assert "\n" not in message
+    reason = {"deleted": "no ONNX model at", "foreign graph": "is not a model of this project"}
+    assert reason.get(damage, "is not a loadable ONNX model") in message  # the loader's own words, kept
     # nothing was decided: the aliases did not move and the challenger carries no decision
     assert registry.alias(CHAMPION) == champion and registry.alias(CANDIDATE) is None
     assert "champion_decision" not in registry.client.get_model_version(registry.name, challenger).tags
+
+
+def test_every_kept_decision_is_false_and_names_the_champion_it_kept():
+    """Decision.promoted is a real bool (it is written as a tag and read by the CLI) and champion_before names
+    the version that held @champion, on both ways of being kept: under the gate, and worse than the champion."""
+    under_gate = decide(Score(0.81, 0.5), gate=GATE, champion=("2", Score(0.80, 0.6)))
+    worse = decide(Score(0.83, 0.5), gate=GATE, champion=("3", Score(0.84, 0.6)))
+    assert under_gate.promoted is False and under_gate.champion_before == "2"
+    assert worse.promoted is False and worse.champion_before == "3"
+
+
+def test_the_nll_of_a_certain_or_impossible_true_class_is_bounded():
+    """A true class given probability 0 costs -log(float64 tiny), about 708, not infinity (one such image would
+    make every NLL tie-break compare inf with inf); float32 rounding can give a probability a hair above 1,
+    which must cost 0, not a negative NLL that would beat every honest model."""
+    probabilities = np.zeros((2, 10), dtype=np.float32)
+    probabilities[0, 3] = 1.0  # image 0: all on class 3, which is wrong
+    probabilities[1, 5] = np.nextafter(np.float32(1), np.float32(2))  # image 1: right, with p = 1 + 1 ulp
+    nll = score_of(probabilities, np.array([4, 5])).nll
+    assert nll == pytest.approx(-np.log(np.finfo(np.float64).tiny) / 2)
+    assert score_of(probabilities[1:], np.array([5])).nll == 0.0
+
+
+def test_the_champion_is_scored_from_the_store_the_stage_names_not_the_process_default(registry, models, tmp_path):
+    """The export stage passes its tracking URI; a process whose MLflow default points elsewhere (a user's
+    MLFLOW_TRACKING_URI, another test) must still score the champion from the stage's store."""
+    sharp, _, images, labels, scores = models
+    champion = registry.register(sharp)
+    registry.client.set_registered_model_alias(registry.name, CHAMPION, champion)
+    challenger = registry.register(sharp)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'missing' / 'other.db'}")  # a store that cannot open
+    decision = registry.promote(challenger, scores[sharp], images, labels)
+    assert decision.promoted and decision.champion_before == champion
+    tags = registry.client.get_model_version(registry.name, challenger).tags
+    assert tags["champion_decision"] == "promoted" and tags["champion_reason"] == decision.reason
