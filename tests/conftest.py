@@ -50,6 +50,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _tqdm_lock_of_this_process():
+    """tqdm guards its bars with a multiprocessing lock, a semaphore that forked processes share. mutmut forks
+    one process per mutant from the one that ran the tests first, and kills a mutant that runs past its limit:
+    killed while it held that lock, it would leave every later mutant that makes a progress bar (predict)
+    blocked on it until the test timeout, which counts them as caught. A lock of this process's own ends that."""
+    if "__mutmut_" in os.environ.get("MUTANT_UNDER_TEST", ""):
+        import threading
+
+        from tqdm import tqdm
+
+        tqdm.set_lock(threading.RLock())
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _tests_use_their_own_mlflow_stores():
     """Every test uses an MLflow store in its own project copy: a MLFLOW_TRACKING_URI exported in the
     developer's shell must not send test runs to their server (module fixtures start before the per-test
