@@ -98,3 +98,73 @@ def test_a_missing_or_bad_calibration_file_is_named(tmp_path):
     cfg.paths.calibration("scratch").write_text(json.dumps({"temperature": -1.0}))
     with pytest.raises(PipelineError, match="temperature must be a positive number, got -1.0"):
         calibrate.read_temperature(cfg, "scratch")
+
+
+def test_confidences_on_a_bin_edge_go_to_the_bin_they_close():
+    """Guo et al.'s bins are ((m-1)/M, m/M]: a confidence of exactly 0.2 with M = 5 is in the first bin, 1.0 in
+    the last. A float32 softmax can give 1 + 1 ulp, which still belongs in the last bin, and a confidence of 0
+    (a row of zeros) in the first: every image is in exactly one bin."""
+    confidences = [0.0, 0.2, np.nextafter(0.2, 1), 0.6, 1.0, np.nextafter(1.0, 2)]
+    probabilities = np.array([[c, 1 - c] if c >= 0.5 else [c, 0.0] for c in confidences])
+    labels = np.zeros(len(confidences), dtype=int)  # class 0 everywhere: rows where 0 is the argmax are right
+    table = calibrate.reliability_bins(probabilities, labels, 5)
+    assert [row["count"] for row in table] == [2, 1, 1, 0, 2]
+    assert [(row["lower"], row["upper"]) for row in table] == [(m / 5, (m + 1) / 5) for m in range(5)]
+    assert table[3]["confidence"] is None and table[3]["accuracy"] is None
+    assert table[4]["confidence"] == pytest.approx(1.0) and table[4]["accuracy"] == 1.0
+
+
+def test_nll_without_a_temperature_is_the_plain_cross_entropy():
+    """The 'before' figures (T = 1) call nll without a temperature."""
+    logits, labels = scaled_problem(2.0, n=500)
+    y = torch.from_numpy(labels)
+    assert calibrate.nll(logits, y).item() == torch.nn.functional.cross_entropy(logits, y).item()
+
+
+@pytest.mark.parametrize("true_temperature", [2.0, 8.0])
+def test_the_fitted_temperature_is_the_minimum_to_float64_precision(true_temperature):
+    """The docstring's promise, checked against an independent root of d NLL / d log T (scipy's brentq on
+    autograd's derivative): the fit stops at the minimum, not where a loose tolerance stopped it. The
+    tolerance_change of 1e-12 is what gets it there: torch's default 1e-9 stops 2e-5 short at T0 = 8."""
+    from scipy.optimize import brentq
+
+    logits, labels = scaled_problem(true_temperature, n=5000)
+    y = torch.from_numpy(labels)
+
+    def slope(log_t: float) -> float:
+        t = torch.tensor(log_t, dtype=torch.float64, requires_grad=True)
+        calibrate.nll(logits, y, t.exp()).backward()
+        return float(t.grad)
+
+    minimum = np.exp(brentq(slope, -5, 8, xtol=1e-14))
+    assert calibrate.fit_temperature(logits, labels, initial=1.5, max_iter=100) == pytest.approx(minimum, rel=1e-6)
+
+
+def test_logits_that_are_not_finite_stop_the_fit_in_one_line():
+    logits, labels = scaled_problem(2.0, n=500)
+    logits[0, 0] = float("nan")
+    with pytest.raises(PipelineError, match=r"^temperature scaling diverged \(T = nan\): the validation logits are"):
+        calibrate.fit_temperature(logits, labels, initial=1.5, max_iter=100)
+
+
+@pytest.mark.parametrize(("stored", "accepted"), [(0.8, True), (1.7, True), (0.0, False), (2, False), ("2.0", False)])
+def test_the_export_reads_back_only_a_positive_float_temperature(tmp_path, stored, accepted):
+    """Any positive float is a temperature (below 1 sharpens, above 1 softens); 0 would divide by zero in the
+    graph, and calibrate always writes a float, so anything else is a file someone else wrote."""
+    (tmp_path / "params.yaml").write_text("paths: {prepared: p, models: m, metrics: metrics, reports: r}\n")
+    cfg = config.load(tmp_path)
+    cfg.paths.calibration("scratch").parent.mkdir(parents=True)
+    cfg.paths.calibration("scratch").write_text(json.dumps({"temperature": stored}))
+    if accepted:
+        assert calibrate.read_temperature(cfg, "scratch") == stored
+    else:
+        with pytest.raises(PipelineError, match=f"temperature must be a positive number, got {stored!r}"):
+            calibrate.read_temperature(cfg, "scratch")
+
+
+def test_the_brier_score_counts_every_class_even_one_no_label_names():
+    """One-hot over the model's classes, not over the labels seen: a test batch without the last class still
+    scores all three columns (one_hot would otherwise guess two classes and fail to broadcast)."""
+    probabilities = np.array([[0.5, 0.25, 0.25], [0.25, 0.5, 0.25]])
+    figures, _ = calibrate.scores(torch.from_numpy(np.log(probabilities)), np.array([0, 1]), 1.0, 15)
+    assert figures["brier"] == pytest.approx(0.25 + 0.0625 + 0.0625)
