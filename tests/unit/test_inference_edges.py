@@ -1,0 +1,72 @@
+"""inference.py in the test process: where a configured model path points, the top-k order when
+probabilities tie, and the exact JSON shape of a prediction that /predict and `predict --format jsonl` send."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from softmax_mlops.data import CLASS_NAMES
+from softmax_mlops.inference import Predictor, model_source
+
+PIXELS = np.random.default_rng(3).integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("models/scratch", "/project/models/scratch"),  # params.yaml's relative paths: from the project root
+        ("/srv/model.onnx", "/srv/model.onnx"),
+        ("models:/softmax-scratch@champion", "models:/softmax-scratch@champion"),
+        ("runs:/abc/model", "runs:/abc/model"),
+    ],
+)
+def test_a_model_source_is_taken_from_the_project_root_only_when_it_is_a_relative_path(source, expected):
+    assert model_source(source, Path("/project")) == expected
+
+
+def test_ties_keep_the_lower_class_id_first():
+    """The documented order is the most probable first, then the lower class id: numpy's default argsort is not
+    stable (a SIMD quicksort on x86), so among equal probabilities it could put any class first, and the same
+    images would get another top-1 from run to run."""
+    rng = np.random.default_rng(0)
+    probabilities = rng.integers(0, 3, size=(2000, 10)).astype(np.float32)  # many ties on every row
+    ids, top = Predictor.top_k_of(probabilities, 10)
+    expected = np.array([sorted(range(10), key=lambda c, row=row: (-row[c], c)) for row in probabilities])
+    np.testing.assert_array_equal(ids, expected)
+    np.testing.assert_array_equal(top, np.take_along_axis(probabilities, expected, axis=1))
+
+
+def test_top_k_is_top_k_of_the_models_probabilities(onnx_model):
+    predictor = Predictor(onnx_model[0])
+    ids, top = predictor.top_k(PIXELS, 3)
+    expected_ids, expected_top = Predictor.top_k_of(predictor.run(PIXELS)[1], 3)
+    assert ids.shape == (5, 3)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_array_equal(top, expected_top)
+
+
+def test_a_prediction_has_the_documented_keys_and_values(onnx_model):
+    predictor = Predictor(onnx_model[0])
+    ids = np.array([[3, 1], [0, 9]])
+    probabilities = np.array([[0.5, 0.25], [0.75, 0.125]], dtype=np.float32)
+    assert predictor.describe(ids, probabilities) == [
+        {
+            "class_id": 3,
+            "class_name": CLASS_NAMES[3],
+            "probability": 0.5,
+            "top_k": [
+                {"class_id": 3, "class_name": CLASS_NAMES[3], "probability": 0.5},
+                {"class_id": 1, "class_name": CLASS_NAMES[1], "probability": 0.25},
+            ],
+        },
+        {
+            "class_id": 0,
+            "class_name": CLASS_NAMES[0],
+            "probability": 0.75,
+            "top_k": [
+                {"class_id": 0, "class_name": CLASS_NAMES[0], "probability": 0.75},
+                {"class_id": 9, "class_name": CLASS_NAMES[9], "probability": 0.125},
+            ],
+        },
+    ]
