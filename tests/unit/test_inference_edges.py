@@ -70,3 +70,21 @@ def test_a_prediction_has_the_documented_keys_and_values(onnx_model):
             ],
         },
     ]
+
+
+def test_a_model_card_is_read_as_utf8_whatever_the_locale(onnx_model, tmp_path):
+    """The export writes model.json as UTF-8; a service started under LC_CTYPE=C (ASCII) must read the same
+    class names, not refuse the card."""
+    import json
+    import locale
+
+    names = [f"vêtement n°{i}" for i in range(10)]
+    (tmp_path / "model.onnx").write_bytes(onnx_model[0].read_bytes())
+    (tmp_path / "model.json").write_text(json.dumps({"class_names": names}, ensure_ascii=False), encoding="utf-8")
+    previous = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        predictor = Predictor(tmp_path / "model.onnx", threads=1)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, previous)
+    assert predictor.class_names == names

@@ -63,3 +63,12 @@ def test_a_champion_registered_during_the_wait_is_served(store, tmp_path):
 def test_a_local_path_is_never_waited_for(tmp_path):
     with pytest.raises(PipelineError, match="no ONNX model"):
         wait_for_model(str(tmp_path / "missing.onnx"), None, 60, lambda line: pytest.fail(line))
+
+
+def test_the_wait_asks_the_store_it_is_given_not_the_process_default(store, tmp_path):
+    """serve passes its tracking URI; a process whose MLflow default points elsewhere must still find the
+    champion in that store."""
+    (tmp_path / "artifacts").mkdir()
+    register_champion(store, tmp_path / "artifacts", 0)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'missing' / 'other.db'}")  # a store that cannot open
+    assert wait_for_model(URI, store, 0, lambda line: pytest.fail(line)).name == "model.onnx"
