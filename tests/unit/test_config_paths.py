@@ -9,30 +9,10 @@ import pytest
 from helpers import REPO
 from softmax_mlops import config
 
-PER_IMPL = (
-    "weights",
-    "history",
-    "train_metrics",
-    "eval_metrics",
-    "confusion",
-    "calibration",
-    "reliability",
-    "onnx",
-    "model_card",
-    "parity",
-    "drift_reference",
-)
-SHARED = (
-    "train_data",
-    "val_data",
-    "test_data",
-    "data_summary",
-    "compare_json",
-    "compare_md",
-    "compare_curves",
-    "accuracy_curves",
-    "headline",
-)
+NOT_DECLARED = ("report_dir", "run_info")  # a folder, and the MLflow run record (tested below)
+HELPERS = {name: member for name, member in vars(config.Paths).items() if not name.startswith("_")}
+SHARED = sorted(name for name, member in HELPERS.items() if isinstance(member, property))
+PER_IMPL = sorted(name for name, member in HELPERS.items() if callable(member) and name not in NOT_DECLARED)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +29,7 @@ def declared(tmp_path_factory) -> tuple[config.Config, set[str]]:
 
 def test_every_path_helper_names_a_file_dvc_yaml_declares(declared):
     cfg, paths = declared
-    assert len(cfg.impls) == 2
+    assert len(cfg.impls) == 2 and {"weights", "onnx"} <= set(PER_IMPL) and {"test_data", "headline"} <= set(SHARED)
     named = [getattr(cfg.paths, name) for name in SHARED]
     named += [getattr(cfg.paths, name)(impl) for name in PER_IMPL for impl in cfg.impls]
     relative = {path.relative_to(cfg.paths.root).as_posix() for path in named}
