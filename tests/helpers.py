@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
+import locale
 import os
 import shutil
 import struct
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +140,25 @@ class Trap:
 
     def __reduce__(self):
         return open, (str(self.marker), "w")
+
+
+@contextmanager
+def ascii_locale() -> Iterator[None]:
+    """LC_CTYPE=C (ASCII) for the block: what a reader that trusts the locale's encoding would get wrong."""
+    previous = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_CTYPE, previous)
+
+
+def model_copy(onnx_model, folder: Path, class_names: list[str] | None = None) -> Path:  # noqa: ANN001
+    """The onnx_model fixture's model alone in ``folder`` (no sidecar unless a test adds one), with a model card
+    (UTF-8, not escaped) if asked."""
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(onnx_model[0].read_bytes())
+    if class_names is not None:
+        card = json.dumps({"class_names": class_names}, ensure_ascii=False)
+        (folder / "model.json").write_text(card, encoding="utf-8")
+    return folder / "model.onnx"

@@ -2,13 +2,13 @@
 errors, the exact one-line messages (the CLI tests see them only through a subprocess), the built-in defaults,
 the MLflow settings and the environment variables load() exports."""
 
-import locale
 import os
 from pathlib import Path
 
 import pytest
 import yaml
 
+from helpers import ascii_locale
 from softmax_mlops import config
 from softmax_mlops.errors import PipelineError
 
@@ -156,12 +156,8 @@ def test_params_are_read_as_utf8_whatever_the_locale(tmp_path):
     root = write_params(tmp_path)
     with open(root / "params.yaml", "a", encoding="utf-8") as fh:
         fh.write("mlflow:\n  experiment: modèle-été\n")  # as typed, not escaped
-    previous = locale.setlocale(locale.LC_CTYPE)
-    locale.setlocale(locale.LC_CTYPE, "C")
-    try:
+    with ascii_locale():
         cfg = config.load(root)
-    finally:
-        locale.setlocale(locale.LC_CTYPE, previous)
     assert cfg.mlflow.experiment == "modèle-été"
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import ascii_locale, model_copy
 from softmax_mlops.data import CLASS_NAMES
 from softmax_mlops.inference import Predictor, model_source
 
@@ -50,41 +51,20 @@ def test_a_prediction_has_the_documented_keys_and_values(onnx_model):
     predictor = Predictor(onnx_model[0])
     ids = np.array([[3, 1], [0, 9]])
     probabilities = np.array([[0.5, 0.25], [0.75, 0.125]], dtype=np.float32)
-    assert predictor.describe(ids, probabilities) == [
-        {
-            "class_id": 3,
-            "class_name": CLASS_NAMES[3],
-            "probability": 0.5,
-            "top_k": [
-                {"class_id": 3, "class_name": CLASS_NAMES[3], "probability": 0.5},
-                {"class_id": 1, "class_name": CLASS_NAMES[1], "probability": 0.25},
-            ],
-        },
-        {
-            "class_id": 0,
-            "class_name": CLASS_NAMES[0],
-            "probability": 0.75,
-            "top_k": [
-                {"class_id": 0, "class_name": CLASS_NAMES[0], "probability": 0.75},
-                {"class_id": 9, "class_name": CLASS_NAMES[9], "probability": 0.125},
-            ],
-        },
-    ]
+
+    def expected(row: list[int], probs: list[float]) -> dict:  # written out from the documented shape
+        pairs = zip(row, probs, strict=True)
+        top_k = [{"class_id": c, "class_name": CLASS_NAMES[c], "probability": p} for c, p in pairs]
+        return {**top_k[0], "top_k": top_k}
+
+    assert predictor.describe(ids, probabilities) == [expected([3, 1], [0.5, 0.25]), expected([0, 9], [0.75, 0.125])]
 
 
 def test_a_model_card_is_read_as_utf8_whatever_the_locale(onnx_model, tmp_path):
     """The export writes model.json as UTF-8; a service started under LC_CTYPE=C (ASCII) must read the same
     class names, not refuse the card."""
-    import json
-    import locale
-
     names = [f"vêtement n°{i}" for i in range(10)]
-    (tmp_path / "model.onnx").write_bytes(onnx_model[0].read_bytes())
-    (tmp_path / "model.json").write_text(json.dumps({"class_names": names}, ensure_ascii=False), encoding="utf-8")
-    previous = locale.setlocale(locale.LC_CTYPE)
-    locale.setlocale(locale.LC_CTYPE, "C")
-    try:
-        predictor = Predictor(tmp_path / "model.onnx", threads=1)
-    finally:
-        locale.setlocale(locale.LC_CTYPE, previous)
+    path = model_copy(onnx_model, tmp_path / "model", names)
+    with ascii_locale():
+        predictor = Predictor(path, threads=1)
     assert predictor.class_names == names

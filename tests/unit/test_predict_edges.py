@@ -5,7 +5,6 @@ exact messages, class names that need CSV quoting or are not ASCII, and the CSV 
 import csv
 import io
 import json
-import locale
 import re
 import threading
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import ascii_locale, model_copy
 from softmax_mlops import drift, predict
 from softmax_mlops.config import DriftConfig
 from softmax_mlops.errors import PipelineError
@@ -27,15 +27,6 @@ DRIFT = DriftConfig(alpha=0.01, min_images=5, max_images=100)
 def npy(tmp_path) -> Path:
     np.save(tmp_path / "x.npy", PIXELS)
     return tmp_path / "x.npy"
-
-
-def model_copy(onnx_model, folder: Path, class_names: list[str] | None = None) -> Path:
-    """The fixture model alone in ``folder`` (no sidecar unless a test adds one), with a model card if asked."""
-    folder.mkdir(parents=True)
-    (folder / "model.onnx").write_bytes(onnx_model[0].read_bytes())
-    if class_names is not None:
-        (folder / "model.json").write_text(json.dumps({"class_names": class_names}), encoding="utf-8")
-    return folder / "model.onnx"
 
 
 @pytest.fixture
@@ -180,12 +171,8 @@ def test_predictions_are_written_as_utf8_whatever_the_locale(npy, onnx_model, tm
     names = [f"vêtement n°{i}" for i in range(10)]
     predictor = Predictor(model_copy(onnx_model, tmp_path / "model", names), threads=1)
     out = tmp_path / "out.csv"
-    previous = locale.setlocale(locale.LC_CTYPE)
-    locale.setlocale(locale.LC_CTYPE, "C")
-    try:
+    with ascii_locale():
         predict.run(npy, out, predictor, batch_size=4, top_k=3, progress=False)
-    finally:
-        locale.setlocale(locale.LC_CTYPE, previous)
     rows = list(csv.reader(io.StringIO(out.read_bytes().decode("utf-8"))))
     assert rows[1:] == expected_csv_rows(predictor, PIXELS, 3)
 
