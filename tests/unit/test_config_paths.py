@@ -10,7 +10,8 @@ from helpers import REPO
 from softmax_mlops import config
 
 NOT_DECLARED = ("report_dir", "run_info")  # a folder, and the MLflow run record (tested below)
-HELPERS = {name: member for name, member in vars(config.Paths).items() if not name.startswith("_")}
+# mutmut puts each mutant of a method beside it in the class, as xǁPathsǁname__mutmut_N: not helpers.
+HELPERS = {name: member for name, member in vars(config.Paths).items() if name.isascii() and not name.startswith("_")}
 SHARED = sorted(name for name, member in HELPERS.items() if isinstance(member, property))
 PER_IMPL = sorted(name for name, member in HELPERS.items() if callable(member) and name not in NOT_DECLARED)
 
