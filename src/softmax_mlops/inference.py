@@ -10,7 +10,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +82,7 @@ def wait_for_model(source: str, tracking_uri: str | None, wait_s: float, say: Ca
     restarts every second; the wait is bounded, so a wrong URI still ends in one clear error.
     """
     deadline = time.monotonic() + wait_s
-    delay = 2.0
+    pauses = retry_pauses()
     while True:
         try:
             return resolve_model(source, tracking_uri)
@@ -90,10 +90,18 @@ def wait_for_model(source: str, tracking_uri: str | None, wait_s: float, say: Ca
             remaining = deadline - time.monotonic()
             if not is_mlflow_uri(source) or remaining <= 0:
                 raise
-            pause = min(delay, remaining)
+            pause = min(next(pauses), remaining)
             say(f"softmax-mlops: {exc}; retrying in {pause:.0f} s (for up to {remaining:.0f} s more)")
             time.sleep(pause)
-            delay = min(delay * 2, 60.0)
+
+
+def retry_pauses(first: float = 2.0, cap: float = 60.0) -> Iterator[float]:
+    """2, 4, 8, ... seconds, then a minute each time: quick while a registry is starting, and no more than one
+    line a minute in the log of a service left waiting. A pure schedule, so that a test can read it whole."""
+    pause = first
+    while True:
+        yield pause
+        pause = min(pause * 2, cap)
 
 
 def sidecar(onnx_path: Path, name: str) -> Path | None:

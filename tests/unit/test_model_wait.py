@@ -1,6 +1,7 @@
 """Waiting for a model that a fresh registry does not hold yet (the compose stack's inference service starts
 before the first training run registers a champion), on a real MLflow SQLite store."""
 
+import itertools
 import threading
 import time
 
@@ -8,7 +9,7 @@ import mlflow
 import pytest
 
 from softmax_mlops.errors import PipelineError
-from softmax_mlops.inference import wait_for_model
+from softmax_mlops.inference import retry_pauses, wait_for_model
 
 URI = "models:/waiting-test@champion"
 
@@ -45,6 +46,11 @@ def test_the_wait_is_bounded_and_says_what_it_waits_for(store):
     with pytest.raises(PipelineError):
         wait_for_model(URI, store, 3, said.append)
     assert said and all(URI in line and "retrying in" in line for line in said)
+    assert "retrying in 2 s" in said[0]  # the first pause of the schedule, well inside the 3 s wait
+
+
+def test_the_pauses_double_from_two_seconds_up_to_a_minute():
+    assert list(itertools.islice(retry_pauses(), 8)) == [2, 4, 8, 16, 32, 60, 60, 60]
 
 
 def test_a_champion_registered_during_the_wait_is_served(store, tmp_path):
