@@ -81,6 +81,25 @@ def test_truncated_file_names_file_and_md5_and_writes_nothing(idx_mirror, tmp_pa
     assert not paths.prepared.exists()
 
 
+def test_without_a_list_of_its_own_ingest_fetches_and_records_torchvisions_upstream_files():
+    from torchvision.datasets import FashionMNIST
+
+    assert data.source_files() == list(FashionMNIST.resources) and len(FashionMNIST.resources) == 4
+    assert ("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d") in data.source_files()
+    assert data.source_files((("a.gz", "0" * 32),)) == [("a.gz", "0" * 32)]
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "test"])
+def test_the_benchmarks_torchvision_dataset_reads_the_mirror(idx_mirror, tmp_path, train):
+    """The textbook-style benchmark's dataset: the same download path, each split, with its transform."""
+    folder, splits, resources = idx_mirror
+    dataset = data.torchvision_dataset(str(folder), tmp_path / "root", train, np.asarray, resources)
+    images, labels = splits["train" if train else "test"]
+    assert len(dataset) == len(labels)
+    image, label = dataset[3]
+    assert isinstance(image, np.ndarray) and np.array_equal(image, images[3]) and label == labels[3]
+
+
 def test_missing_file_is_named(idx_mirror, tmp_path):
     folder, _, resources = idx_mirror
     (folder / resources[1][0]).unlink()
