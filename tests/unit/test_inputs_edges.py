@@ -53,6 +53,16 @@ def test_a_fortran_ordered_npy_is_refused_with_the_fix(tmp_path):
     )
 
 
+def test_bytes_after_an_npys_array_are_ignored_as_numpy_ignores_them(tmp_path):
+    """np.load reads the array its header describes and nothing after it; the memory map must stop there too."""
+    path = tmp_path / "x.npy"
+    np.save(path, pixels(3))
+    with open(path, "ab") as fh:
+        fh.write(bytes(1000))
+    ids, batches = collect(open_source(path, 2))
+    assert ids == [0, 1, 2] and np.array_equal(np.concatenate(batches), np.load(path))
+
+
 def test_an_npy_with_an_oversized_header_is_refused_quoting_numpys_first_line(tmp_path):
     """numpy will not parse a header over 10,000 bytes (unless told to trust the file); its message runs over
     three lines and the error quotes the first."""
