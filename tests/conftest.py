@@ -64,6 +64,23 @@ def _tqdm_lock_of_this_process():
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _a_working_folder_of_its_own_under_mutmut(tmp_path_factory):
+    """mutmut runs every mutant's tests in one folder, mutants/. A mutant that turns a path into None writes a
+    file called "None" there, and any later mutant that reads from None finds it: an export mutant that gave
+    the registry None for the ONNX file was scored as surviving. Under mutmut (its clean and stats runs too, so
+    those would show a test that needs the old folder), each run of the tests starts in a new empty folder."""
+    if "MUTANT_UNDER_TEST" not in os.environ:
+        yield
+        return
+    before = Path.cwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _tests_use_their_own_mlflow_stores():
     """Every test uses an MLflow store in its own project copy: a MLFLOW_TRACKING_URI exported in the
     developer's shell must not send test runs to their server (module fixtures start before the per-test
