@@ -55,6 +55,27 @@ if REPO.name == "mutants":  # `make mutation`: mutmut runs the tests in its copy
     REPO = REPO.parent
 
 
+def learnable_mirror(folder: Path, n_train: int = 60, n_test: int = 20) -> list[tuple[str, str]]:
+    """An IDX mirror whose classes can be learnt (class k has bright rows 2k and 2k+1 over faint noise), so that
+    calibrate fits a moderate temperature (on random labels it would fit a huge one, flattening every logit).
+    Returns the (file name, md5) resources, as helpers.write_mirror does."""
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
+        for image, label in zip(images, labels, strict=True):
+            image[2 * label : 2 * label + 2] = 255
+        splits[split] = (images, labels)
+    folder.mkdir(parents=True)
+    resources = []
+    for (split, kind), name in FILES.items():
+        packed = gzip.compress(idx_bytes(splits[split][0 if kind == "images" else 1]), mtime=0)
+        (folder / name).write_bytes(packed)
+        resources.append((name, hashlib.md5(packed).hexdigest()))
+    return resources
+
+
 def cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the installed console script as a user would."""
     return run_tool("softmax-mlops", *args, cwd=cwd, env=env)

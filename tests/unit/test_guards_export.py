@@ -7,8 +7,6 @@ logits are too, and so is the difference. The stage must then fail in one line a
 model card, no drift reference and no registered version.
 """
 
-import gzip
-import hashlib
 import json
 import math
 import re
@@ -20,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import FILES, cli, copy_project, idx_bytes
+from helpers import cli, copy_project, learnable_mirror
 from softmax_mlops import config, data
 from softmax_mlops.errors import PipelineError
 
@@ -29,27 +27,6 @@ pytestmark = pytest.mark.heavy  # its fixture ingests, trains, evaluates and cal
 IMPL = "scratch"
 SCALE = 1e6
 OUTPUTS = ("model.onnx", "model.json", "parity.json", "drift_reference.npz")  # what export@ writes in models/{impl}
-
-
-def learnable_mirror(folder: Path, n_train: int = 60, n_test: int = 20) -> list[tuple[str, str]]:
-    """An IDX mirror whose classes can be learnt (class k has bright rows 2k and 2k+1 over faint noise), so that
-    calibrate fits a moderate temperature (on random labels it would fit a huge one, flattening every logit).
-    Returns the (file name, md5) resources, as helpers.write_mirror does."""
-    rng = np.random.default_rng(0)
-    splits = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        labels = np.arange(n) % 10
-        images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
-        for image, label in zip(images, labels, strict=True):
-            image[2 * label : 2 * label + 2] = 255
-        splits[split] = (images, labels)
-    folder.mkdir(parents=True)
-    resources = []
-    for (split, kind), name in FILES.items():
-        packed = gzip.compress(idx_bytes(splits[split][0 if kind == "images" else 1]), mtime=0)
-        (folder / name).write_bytes(packed)
-        resources.append((name, hashlib.md5(packed).hexdigest()))
-    return resources
 
 
 @pytest.fixture(scope="module")
