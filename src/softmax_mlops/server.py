@@ -365,20 +365,26 @@ def protocol(limits: ServeConfig) -> type:
     return LimitedHttpToolsProtocol
 
 
+def uvicorn_settings(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> dict:
+    """What `serve` gives uvicorn: the app, the address, and uvicorn's own limits beside ours (protocol). Tests
+    run the same settings in a uvicorn.Server on a thread, so that mutmut sees the routes run."""
+    return {
+        "app": create_app(predictor, limits, top_k),
+        "host": limits.host,
+        "port": limits.port,
+        "log_level": "info",
+        "timeout_keep_alive": 5,
+        "http": protocol(limits),
+        "timeout_graceful_shutdown": 5,
+    }
+
+
 def serve(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> None:
     import uvicorn
 
-    app = create_app(predictor, limits, top_k)
+    settings = uvicorn_settings(predictor, limits, top_k)
     # Everything loaded so far (FastAPI, onnxruntime, the model, MLflow's client) lives as long as the process:
     # move it out of the collector's reach, so that a request that parses a large JSON body does not set off a
     # full collection that walks all of it (the p99 of 64-image JSON requests).
     gc.freeze()
-    uvicorn.run(
-        app,
-        host=limits.host,
-        port=limits.port,
-        log_level="info",
-        timeout_keep_alive=5,
-        http=protocol(limits),
-        timeout_graceful_shutdown=5,
-    )
+    uvicorn.run(**settings)

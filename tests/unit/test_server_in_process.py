@@ -1,0 +1,319 @@
+"""The HTTP service run in this process: `serve`'s own uvicorn settings (server.uvicorn_settings) in a
+uvicorn.Server on a thread, on a real socket on 127.0.0.1, so that mutmut sees the routes, the error handlers
+and the connection limits run. Every answer is checked whole: status, JSON and the headers a client relies on.
+
+test_server.py, test_server_hostile.py and test_guards_serve_timeout.py run the console script as a user
+does. Each test here starts its own server: mutmut credits a call made in a shared fixture only to the first
+test that used it, so a shared server would hide the app's mutants from every other test."""
+
+import contextlib
+import io
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from importlib.metadata import version
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from helpers import model_copy
+from softmax_mlops import __version__, protocols, server
+from softmax_mlops.config import ServeConfig
+from softmax_mlops.inference import Predictor
+from stack import free_port
+
+pytestmark = pytest.mark.server
+
+IMAGES = np.random.default_rng(5).integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
+START_S = 30  # a bound against a hang, not a timing assert
+JSON, PNG = {"content-type": "application/json"}, {"content-type": "image/png"}
+HALF_A_BODY = b"POST /predict HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"
+
+
+@contextlib.contextmanager
+def running(predictor: Predictor, top_k: int = 3, **limits: float) -> Iterator[str]:
+    """The service on a free port of 127.0.0.1 until the block ends; its URL."""
+    settings = ServeConfig(port=free_port(), **limits)
+    instance = uvicorn.Server(uvicorn.Config(**server.uvicorn_settings(predictor, settings, top_k)))
+    thread = threading.Thread(target=instance.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_S
+    while not instance.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the in-process server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{settings.port}"
+    finally:
+        instance.should_exit = True
+        thread.join(START_S)
+
+
+@pytest.fixture(scope="module")
+def predictor(onnx_model) -> Predictor:
+    return Predictor(onnx_model[0])
+
+
+def png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def probabilities_of(predictor: Predictor, images: np.ndarray) -> np.ndarray:
+    return predictor.run(images)[1]
+
+
+def test_the_read_routes_answer_their_documented_json(predictor):
+    with running(predictor) as url:
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        assert httpx.get(f"{url}/metadata").json() == json.loads(json.dumps(predictor.metadata))
+        assert httpx.get(f"{url}/v2").json() == {
+            "name": "softmax-mlops",
+            "version": __version__,
+            "extensions": ["binary_tensor_data"],
+        }
+        assert httpx.get(f"{url}/v2/health/live").json() == {"live": True}
+        assert httpx.get(f"{url}/v2/health/ready").json() == {"ready": True}
+        model = httpx.get(f"{url}/v2/models/softmax-mlops")
+        assert model.status_code == 200 and model.json() == protocols.v2_model_metadata("softmax-mlops")
+        assert httpx.get(f"{url}/v2/models/softmax-mlops/ready").json() == {"name": "softmax-mlops", "ready": True}
+        ping = httpx.get(f"{url}/ping")
+        assert (ping.status_code, ping.text, ping.headers["content-type"]) == (200, "\n", "application/json")
+        answer = httpx.get(f"{url}/version")
+        assert answer.text == version("mlflow-skinny") and answer.headers["content-type"].startswith("text/plain")
+
+
+def test_a_registered_model_is_served_under_its_registry_name(onnx_model, tmp_path):
+    path = model_copy(onnx_model, tmp_path / "model")
+    (tmp_path / "model" / "model.json").write_text(json.dumps({"registered_model": "softmax-mlops-concise"}))
+    with running(Predictor(path)) as url:
+        assert httpx.get(f"{url}/v2/models/softmax-mlops-concise/ready").json() == {
+            "name": "softmax-mlops-concise",
+            "ready": True,
+        }
+        for tail in ("", "/ready"):
+            answer = httpx.get(f"{url}/v2/models/softmax-mlops{tail}")
+            assert answer.status_code == 404
+            assert answer.json() == {"error": "unknown model 'softmax-mlops': this server has 'softmax-mlops-concise'"}
+        answer = httpx.post(f"{url}/v2/models/other/infer", json={})
+        assert answer.json() == {"error": "unknown model 'other': this server has 'softmax-mlops-concise'"}
+
+
+@pytest.mark.parametrize("top_k", [3, 2])
+def test_predict_answers_each_image_with_its_top_k(predictor, top_k):
+    expected = predictor.describe(*predictor.top_k_of(probabilities_of(predictor, IMAGES), top_k))
+    with running(predictor, top_k=top_k) as url:
+        answer = httpx.post(f"{url}/predict", json={"instances": IMAGES.tolist()})
+    assert answer.status_code == 200 and answer.json() == {"predictions": json.loads(json.dumps(expected))}
+    assert len(answer.json()["predictions"][0]["top_k"]) == top_k
+
+
+def test_an_image_body_and_a_multipart_upload_are_one_image(predictor):
+    expected = predictor.describe(*predictor.top_k_of(probabilities_of(predictor, IMAGES[:1]), 3))
+    expected = {"predictions": json.loads(json.dumps(expected))}
+    with running(predictor) as url:
+        body = httpx.post(f"{url}/predict", content=png(IMAGES[0]), headers=PNG)
+        upload = httpx.post(f"{url}/predict", files={"file": ("x.png", png(IMAGES[0]), "image/png")})
+    assert body.json() == expected and upload.json() == expected
+
+
+BAD_PREDICTS = [  # (body, content type, status, error)
+    (
+        b"{}",
+        "text/plain",
+        415,
+        "unsupported content type 'text/plain': send application/json "
+        '{"instances": [...]}, an image/png or image/jpeg body, or a multipart file upload',
+    ),
+    (
+        b"{}",
+        "",
+        415,
+        "unsupported content type '(none)': send application/json "
+        '{"instances": [...]}, an image/png or image/jpeg body, or a multipart file upload',
+    ),
+    (b"garbage", "multipart/form-data; boundary=x", 400, "malformed multipart body"),
+    (
+        b'--x\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n--x--\r\n',
+        "multipart/form-data; boundary=x",
+        422,
+        "the multipart body holds no file: upload the image as a file field",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "content_type", "status", "error"), BAD_PREDICTS)
+def test_a_bad_predict_gets_its_status_and_one_json_error(predictor, body, content_type, status, error):
+    with running(predictor) as url:
+        headers = {"content-type": content_type} if content_type else {}
+        answer = httpx.post(f"{url}/predict", content=body, headers=headers)
+        assert (answer.status_code, answer.json()) == (status, {"error": error})
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_an_upload_that_is_no_image_gets_400(predictor):
+    with running(predictor) as url:
+        answer = httpx.post(f"{url}/predict", content=b"not a png", headers=PNG)
+    assert answer.status_code == 400
+    assert answer.json()["error"].startswith("the uploaded file: not a readable PNG or JPEG image")
+
+
+def test_the_request_limits_are_the_configured_ones(predictor):
+    with running(predictor, max_body_bytes=5000, max_instances=2, max_image_pixels=100) as url:
+        big = httpx.post(f"{url}/predict", content=b"x" * 5001, headers=JSON)
+        too_big = {"error": "request body of 5001 bytes is over the 5000-byte limit"}
+        assert (big.status_code, big.json()) == (413, too_big)
+        many = httpx.post(f"{url}/predict", json={"instances": [[0] * 784] * 3})
+        assert many.status_code == 413
+        wide = httpx.post(f"{url}/predict", content=png(np.zeros((10, 11), np.uint8)), headers=PNG)
+        assert wide.status_code == 413 and wide.json()["error"].startswith("the uploaded file: ")
+
+
+def test_mlflow_invocations_answer_in_mlflows_shapes(predictor):
+    expected = protocols.encode_mlflow(dict(zip(("logits", "probabilities"), predictor.run(IMAGES[:2]), strict=True)))
+    with running(predictor, max_body_bytes=50_000) as url:
+        good = httpx.post(f"{url}/invocations", json={"instances": IMAGES[:2].tolist()})
+        assert good.status_code == 200 and good.json() == json.loads(json.dumps(expected))
+        bad = httpx.post(f"{url}/invocations", content=b"{", headers=JSON)
+        assert bad.status_code == 400 and set(bad.json()) == {"error_code", "message"}
+        assert bad.json()["error_code"] == "BAD_REQUEST" and "JSON" in bad.json()["message"]
+        big = httpx.post(f"{url}/invocations", content=b"x" * 50_001, headers=JSON)
+        assert big.status_code == 413 and big.json()["message"].endswith("over the 50000-byte limit")
+        text = httpx.post(f"{url}/invocations", content=b"1", headers={"content-type": "text/plain"})
+        assert text.status_code == 415
+        assert text.json()["message"] == "unsupported content type 'text/plain': send application/json"
+
+
+def test_v2_infer_answers_what_the_protocol_encodes(predictor):
+    tensor = {"name": "image", "shape": [2, 28, 28], "datatype": "UINT8", "data": IMAGES[:2].ravel().tolist()}
+    request = {"inputs": [tensor]}
+    body = json.dumps(request).encode()
+    parsed = protocols.parse_v2(body, None, 256)
+    content, _ = protocols.encode_v2(
+        "softmax-mlops", parsed, dict(zip(("logits", "probabilities"), predictor.run(parsed.images), strict=True))
+    )
+    with running(predictor) as url:
+        good = httpx.post(f"{url}/v2/models/softmax-mlops/infer", content=body, headers=JSON)
+        assert good.status_code == 200 and good.json() == json.loads(content)
+        text = httpx.post(f"{url}/v2/models/softmax-mlops/infer", content=body, headers={"content-type": "text/plain"})
+        assert (text.status_code, text.json()) == (
+            415,
+            {"error": "unsupported content type 'text/plain': send application/json or application/octet-stream"},
+        )
+
+
+def test_routes_and_methods_that_do_not_exist_get_json_and_allow(predictor):
+    with running(predictor) as url:
+        missing = httpx.get(f"{url}/nowhere")
+        assert (missing.status_code, missing.json()) == (404, {"error": "Not Found"})
+        wrong = httpx.get(f"{url}/predict")
+        assert (wrong.status_code, wrong.json()) == (405, {"error": "Method Not Allowed"})
+        assert wrong.headers["allow"] == "POST"
+
+
+def test_the_openapi_document_describes_predicts_body_and_errors(predictor):
+    with running(predictor) as url:
+        document = httpx.get(f"{url}/openapi.json").json()
+    assert document["info"]["title"] == "softmax-mlops inference" and document["info"]["version"] == "1"
+    assert document["info"]["description"].startswith("Fashion-MNIST softmax regression, served by onnxruntime")
+    assert document["info"]["description"].endswith("(/invocations, /ping, /version).")
+    operation = document["paths"]["/predict"]["post"]
+    assert operation["requestBody"] == server.PREDICT_BODY
+    for code, text in server.ERRORS.items():
+        assert operation["responses"][str(code)] == {
+            "description": text,
+            "content": {"application/json": {"schema": server.ERROR_SCHEMA}},
+        }
+
+
+def test_inference_over_the_time_limit_is_a_503_and_the_service_goes_on(predictor):
+    """A limit of a microsecond: no onnxruntime call on 256 images returns within it."""
+    with running(predictor, request_timeout_s=1e-6) as url:
+        answer = httpx.post(f"{url}/predict", json={"instances": [[7] * 784] * 256})
+        assert (answer.status_code, answer.json()) == (503, {"error": "inference took longer than 1e-06 s"})
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+
+
+def raw(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=START_S)
+    return sock
+
+
+def read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def status_and_json(reply: bytes) -> tuple[str, dict]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0].decode(), json.loads(body)
+
+
+def test_headers_that_trickle_in_get_408_and_the_connection_closes(predictor):
+    with running(predictor, read_timeout_s=0.3) as url, raw(url) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        assert status_and_json(read_all(sock)) == (
+            "HTTP/1.1 408 Request Timeout",
+            {"error": "request headers not received within 0.3 s"},
+        )
+
+
+def test_a_connection_that_never_speaks_is_closed_with_408(predictor):
+    with running(predictor, read_timeout_s=0.3) as url, raw(url) as sock:
+        assert status_and_json(read_all(sock))[0] == "HTTP/1.1 408 Request Timeout"
+
+
+def test_the_header_deadline_is_per_request_on_a_kept_alive_connection(predictor):
+    """Disarmed once a request's headers are in (an idle kept-alive connection is uvicorn's timeout_keep_alive,
+    5 s), and armed again when the next request begins."""
+    with running(predictor, read_timeout_s=0.3) as url, raw(url) as sock:
+        for _ in range(2):
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = b""
+            while not reply.endswith(b'{"status":"ok"}'):
+                chunk = sock.recv(65536)
+                assert chunk, reply
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 200 OK")
+            time.sleep(0.5)  # idle past read_timeout_s between requests
+        sock.sendall(b"GET /health HTTP/1.1\r\n")  # a third request whose headers stop coming
+        assert status_and_json(read_all(sock)) == (
+            "HTTP/1.1 408 Request Timeout",
+            {"error": "request headers not received within 0.3 s"},
+        )
+
+
+def test_a_body_that_trickles_in_gets_408(predictor):
+    with running(predictor, read_timeout_s=0.3) as url, raw(url) as sock:
+        sock.sendall(HALF_A_BODY)
+        status, error = status_and_json(read_all(sock))
+        assert (status, error) == ("HTTP/1.1 408 Request Timeout", {"error": "request body not received within 0.3 s"})
+
+
+def test_connections_past_the_cap_get_503_and_are_closed(predictor):
+    with running(predictor, max_connections=1) as url, raw(url) as first, raw(url) as second:
+        assert status_and_json(read_all(second)) == (
+            "HTTP/1.1 503 Service Unavailable",
+            {"error": "more than 1 open connections: try again later"},
+        )
+        first.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert read_all(first).startswith(b"HTTP/1.1 200 OK")
+
+
+def test_a_client_that_leaves_mid_body_is_logged_not_answered(predictor, caplog):
+    with caplog.at_level("INFO", logger="softmax_mlops.server"), running(predictor) as url:
+        with raw(url) as sock:
+            sock.sendall(HALF_A_BODY)
+        deadline = time.monotonic() + START_S
+        while "disconnected before sending its whole request" not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.05)
+        assert httpx.get(f"{url}/health").status_code == 200
