@@ -30,7 +30,7 @@ test: setup
 	pytest $(PYTEST_ARGS)
 
 # The tests that need neither the genuine data nor containers (generated IDX files, real servers on 127.0.0.1),
-# spread over the cores by pytest-xdist: 1 min 32 s on 2 cores, warm (527 tests; about 30 s more in a fresh venv).
+# spread over the cores by pytest-xdist: 1 min 53 s on 2 cores, warm (559 tests; about 20 s more in a fresh venv).
 test-fast: setup
 	pytest -m "not realdata" -n $(or $(JOBS),auto) $(PYTEST_ARGS)
 
@@ -48,9 +48,9 @@ mutation: setup
 	python tools/mutation_score.py
 
 # What CI runs: the guard modules whose reaching tests take seconds or a few (registry's register models in a
-# SQLite MLflow store). Left to make mutation: export and inference, whose every mutant reruns tests that export
-# ONNX models or start MLflow stores (inference alone took over 30 minutes for 200 of its 328 here), and server,
-# whose routes only real server processes test, which mutmut cannot see.
+# SQLite MLflow store; calibrate's stage trains a small project). Left to make mutation: export, inference and
+# server, whose mutants rerun tests that export ONNX models, start MLflow stores or start servers (export's
+# alone took 12 minutes here).
 MUTATION_FAST := protocols inputs data drift config registry calibrate predict
 mutation-fast: setup
 	@mkdir -p mutants
