@@ -206,20 +206,28 @@ def resume_run(cfg: Config, impl: str, stage: str) -> Iterator[mlflow.ActiveRun]
         yield run
 
 
+# The writes below happen while a stage runs, so a signal can land in the middle of one. Raised inside
+# SQLite's commit, it left the store locked to the write that ends the run FAILED: the run stayed RUNNING
+# and the CLI reported "database is locked" instead of the interruption. Each write is finished first.
+
+
 def log_params(impl: str, hp: TrainConfig) -> None:
-    mlflow.log_params({"impl": impl, **hp.model_dump()})
+    with deferred_interrupts():
+        mlflow.log_params({"impl": impl, **hp.model_dump()})
 
 
 def log_timing(**seconds: float) -> None:
     """Wall-clock figures: MLflow keeps them; DVC-tracked files never do (they would change every run)."""
-    mlflow.log_metrics(seconds)
+    with deferred_interrupts():
+        mlflow.log_metrics(seconds)
 
 
 def log_epoch(metrics) -> None:  # noqa: ANN001 - train.EpochMetrics; not imported to keep this module light
     values = asdict(metrics)
     epoch = values.pop("epoch")
     values["epoch_seconds"] = values.pop("seconds")
-    mlflow.log_metrics(values, step=epoch)
+    with deferred_interrupts():
+        mlflow.log_metrics(values, step=epoch)
 
 
 @contextlib.contextmanager
