@@ -76,6 +76,27 @@ def learnable_mirror(folder: Path, n_train: int = 60, n_test: int = 20) -> list[
     return resources
 
 
+def calibrated_project(base: Path, impl: str, epochs: int):  # noqa: ANN201 - softmax_mlops.config.Config
+    """A project copy in ``base`` through ingest (80 learnable generated images, 10 of them for validation),
+    ``epochs`` of training ``impl`` in batches of 10, evaluate and calibrate: what export@ needs, in seconds."""
+    import yaml
+
+    from softmax_mlops import calibrate, config, data, evaluate, train
+
+    root = copy_project(base / "project")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["ingest"]["validation_size"] = 10  # of 60 training images
+    params["train"] |= {"epochs": epochs, "batch_size": 10}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    resources = learnable_mirror(base / "mirror")  # the md5s of the generated files, not of the real ones
+    cfg = config.load(root)
+    data.ingest(cfg.ingest.model_copy(update={"mirror": str(base / "mirror")}), cfg.paths, resources)
+    train.run(cfg, impl)
+    evaluate.run(cfg, impl)
+    calibrate.run(cfg, impl)
+    return cfg
+
+
 def cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the installed console script as a user would."""
     return run_tool("softmax-mlops", *args, cwd=cwd, env=env)

@@ -25,6 +25,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def raw_connection(port: int) -> socket.socket:
+    """A plain TCP connection to 127.0.0.1:``port``, for requests no HTTP client would send."""
+    return socket.create_connection(("127.0.0.1", port), timeout=30)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class Processes:
     """Start processes; on exit stop them in reverse order with SIGINT (a Prefect worker ignores SIGTERM)."""
 

@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from helpers import cli, copy_project, learnable_mirror
-from softmax_mlops import config, data
+from helpers import calibrated_project, cli
+from softmax_mlops import config
 from softmax_mlops.errors import PipelineError
 
 pytestmark = pytest.mark.heavy  # its fixture ingests, trains, evaluates and calibrates a project
@@ -32,23 +31,10 @@ OUTPUTS = ("model.onnx", "model.json", "parity.json", "drift_reference.npz")  # 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A project copy through ingest (80 generated images), train (three epochs), evaluate and calibrate."""
-    from softmax_mlops import calibrate, evaluate, train
-
-    base = tmp_path_factory.mktemp("export-guard")
-    root = copy_project(base / "project")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["ingest"]["validation_size"] = 10  # of 60 training images
-    params["train"] |= {"epochs": 3, "batch_size": 10}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    resources = learnable_mirror(base / "mirror")  # the md5s of the generated files, not of the real ones
-    cfg = config.load(root)
-    data.ingest(cfg.ingest.model_copy(update={"mirror": str(base / "mirror")}), cfg.paths, resources)
-    train.run(cfg, IMPL)
-    evaluate.run(cfg, IMPL)
-    calibrate.run(cfg, IMPL)
+    cfg = calibrated_project(tmp_path_factory.mktemp("export-guard"), IMPL, epochs=3)
     models = cfg.paths.models / IMPL
     (models / "trained.npz").write_bytes(cfg.paths.weights(IMPL).read_bytes())
-    return root
+    return cfg.paths.root
 
 
 def weights(root: Path, scale: float = 1.0, nan: bool = False) -> None:

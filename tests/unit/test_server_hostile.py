@@ -4,7 +4,6 @@ and bodies, too many connections, decompression bombs, formats that are not PNG/
 import contextlib
 import io
 import json
-import socket
 import time
 
 import httpx
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stack import serving
+from stack import raw_connection, read_all, serving
 
 pytestmark = pytest.mark.server
 
@@ -33,18 +32,6 @@ def server(onnx_model, tmp_path_factory):
         str(MAX_PIXELS),
     ) as (url, port):
         yield url, port, log
-
-
-def raw_connection(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    return sock
-
-
-def read_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def png_bytes(image: Image.Image) -> bytes:

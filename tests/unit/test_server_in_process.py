@@ -25,7 +25,7 @@ from helpers import model_copy
 from softmax_mlops import __version__, protocols, server
 from softmax_mlops.config import ServeConfig
 from softmax_mlops.inference import Predictor
-from stack import free_port
+from stack import free_port, raw_connection, read_all
 
 pytestmark = pytest.mark.server
 
@@ -240,16 +240,7 @@ def test_inference_over_the_time_limit_is_a_503_and_the_service_goes_on(predicto
 
 
 def raw(url: str) -> socket.socket:
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=START_S)
-    return sock
-
-
-def read_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return raw_connection(int(url.rsplit(":", 1)[1]))
 
 
 def read_response(sock: socket.socket) -> bytes:

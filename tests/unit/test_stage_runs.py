@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
-from helpers import clone_state, copy_project, learnable_mirror
+from helpers import calibrated_project, clone_state
 from softmax_mlops import calibrate, config, data
 from softmax_mlops.models import load_weights
 
@@ -27,22 +26,8 @@ IMPL = "concise"
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory) -> config.Config:
-    """A project copy through ingest (80 generated images), two epochs of training, evaluate and calibrate."""
-    from softmax_mlops import evaluate, train
-
-    base = tmp_path_factory.mktemp("stage-runs")
-    root = copy_project(base / "project")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["ingest"]["validation_size"] = 10  # of 60 training images
-    params["train"] |= {"epochs": 2, "batch_size": 10}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    cfg = config.load(root)
-    resources = learnable_mirror(base / "mirror")
-    data.ingest(cfg.ingest.model_copy(update={"mirror": str(base / "mirror")}), cfg.paths, resources)
-    train.run(cfg, IMPL)
-    evaluate.run(cfg, IMPL)
-    calibrate.run(cfg, IMPL)
-    return cfg
+    """A project copy through ingest, two epochs of training, evaluate and calibrate."""
+    return calibrated_project(tmp_path_factory.mktemp("stage-runs"), IMPL, epochs=2)
 
 
 def logits(cfg: config.Config, split_path) -> tuple[torch.Tensor, np.ndarray]:  # noqa: ANN001
