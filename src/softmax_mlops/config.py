@@ -190,6 +190,8 @@ class ServeConfig(Section):
     read_timeout_s: float = Field(10.0, gt=0)  # a request's headers, and then its body, must arrive within this
     max_connections: int = Field(64, ge=1)  # open connections; more are answered 503 and closed
     max_image_pixels: int = Field(4194304, ge=1)  # an uploaded image's declared width x height; more get 413
+    keep_alive_s: float = Field(5.0, gt=0)  # an idle kept-alive connection is closed after this (uvicorn's)
+    shutdown_grace_s: float = Field(5.0, ge=0)  # on SIGTERM/SIGINT, requests in flight get this long to finish
 
 
 class BatchInferenceConfig(Section):

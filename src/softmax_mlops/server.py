@@ -173,7 +173,7 @@ PREDICT_BODY = {
 }
 
 
-def create_app(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> FastAPI:
+def create_app(predictor: Predictor, limits: ServeConfig, top_k: int) -> FastAPI:
     from . import __version__, protocols
 
     app = FastAPI(
@@ -343,12 +343,16 @@ def protocol(limits: ServeConfig) -> type:
                 self._deadline = None
 
         def _too_slow(self) -> None:
-            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
-                reply(
-                    self.transport,
-                    "408 Request Timeout",
-                    f"request headers not received within {limits.read_timeout_s} s",
-                )
+            if self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                # a pipelined request began while the one before it is still being answered: let that answer
+                # finish, and hold the new request's headers to the deadline afterwards
+                self._arm()
+                return
+            reply(
+                self.transport, "408 Request Timeout", f"request headers not received within {limits.read_timeout_s} s"
+            )
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -365,7 +369,7 @@ def protocol(limits: ServeConfig) -> type:
     return LimitedHttpToolsProtocol
 
 
-def uvicorn_settings(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> dict:
+def uvicorn_settings(predictor: Predictor, limits: ServeConfig, top_k: int) -> dict:
     """What `serve` gives uvicorn: the app, the address, and uvicorn's own limits beside ours (protocol). Tests
     run the same settings in a uvicorn.Server on a thread, so that mutmut sees the routes run."""
     return {
@@ -373,13 +377,13 @@ def uvicorn_settings(predictor: Predictor, limits: ServeConfig, top_k: int = 3) 
         "host": limits.host,
         "port": limits.port,
         "log_level": "info",
-        "timeout_keep_alive": 5,
+        "timeout_keep_alive": limits.keep_alive_s,
         "http": protocol(limits),
-        "timeout_graceful_shutdown": 5,
+        "timeout_graceful_shutdown": limits.shutdown_grace_s,
     }
 
 
-def serve(predictor: Predictor, limits: ServeConfig, top_k: int = 3) -> None:
+def serve(predictor: Predictor, limits: ServeConfig, top_k: int) -> None:
     import uvicorn
 
     settings = uvicorn_settings(predictor, limits, top_k)

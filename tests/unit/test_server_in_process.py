@@ -7,8 +7,11 @@ does. Each test here starts its own server: mutmut credits a call made in a shar
 test that used it, so a shared server would hide the app's mutants from every other test."""
 
 import contextlib
+import gc
 import io
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -139,6 +142,12 @@ BAD_PREDICTS = [  # (body, content type, status, error)
     ),
     (b"garbage", "multipart/form-data; boundary=x", 400, "malformed multipart body"),
     (
+        b'{"instances": [[1, 2], [3]]}',
+        "application/json",
+        422,
+        "every instance (28x28 integers) must be a rectangular array of integers (rows of unequal length)",
+    ),
+    (
         b'--x\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n--x--\r\n',
         "multipart/form-data; boundary=x",
         422,
@@ -172,6 +181,8 @@ def test_the_request_limits_are_the_configured_ones(predictor):
         assert many.status_code == 413
         wide = httpx.post(f"{url}/predict", content=png(np.zeros((10, 11), np.uint8)), headers=PNG)
         assert wide.status_code == 413 and wide.json()["error"].startswith("the uploaded file: ")
+        upload = httpx.post(f"{url}/predict", files={"file": ("x.png", png(np.zeros((10, 11), np.uint8)), "image/png")})
+        assert (upload.status_code, upload.json()) == (413, wide.json())
 
 
 def test_mlflow_invocations_answer_in_mlflows_shapes(predictor):
@@ -184,6 +195,12 @@ def test_mlflow_invocations_answer_in_mlflows_shapes(predictor):
         assert bad.json()["error_code"] == "BAD_REQUEST" and "JSON" in bad.json()["message"]
         big = httpx.post(f"{url}/invocations", content=b"x" * 50_001, headers=JSON)
         assert big.status_code == 413 and big.json()["message"].endswith("over the 50000-byte limit")
+        # a charset parameter, or no content type at all, is still JSON to MLflow's server
+        for headers in ({"content-type": "application/json; charset=utf-8"}, {}):
+            answer = httpx.post(
+                f"{url}/invocations", content=json.dumps({"inputs": IMAGES[:2].tolist()}), headers=headers
+            )
+            assert answer.status_code == 200 and answer.json() == good.json()
         text = httpx.post(f"{url}/invocations", content=b"1", headers={"content-type": "text/plain"})
         assert text.status_code == 415
         assert text.json()["message"] == "unsupported content type 'text/plain': send application/json"
@@ -220,8 +237,10 @@ def test_the_openapi_document_describes_predicts_body_and_errors(predictor):
     with running(predictor) as url:
         document = httpx.get(f"{url}/openapi.json").json()
     assert document["info"]["title"] == "softmax-mlops inference" and document["info"]["version"] == "1"
-    assert document["info"]["description"].startswith("Fashion-MNIST softmax regression, served by onnxruntime")
-    assert document["info"]["description"].endswith("(/invocations, /ping, /version).")
+    assert document["info"]["description"] == (
+        "Fashion-MNIST softmax regression, served by onnxruntime: its own /predict, the Open Inference Protocol "
+        "(KServe v2) under /v2, and MLflow's scoring protocol (/invocations, /ping, /version)."
+    )
     operation = document["paths"]["/predict"]["post"]
     assert operation["requestBody"] == server.PREDICT_BODY
     for code, text in server.ERRORS.items():
@@ -301,6 +320,13 @@ def test_a_body_that_trickles_in_gets_408(predictor):
         sock.sendall(HALF_A_BODY)
         status, error = status_and_json(read_response(sock))
         assert (status, error) == ("HTTP/1.1 408 Request Timeout", {"error": "request body not received within 0.3 s"})
+    with running(predictor, read_timeout_s=0.3) as url, raw(url) as sock:  # the protocols' routes: MLflow's shape
+        sock.sendall(HALF_A_BODY.replace(b"/predict", b"/invocations"))
+        status, error = status_and_json(read_response(sock))
+        assert (status, error) == (
+            "HTTP/1.1 408 Request Timeout",
+            {"error_code": "BAD_REQUEST", "message": "request body not received within 0.3 s"},
+        )
 
 
 def test_connections_past_the_cap_get_503_and_are_closed(predictor):
@@ -322,3 +348,152 @@ def test_a_client_that_leaves_mid_body_is_logged_not_answered(predictor, caplog)
             assert time.monotonic() < deadline, caplog.text
             time.sleep(0.05)
         assert httpx.get(f"{url}/health").status_code == 200
+
+
+def chunked(sock: socket.socket, path: str, chunks: list[bytes], content_type: str = "application/json") -> bytes:
+    """A chunked request (no Content-Length), each chunk sent on its own after a pause, so that the server
+    reads them as separate pieces of the body; the response."""
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\ncontent-type: {content_type}\r\n"
+        "transfer-encoding: chunked\r\nconnection: close\r\n\r\n".encode()
+    )
+    for chunk in chunks:
+        sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        time.sleep(0.1)
+    sock.sendall(b"0\r\n\r\n")
+    return read_all(sock)
+
+
+def instances_body(size: int) -> bytes:
+    """A valid /predict JSON body of exactly ``size`` bytes: one image, padded with spaces."""
+    body = json.dumps({"instances": [IMAGES[0].tolist()]}).encode()
+    assert len(body) <= size
+    return body[:-1] + b" " * (size - len(body)) + b"}"
+
+
+def test_a_body_of_exactly_the_limit_is_read_whole_declared_or_chunked(predictor):
+    """The limit is "at most max_body_bytes": a body of exactly that size is answered, declared by
+    Content-Length or sent in pieces; the pieces are joined in order."""
+    body = instances_body(6000)
+    expected = predictor.describe(*predictor.top_k_of(probabilities_of(predictor, IMAGES[:1]), 3))
+    expected = {"predictions": json.loads(json.dumps(expected))}
+    with running(predictor, max_body_bytes=6000) as url:
+        declared = httpx.post(f"{url}/predict", content=body, headers=JSON)
+        assert (declared.status_code, declared.json()) == (200, expected)
+        with raw(url) as sock:
+            reply = chunked(sock, "/predict", [body[:2500], body[2500:5000], body[5000:]])
+        assert status_and_json(reply) == ("HTTP/1.1 200 OK", expected)
+
+
+def test_a_chunked_body_over_the_limit_gets_413_though_each_piece_is_under_it(predictor):
+    body = instances_body(6001)
+    with running(predictor, max_body_bytes=6000) as url:
+        with raw(url) as sock:
+            reply = chunked(sock, "/predict", [body[:3000], body[3000:]])
+        assert status_and_json(reply) == (
+            "HTTP/1.1 413 Request Entity Too Large",
+            {"error": "request body is over the 6000-byte limit"},
+        )
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def multipart(files: int, fields: int) -> tuple[bytes, dict]:
+    parts = [
+        f'--x\r\nContent-Disposition: form-data; name="file{i}"; filename="{i}.png"\r\n'
+        "Content-Type: image/png\r\n\r\n".encode()
+        + png(IMAGES[i % 3])
+        + b"\r\n"
+        for i in range(files)
+    ] + [f'--x\r\nContent-Disposition: form-data; name="field{i}"\r\n\r\n{i}\r\n'.encode() for i in range(fields)]
+    return b"".join(parts) + b"--x--\r\n", {"content-type": "multipart/form-data; boundary=x"}
+
+
+def test_a_multipart_upload_holds_one_file_and_at_most_ten_fields(predictor):
+    """python-multipart's limits as /predict sets them: a second file, or an eleventh field, is refused before
+    any image is decoded."""
+    expected = predictor.describe(*predictor.top_k_of(probabilities_of(predictor, IMAGES[:1]), 3))
+    with running(predictor) as url:
+        answer = httpx.post(f"{url}/predict", content=(body := multipart(1, 10))[0], headers=body[1])
+        assert (answer.status_code, answer.json()) == (200, {"predictions": json.loads(json.dumps(expected))})
+        for files, fields in ((2, 0), (1, 11)):
+            body, headers = multipart(files, fields)
+            answer = httpx.post(f"{url}/predict", content=body, headers=headers)
+            assert (answer.status_code, answer.json()) == (400, {"error": "malformed multipart body"})
+
+
+def test_the_connection_settings_reach_uvicorn_and_an_idle_connection_is_closed(predictor):
+    """serve.keep_alive_s and serve.shutdown_grace_s from params.yaml are uvicorn's own two timeouts; an idle
+    kept-alive connection is closed after keep_alive_s, without a reply."""
+    limits = ServeConfig(keep_alive_s=0.4, shutdown_grace_s=2.5)
+    config = uvicorn.Config(**server.uvicorn_settings(predictor, limits, 3))
+    assert (config.timeout_keep_alive, config.timeout_graceful_shutdown) == (0.4, 2.5)
+    assert (config.host, config.port) == ("127.0.0.1", limits.port)
+    with running(predictor, keep_alive_s=0.4) as url, raw(url) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = read_all(sock)  # returns when the server closes: the socket's own 30 s bound is against a hang
+    assert reply.startswith(b"HTTP/1.1 200 OK") and reply.endswith(b'{"status":"ok"}')
+
+
+class SlowPredictor(Predictor):
+    """The real model, one second slower: an answer still being computed when a deadline fires."""
+
+    def run(self, images: np.ndarray) -> list[np.ndarray]:
+        time.sleep(1.0)
+        return super().run(images)
+
+
+def test_a_pipelined_request_waits_for_the_answer_before_it_and_its_headers_still_have_a_deadline(onnx_model):
+    """Two requests sent at once on one connection, the second one's headers unfinished. The header deadline
+    (0.3 s) fires while the first answer (1 s) is being computed: that answer is sent whole, and only then is
+    the second request refused with 408. (Without a deadline of its own, the connection would be held for as
+    long as the client kept trickling bytes: each byte cancels uvicorn's keep-alive timer.)"""
+    slow = SlowPredictor(onnx_model[0])
+    body = json.dumps({"instances": IMAGES[:1].tolist()}).encode()
+    expected = slow.describe(*slow.top_k_of(probabilities_of(Predictor(onnx_model[0]), IMAGES[:1]), 3))
+    with running(slow, read_timeout_s=0.3) as url, raw(url) as sock:
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body) + b"GET /health HTTP/1.1\r\nHost: x\r\n"
+        )
+        replies = read_all(sock)  # until the server closes the connection
+    head, _, tail = replies.partition(b"\r\n\r\n")
+    first, rest = head + b"\r\n\r\n" + tail[: length(replies)], tail[length(replies) :]
+    assert status_and_json(first) == ("HTTP/1.1 200 OK", {"predictions": json.loads(json.dumps(expected))})
+    assert status_and_json(rest) == (
+        "HTTP/1.1 408 Request Timeout",
+        {"error": "request headers not received within 0.3 s"},
+    )
+
+
+def test_serve_answers_until_sigterm_with_the_collector_frozen(predictor):
+    """`serve` itself, in this process's main thread as the console script runs it: it answers with the top_k
+    it was given, has moved what it loaded out of the garbage collector's reach, and stops on SIGTERM (which
+    uvicorn, once it has shut down, raises again for the handler that was there before it)."""
+    limits, seen, received = ServeConfig(port=free_port(), shutdown_grace_s=1.0), {}, []
+    url = f"http://127.0.0.1:{limits.port}"
+
+    def client() -> None:
+        try:
+            deadline = time.monotonic() + START_S
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.TransportError):
+                    seen["answer"] = httpx.post(f"{url}/predict", json={"instances": IMAGES.tolist()}).json()
+                    seen["frozen"] = gc.get_freeze_count()
+                    break
+                time.sleep(0.05)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    assert gc.get_freeze_count() == 0
+    previous = signal.signal(signal.SIGTERM, lambda sig, _: received.append(sig))
+    thread = threading.Thread(target=client, daemon=True)
+    try:
+        thread.start()
+        server.serve(predictor, limits, 2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        gc.unfreeze()
+        thread.join(START_S)
+    expected = predictor.describe(*predictor.top_k_of(probabilities_of(predictor, IMAGES), 2))
+    assert seen["answer"] == {"predictions": json.loads(json.dumps(expected))}
+    assert seen["frozen"] > 0 and received == [signal.SIGTERM]
