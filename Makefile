@@ -7,6 +7,7 @@
 #   make lint   ruff check, ruff format --check and mypy, all with zero findings
 #   make stack-test   build the images and test docker/compose.yaml as containers (Docker, or podman)
 #   make plots  `dvc plots show`, offline
+#   make docs   the documentation site (mkdocs.yml, docs/) into site/, warnings as errors
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
@@ -14,7 +15,7 @@ STAMP := $(VENV)/.installed-stamp
 # DVC runs each stage's `cmd` through the shell: the venv's console scripts must be on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-fast mutation mutation-fast lint stack-test plots bench lock clean
+.PHONY: setup run test test-fast mutation mutation-fast lint docs stack-test plots bench lock clean
 
 setup: $(STAMP)
 
@@ -63,6 +64,12 @@ lint: setup
 	ruff check .
 	ruff format --check .
 	mypy
+
+# mkdocs with the material theme and mkdocstrings (the API reference from the docstrings), offline; --strict makes
+# every warning, a broken link or anchor among them (validation: in mkdocs.yml), an error. mkdocs-material prints a
+# banner about MkDocs 2.0 on every build; it is no warning, and NO_MKDOCS_2_WARNING silences it.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 mkdocs build --strict --site-dir site
 
 stack-test: setup
 	python docker/stack_test.py
