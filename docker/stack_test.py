@@ -278,7 +278,7 @@ def served_accuracy(images: np.ndarray, labels: np.ndarray, batch: int = 200) ->
 
 
 def feed_inbox(engine: Engine, images: np.ndarray, labels: np.ndarray, workdir: Path) -> None:
-    """Real test images as PNGs in the batch-inference inbox (the `incoming` volume), as README documents."""
+    """Real test images as PNGs in the batch-inference inbox (the `incoming` volume), as docs/operations.md says."""
     from PIL import Image
 
     inbox = workdir / "incoming"

@@ -264,7 +264,8 @@ def serve(
         ),
     ] = None,
 ) -> None:
-    """HTTP inference: POST /predict (JSON {"instances": [...]} or a PNG/JPEG), GET /health, GET /metadata."""
+    """HTTP inference: POST /predict (JSON {"instances": [...]} or a PNG/JPEG), GET /health, GET /metadata; the
+    Open Inference Protocol (KServe v2) under /v2; MLflow's scoring protocol (POST /invocations, GET /ping)."""
     from . import config, server
 
     wait_s = model_wait if model_wait is not None else _config(standalone=model is not None).serve.model_wait_s

@@ -26,7 +26,7 @@ def test_the_gate_in_params_yaml_is_the_one_tested_here():
 
 
 def test_a_score_exactly_at_the_gate_is_promoted():
-    """The gate is a minimum (README, params.yaml): equal passes, with or without a champion before."""
+    """The gate is a minimum (docs/calibration.md, params.yaml): equal passes, with or without a champion before."""
     first = decide(Score(0.82, 0.7), gate=GATE, champion=None)
     assert first.promoted and first.reason == "promoted: 0.8200 ≥ gate 0.8200, no champion before"
     over_weaker = decide(Score(0.82, 0.7), gate=GATE, champion=("4", Score(0.81, 0.5)))

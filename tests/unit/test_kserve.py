@@ -1,5 +1,5 @@
 """The KServe InferenceService's structure, checked against what it runs: the serving image's Dockerfile, the
-service's own routes and limits, and the compose stack's image. No cluster runs it here (README says so)."""
+service's own routes and limits, and the compose stack's image. No cluster runs it here (docs/beyond.md says so)."""
 
 import re
 

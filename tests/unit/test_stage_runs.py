@@ -122,7 +122,7 @@ def test_export_writes_registers_and_reports_what_it_built(calibrated):
 
 
 def check_the_model_card(cfg: config.Config, test_accuracy: float) -> dict:
-    """model.json, field by field as the README documents it."""
+    """model.json, field by field as docs/serving.md documents it."""
     from softmax_mlops.export import LOGITS_MEANING
 
     calibration = json.loads(cfg.paths.calibration(IMPL).read_text())
