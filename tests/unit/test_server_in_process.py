@@ -470,18 +470,19 @@ def test_serve_answers_until_sigterm_with_the_collector_frozen(predictor):
     it was given, has moved what it loaded out of the garbage collector's reach, and stops on SIGTERM (which
     uvicorn, once it has shut down, raises again for the handler that was there before it)."""
     limits, seen, received = ServeConfig(port=free_port(), shutdown_grace_s=1.0), {}, []
-    url = f"http://127.0.0.1:{limits.port}"
+    url, returned = f"http://127.0.0.1:{limits.port}", threading.Event()
 
     def client() -> None:
-        try:
-            deadline = time.monotonic() + START_S
-            while time.monotonic() < deadline:
-                with contextlib.suppress(httpx.TransportError):
-                    seen["answer"] = httpx.post(f"{url}/predict", json={"instances": IMAGES.tolist()}).json()
-                    seen["frozen"] = gc.get_freeze_count()
-                    break
-                time.sleep(0.05)
-        finally:
+        """Ask once the port answers, then SIGTERM this process: only while `serve` runs (with the handler
+        below in place), never after it has returned or failed."""
+        deadline = time.monotonic() + START_S
+        while time.monotonic() < deadline and not returned.is_set():
+            with contextlib.suppress(httpx.TransportError):
+                seen["answer"] = httpx.post(f"{url}/predict", json={"instances": IMAGES.tolist()}).json()
+                seen["frozen"] = gc.get_freeze_count()
+                break
+            time.sleep(0.05)
+        if not returned.is_set():
             os.kill(os.getpid(), signal.SIGTERM)
 
     frozen_before = gc.get_freeze_count()  # mutmut freezes its own objects before it forks a mutant's run
@@ -491,9 +492,10 @@ def test_serve_answers_until_sigterm_with_the_collector_frozen(predictor):
         thread.start()
         server.serve(predictor, limits, 2)
     finally:
+        returned.set()
+        thread.join(START_S)  # a SIGTERM the client sent meanwhile still meets the handler above
         signal.signal(signal.SIGTERM, previous)
         gc.unfreeze()
-        thread.join(START_S)
     expected = predictor.describe(*predictor.top_k_of(probabilities_of(predictor, IMAGES), 2))
     assert seen["answer"] == {"predictions": json.loads(json.dumps(expected))}
     assert seen["frozen"] > frozen_before and received == [signal.SIGTERM]
