@@ -22,21 +22,22 @@ INPUT_NAME = "image"  # uint8 [N, 28, 28]
 OUTPUT_NAMES = ("logits", "probabilities")  # float32 [N, 10] each, both after the temperature
 
 
-def available_cpus() -> int:
+def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     """CPUs this process may really use: its affinity mask, capped by a cgroup v2/v1 CPU quota if one is set.
-    os.cpu_count() reports the host's cores, which oversubscribes a container limited to fewer."""
+    os.cpu_count() reports the host's cores, which oversubscribes a container limited to fewer. ``cgroup`` is
+    where the cgroup filesystem is mounted (a test gives a folder of its own quota files)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     quota_files = (
-        ("/sys/fs/cgroup/cpu.max", None),
-        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+        (cgroup / "cpu.max", None),
+        (cgroup / "cpu" / "cpu.cfs_quota_us", cgroup / "cpu" / "cpu.cfs_period_us"),
     )
     for quota_file, period_file in quota_files:
         try:
             if period_file is None:
-                quota, period = Path(quota_file).read_text().split()[:2]
+                quota, period = quota_file.read_text().split()[:2]
             else:
-                quota, period = Path(quota_file).read_text().strip(), Path(period_file).read_text().strip()
-            if quota not in ("max", "-1") and int(quota) > 0:
+                quota, period = quota_file.read_text().strip(), period_file.read_text().strip()
+            if quota != "max" and int(quota) > 0:  # v1 writes -1 for no quota
                 cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
             break
         except (OSError, ValueError):

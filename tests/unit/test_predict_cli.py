@@ -71,6 +71,34 @@ def test_threads_follow_the_cpus_this_process_may_use():
     assert 1 <= available_cpus() <= len(os.sched_getaffinity(0))
 
 
+@pytest.mark.parametrize(
+    ("files", "cap"),
+    [
+        ({"cpu.max": "50000 100000\n"}, 1),  # cgroup v2: half a CPU rounds up to one
+        ({"cpu.max": "150000 100000\n"}, 2),  # one and a half: two
+        ({"cpu.max": "max 100000\n"}, None),  # no quota: the affinity mask alone
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1 without a quota
+        ({"cpu/cpu.cfs_quota_us": "0\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "100000\n"}, None),  # v1 without its period file: unreadable, so no cap
+        # v2 is read first and wins; an unreadable v2 file is skipped for v1's
+        ({"cpu.max": "150000 100000\n", "cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2),
+        ({"cpu.max": "junk\n", "cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
+        ({}, None),
+    ],
+)
+def test_a_cgroup_cpu_quota_caps_the_cpus(tmp_path, files, cap):
+    """The quota files of cgroup v2 (cpu.max) and v1 (cfs_quota_us, cfs_period_us), as a container runtime
+    writes them for `--cpus`, in a folder of their own: the quota caps the affinity mask."""
+    from softmax_mlops.inference import available_cpus
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cpus(tmp_path) == (affinity if cap is None else min(affinity, cap))
+
+
 def test_explicit_threads_reach_onnxruntime(onnx_model):
     from softmax_mlops.inference import Predictor
 
