@@ -33,7 +33,7 @@ test: setup
 # The tests that need neither the genuine data nor containers (generated IDX files, real servers on 127.0.0.1),
 # spread over the cores by pytest-xdist: 559 tests in 1 min 46 s on 2 cores in a fresh clone (1:45 to 1:53 warm).
 test-fast: setup
-	pytest -m "not realdata" -n $(or $(JOBS),auto) $(PYTEST_ARGS)
+	FUZZ_EXAMPLES=100 pytest -m "not realdata" -n $(or $(JOBS),auto) $(PYTEST_ARGS)
 
 # mutmut plants one-line bugs in the guard modules ([tool.mutmut] in pyproject.toml) and runs the fast tests
 # that reach each one; mutants/ keeps its results, so a second run retests only what changed. The score per
