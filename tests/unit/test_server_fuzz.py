@@ -17,7 +17,7 @@ pytestmark = pytest.mark.server
 
 MAX_BODY, MAX_INSTANCES = 100_000, 8
 # per test: the five /predict tests send about 2,500 requests, the four protocol tests 1,200. `make test-fast`, the
-# edit loop, sets FUZZ_EXAMPLES to a fifth of that to stay inside its two minutes; `make test` runs them all.
+# edit loop, sets FUZZ_EXAMPLES to a fifth of that (it saves a few seconds); `make test` runs them all.
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "500"))
 
 
