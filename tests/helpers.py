@@ -76,9 +76,11 @@ def learnable_mirror(folder: Path, n_train: int = 60, n_test: int = 20) -> list[
     return resources
 
 
-def calibrated_project(base: Path, impl: str, epochs: int):  # noqa: ANN201 - softmax_mlops.config.Config
+def calibrated_project(base: Path, impl: str, epochs: int, new_store=None):  # noqa: ANN001, ANN201 - a Config
     """A project copy in ``base`` through ingest (80 learnable generated images, 10 of them for validation),
-    ``epochs`` of training ``impl`` in batches of 10, evaluate and calibrate: what export@ needs, in seconds."""
+    ``epochs`` of training ``impl`` in batches of 10, evaluate and calibrate: what export@ needs, in seconds.
+    ``new_store`` (conftest's new_mlflow_store) puts an empty MLflow store where params.yaml's tracking URI
+    points, instead of letting train build one."""
     import yaml
 
     from softmax_mlops import calibrate, config, data, evaluate, train
@@ -90,6 +92,8 @@ def calibrated_project(base: Path, impl: str, epochs: int):  # noqa: ANN201 - so
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     resources = learnable_mirror(base / "mirror")  # the md5s of the generated files, not of the real ones
     cfg = config.load(root)
+    if new_store is not None and cfg.mlflow.tracking_uri.startswith("sqlite:///"):
+        new_store(Path(cfg.mlflow.tracking_uri.removeprefix("sqlite:///")))
     data.ingest(cfg.ingest.model_copy(update={"mirror": str(base / "mirror")}), cfg.paths, resources)
     train.run(cfg, impl)
     evaluate.run(cfg, impl)

@@ -29,9 +29,9 @@ OUTPUTS = ("model.onnx", "model.json", "parity.json", "drift_reference.npz")  # 
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def project(tmp_path_factory, new_mlflow_store) -> Path:
     """A project copy through ingest (80 generated images), train (three epochs), evaluate and calibrate."""
-    cfg = calibrated_project(tmp_path_factory.mktemp("export-guard"), IMPL, epochs=3)
+    cfg = calibrated_project(tmp_path_factory.mktemp("export-guard"), IMPL, epochs=3, new_store=new_mlflow_store)
     models = cfg.paths.models / IMPL
     (models / "trained.npz").write_bytes(cfg.paths.weights(IMPL).read_bytes())
     return cfg.paths.root

@@ -61,10 +61,10 @@ def models(onnx_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One SQLite store for the module (creating its tables takes seconds); each test registers its own model."""
+def store(tmp_path_factory, new_mlflow_store):
+    """One SQLite store for the module; each test registers its own model."""
     folder = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = new_mlflow_store(folder / "mlflow.db")
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("guards-registry", artifact_location=(folder / "artifacts").as_uri())
     return uri, experiment, folder / "artifacts"

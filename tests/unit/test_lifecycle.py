@@ -58,24 +58,25 @@ def statuses(db: Path) -> list[str]:
         return [status for (status,) in conn.execute("select status from runs")]
 
 
-def run(tmp_path: Path, when: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+def run(tmp_path: Path, when: str, new_store) -> tuple[subprocess.CompletedProcess, list[str]]:  # noqa: ANN001
     db = tmp_path / "mlflow.db"
+    new_store(db)  # an empty store: the script's signals watch the run's own statements, not the schema's
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(db), when], capture_output=True, text=True, timeout=300, cwd=tmp_path
     )
     return proc, statuses(db)
 
 
-def test_a_signal_while_the_run_is_opened_ends_it_failed(tmp_path):
-    proc, status = run(tmp_path, "while opening")
+def test_a_signal_while_the_run_is_opened_ends_it_failed(tmp_path, new_mlflow_store):
+    proc, status = run(tmp_path, "while opening", new_mlflow_store)
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert "interrupted SIGTERM 1" in proc.stdout
     assert "inside the run" not in proc.stdout, "the block never starts: the signal is raised at its door"
     assert status == ["FAILED"]
 
 
-def test_a_second_signal_while_the_run_is_ended_does_not_cut_the_cleanup_short(tmp_path):
-    proc, status = run(tmp_path, "while ending")
+def test_a_second_signal_while_the_run_is_ended_does_not_cut_the_cleanup_short(tmp_path, new_mlflow_store):
+    proc, status = run(tmp_path, "while ending", new_mlflow_store)
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert "interrupted SIGTERM 2" in proc.stdout, "both signals were sent"
     assert status == ["FAILED"]

@@ -15,8 +15,8 @@ URI = "models:/waiting-test@champion"
 
 
 @pytest.fixture()
-def store(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def store(tmp_path, new_mlflow_store):
+    uri = new_mlflow_store(tmp_path / "mlflow.db")
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("wait")
     return uri
@@ -58,7 +58,7 @@ def test_the_pauses_double_from_two_seconds_up_to_a_minute():
 
 def test_a_champion_registered_during_the_wait_is_served(store, tmp_path):
     (tmp_path / "artifacts").mkdir()
-    writer = threading.Thread(target=register_champion, args=(store, tmp_path / "artifacts", 3))
+    writer = threading.Thread(target=register_champion, args=(store, tmp_path / "artifacts", 0.5))
     writer.start()
     said = []
     try:

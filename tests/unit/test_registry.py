@@ -60,8 +60,8 @@ def data_and_models(tmp_path_factory):
 
 
 @pytest.fixture
-def registry(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def registry(tmp_path, new_mlflow_store):
+    uri = new_mlflow_store(tmp_path / "mlflow.db")
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment_name="registry-test")
     return uri, mlflow.MlflowClient()
@@ -70,7 +70,11 @@ def registry(tmp_path):
 def register(path) -> str:
     with mlflow.start_run():
         info = mlflow.onnx.log_model(
-            onnx.load(str(path)), name="model", registered_model_name=NAME, save_as_external_data=False
+            onnx.load(str(path)),
+            name="model",
+            registered_model_name=NAME,
+            save_as_external_data=False,
+            pip_requirements=["onnxruntime"],  # MLflow would otherwise spend seconds inferring them
         )
     return str(info.registered_model_version)
 

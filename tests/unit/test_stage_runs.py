@@ -25,9 +25,9 @@ IMPL = "concise"
 
 
 @pytest.fixture(scope="module")
-def calibrated(tmp_path_factory) -> config.Config:
+def calibrated(tmp_path_factory, new_mlflow_store) -> config.Config:
     """A project copy through ingest, two epochs of training, evaluate and calibrate."""
-    return calibrated_project(tmp_path_factory.mktemp("stage-runs"), IMPL, epochs=2)
+    return calibrated_project(tmp_path_factory.mktemp("stage-runs"), IMPL, epochs=2, new_store=new_mlflow_store)
 
 
 def logits(cfg: config.Config, split_path) -> tuple[torch.Tensor, np.ndarray]:  # noqa: ANN001
