@@ -31,6 +31,76 @@ def _absolute_mirror() -> None:
 
 _absolute_mirror()
 
+# What the package and MLflow import inside functions, about 10 s in all (torchvision 3 s, scikit-learn 2 s,
+# MLflow's SQL stores and alembic 2 to 3 s). mutmut forks each mutant's process from a server that has
+# only collected the tests (pyproject.toml), so without these every mutant whose tests reach ingest, a split
+# or an MLflow store imported them again. Imports only: nothing here starts a thread before the fork. Not
+# tritonclient: gevent's hub would not survive it.
+MUTMUT_PRELOAD = (
+    "torchvision.datasets",
+    "sklearn.model_selection",
+    "scipy.stats",
+    "onnxruntime",
+    "onnxscript",
+    "torch.onnx",
+    "mlflow.models",
+    "mlflow.onnx",
+    "mlflow.pyfunc",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.model_registry.sqlalchemy_store",
+    "alembic.command",
+    "dvc.repo",
+    "uvicorn",
+)
+
+
+def _preload_under_mutmut() -> None:
+    """Only under mutmut (it sets MUTANT_UNDER_TEST, empty in its fork server): pytest's own runs import what
+    they use when they use it."""
+    if "MUTANT_UNDER_TEST" in os.environ:
+        import importlib
+
+        for name in MUTMUT_PRELOAD:
+            importlib.import_module(name)
+
+
+_preload_under_mutmut()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """mutmut's fork server collects the tests once (`--collect-only`), then forks each mutant's run from it.
+    mutmut freezes the garbage collector before it starts that server, not after, so every mutant's run
+    traversed all that the collection imported (torch, MLflow, the preloads above) when pytest collected garbage
+    at its end (its unraisable-exception check): 1.3 s of a 2 s run that tests one config function. Frozen here,
+    once collected, that run takes 0.4 s."""
+    if "MUTANT_UNDER_TEST" in os.environ and session.config.option.collectonly:
+        import gc
+
+        _build_mlflow_template()
+        gc.freeze()
+
+
+_mlflow_template: Path | None = None  # built once in mutmut's fork server, copied by every mutant's run
+
+
+def _build_mlflow_template() -> None:
+    """An empty MLflow store, migrated once for all mutants rather than once per mutant's run (1 to 2 s each,
+    and every registry mutant needs one). It is built in a separate process, so that the fork server holds
+    no database connection for its children to inherit."""
+    import atexit
+    import shutil
+    import subprocess
+    import tempfile
+
+    global _mlflow_template
+    folder = Path(tempfile.mkdtemp(prefix="mutmut-mlflow-"))
+    db = folder / "mlflow.db"
+    build = "import mlflow, sys; mlflow.MlflowClient('sqlite:///' + sys.argv[1]).search_experiments()"
+    subprocess.run([sys.executable, "-c", build, str(db)], check=True, capture_output=True, timeout=300)
+    _mlflow_template = db
+    owner = os.getpid()
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
+
 
 UNIT_TIMEOUT_S = 120  # the slowest unit test (300 fuzzed requests to a real server) takes about 20 s
 # Under mutmut (which names the mutant in MUTANT_UNDER_TEST), a mutant that makes a loop endless would hold a
@@ -171,8 +241,10 @@ def new_mlflow_store(tmp_path_factory):
 
     import mlflow
 
-    template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    mlflow.MlflowClient(f"sqlite:///{template}").search_experiments()  # creates and migrates the tables
+    template = _mlflow_template  # under mutmut, its fork server built one
+    if template is None:
+        template = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+        mlflow.MlflowClient(f"sqlite:///{template}").search_experiments()  # creates and migrates the tables
 
     def make(db: Path) -> str:
         db.parent.mkdir(parents=True, exist_ok=True)

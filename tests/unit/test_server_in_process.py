@@ -465,6 +465,10 @@ def test_a_pipelined_request_waits_for_the_answer_before_it_and_its_headers_stil
     )
 
 
+# uvloop runs Python's signal handlers inside its loop, which logs the exception pytest-timeout's handler raises
+# and goes on serving: a `serve` that a mutant keeps from answering or stopping was never stopped by the signal
+# method, and held its mutmut worker for minutes. The thread method ends the process instead.
+@pytest.mark.timeout(2 * START_S, method="thread")
 def test_serve_answers_until_sigterm_with_the_collector_frozen(predictor):
     """`serve` itself, in this process's main thread as the console script runs it: it answers with the top_k
     it was given, has moved what it loaded out of the garbage collector's reach, and stops on SIGTERM (which
