@@ -52,7 +52,7 @@ mutation: setup
 # What CI runs, inside its 90 minutes beside the tests and the stack: the guards that protect data and users
 # first (ingest's checks, the inputs and predict's refusals, the request parsers of every protocol), done about
 # 31 minutes after the start in a fresh clone's CI run that also had registry's. Left to make mutation: registry
-# (its 168 mutants took some 12 minutes more there: each reruns tests on MLflow stores), drift, config and
+# (its 168 mutants took some 15 minutes more there: each reruns tests on MLflow stores), drift, config and
 # calibrate (config's loader alone is reached by some 60 tests), and export, inference and server, whose
 # mutants rerun tests that export ONNX models or start servers.
 MUTATION_FAST := protocols inputs data predict
