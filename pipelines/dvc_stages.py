@@ -4,6 +4,10 @@ Every stage goes through DVC's own `Repo.reproduce`, so a flow and `dvc repro` a
 a stage with unchanged deps is a cache hit, in both. Parameter overrides run in a git worktree of HEAD
 that shares the project's DVC cache, and end as a DVC experiment (`dvc exp show`), the way `dvc exp run -S`
 does it: the user's params.yaml and workspace are never touched.
+
+With a default DVC remote (`dvc remote add -d`, set with --local where the flow runs, so no credentials are
+committed), stages pull what they need from it and the flow pushes their outputs and the run-cache back: a
+stage that ran in one container is a cache hit in the next. Without one, nothing touches the network.
 """
 
 from __future__ import annotations
@@ -38,9 +42,18 @@ def environment(**values: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def reproduce(workspace: Path, stage: str) -> bool:
+def default_remote(workspace: Path) -> str | None:
+    """The name of the project's default DVC remote, or None when it has none (the embedded default)."""
+    from dvc.repo import Repo
+
+    with Repo(str(workspace)) as repo:
+        return repo.config["core"].get("remote") or None
+
+
+def reproduce(workspace: Path, stage: str, pull: bool = False) -> bool:
     """Bring one stage up to date. True when DVC reproduced it (ran its command, or restored its outputs from
-    the run cache), False when it was already up to date."""
+    the run cache), False when it was already up to date, or its outputs for the locked deps were pulled
+    (``pull``: `dvc repro --pull`, from the default remote, run-cache included)."""
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
@@ -53,21 +66,42 @@ def reproduce(workspace: Path, stage: str) -> bool:
                 contextlib.chdir(workspace),
                 Repo(str(workspace)) as repo,
             ):
-                stages = repo.reproduce(stage, single_item=True)
+                stages = repo.reproduce(stage, single_item=True, pull=pull)
         except DvcException as exc:
-            if error_file.exists():  # the stage command's own one-line error
-                reason = error_file.read_text().strip()
-            else:  # DVC failed before or around the command: give its reason and the underlying cause
-                cause = f": {exc.__cause__}" if exc.__cause__ and str(exc.__cause__) else ""
-                reason = (str(exc) + cause).splitlines()[0]
+            # the stage command's own one-line error, else DVC's reason (it failed before or around the command)
+            reason = error_file.read_text().strip() if error_file.exists() else _reason(exc)
             raise StageFailed(f"{stage}: {reason}") from None
+        except Exception as exc:  # noqa: BLE001 - a remote's client (botocore) raises its own errors on --pull
+            if not pull:
+                raise
+            raise StageFailed(f"{stage}: pulling from the DVC remote: {_reason(exc)}") from None
     return bool(stages)
+
+
+def push(workspace: Path, stages: Sequence[str]) -> int:
+    """`dvc push --run-cache` of the stages' outputs to the default remote; returns how many files were sent.
+    Fails as 'push: <DVC's reason>' (an unreachable store, refused credentials)."""
+    from dvc.repo import Repo
+
+    try:
+        with contextlib.chdir(workspace), Repo(str(workspace)) as repo:
+            return int(repo.push(targets=list(stages), run_cache=True))
+    except Exception as exc:  # noqa: BLE001 - DVC's own errors, and the storage client's (botocore's) raw ones
+        raise StageFailed(f"push: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an error and of its cause: DVC wraps the storage client's reason (the URL it could
+    not reach) in a generic message."""
+    cause = f": {exc.__cause__}" if exc.__cause__ and str(exc.__cause__) else ""
+    return (str(exc) + cause).splitlines()[0]
 
 
 @contextlib.contextmanager
 def experiment_workspace(root: Path, overrides: Sequence[str]) -> Iterator[Path]:
     """A detached git worktree of HEAD with ``overrides`` (DVC's `-S key=value` syntax) applied to its
-    params.yaml, using the project's DVC cache so cached stages and data are not copied or rerun."""
+    params.yaml, using the project's DVC cache so cached stages and data are not copied or rerun, and the
+    project's local remotes (a worktree has a .dvc/config.local of its own)."""
     from dvc.repo import Repo
     from dvc.utils.hydra import apply_overrides
 
@@ -75,8 +109,13 @@ def experiment_workspace(root: Path, overrides: Sequence[str]) -> Iterator[Path]
     worktree = parent / "workspace"
     subprocess.run(["git", "worktree", "add", "--quiet", "--detach", str(worktree), "HEAD"], cwd=root, check=True)
     try:
+        with Repo(str(root)) as project:
+            cache_dir, local = project.cache.local_cache_dir, project.config.load_one("local")
         with Repo(str(worktree)) as repo, repo.config.edit("local") as conf:
-            conf["cache"]["dir"] = str(Repo(str(root)).cache.local_cache_dir)
+            conf["cache"]["dir"] = str(cache_dir)
+            conf["remote"].update(local.get("remote", {}))
+            if remote := local.get("core", {}).get("remote"):
+                conf["core"]["remote"] = remote
         apply_overrides(str(worktree / "params.yaml"), list(overrides))
         yield worktree
     finally:

@@ -22,7 +22,7 @@ from prefect.tasks import exponential_backoff
 from softmax_mlops import config
 from softmax_mlops.tracking import PREFECT_FLOW_RUN_ENV
 
-from .dvc_stages import environment, experiment_workspace, reproduce, save_experiment
+from .dvc_stages import default_remote, environment, experiment_workspace, push, reproduce, save_experiment
 
 if TYPE_CHECKING:
     from softmax_mlops.inference import Predictor
@@ -36,14 +36,20 @@ STAGES_PER_IMPL = ("train", "evaluate", "calibrate", "export")
     retry_jitter_factor=0.5,
     task_run_name="ingest",
 )
-def ingest(workspace: Path) -> bool:
-    """The only stage that touches the network (the data download), so the only one retried."""
-    return reproduce(workspace, "ingest")
+def ingest(workspace: Path, pull: bool) -> bool:
+    """The stage that downloads the data, so the one retried (a DVC remote is reached by every stage)."""
+    return reproduce(workspace, "ingest", pull)
 
 
 @task(task_run_name="{stage}")
-def run_stage(workspace: Path, stage: str) -> bool:
-    return reproduce(workspace, stage)
+def run_stage(workspace: Path, stage: str, pull: bool) -> bool:
+    return reproduce(workspace, stage, pull)
+
+
+@task(task_run_name="dvc-push", retries=2, retry_delay_seconds=10)
+def push_outputs(workspace: Path, stages: list[str]) -> int:
+    """Send the outputs and the run-cache to the remote, so that the next run, in any container, is a cache hit."""
+    return push(workspace, stages)
 
 
 def _summary(cfg: config.Config, workspace: Path, impls: list[str]) -> dict:
@@ -101,7 +107,12 @@ def training_pipeline(
         stages = ["ingest", *(f"{name}@{impl}" for impl in impls for name in STAGES_PER_IMPL)]
         if set(impls) == set(config.IMPLS):
             stages.append("compare")
-        reproduced = [stage for stage in stages if (ingest(ws) if stage == "ingest" else run_stage(ws, stage))]
+        remote = default_remote(ws)  # with one, `dvc repro --pull` and `dvc push --run-cache` around the stages
+        pull = remote is not None
+        reproduced = [s for s in stages if (ingest(ws, pull) if s == "ingest" else run_stage(ws, s, pull))]
+        print(f"{len(reproduced)} of {len(stages)} stages reproduced: {', '.join(reproduced) or 'none'}")
+        if remote is not None:
+            print(f"pushed {push_outputs(ws, stages)} files (outputs and run-cache) to the DVC remote {remote!r}")
         summary = _summary(cfg, ws, impls)
         experiment = save_experiment(ws, stages, experiment_name) if overrides else None
 

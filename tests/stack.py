@@ -252,3 +252,45 @@ class PostgreSQL:
             self._as_owner(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"), capture_output=True
         )
         shutil.rmtree(self.data, ignore_errors=True)
+
+
+class S3Server:
+    """moto's standalone S3 server (`moto_server`, as DVC's S3 plugin tests its remote) on 127.0.0.1 with the
+    given buckets: what docker/standins/ runs in place of the stack's object store. It keeps everything in
+    memory and takes any credentials."""
+
+    KEYS = {"AWS_ACCESS_KEY_ID": "softmax-test", "AWS_SECRET_ACCESS_KEY": "softmax-test-secret"}
+
+    def __init__(self, *buckets: str) -> None:
+        self.buckets, self.port = buckets, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> S3Server:
+        self.proc = subprocess.Popen(
+            ["moto_server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_http(f"{self.url}/moto-api/", self.proc)
+        for bucket in self.buckets:
+            self.client().create_bucket(Bucket=bucket)
+        return self
+
+    def client(self):  # noqa: ANN201 - a boto3 S3 client
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id=self.KEYS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.KEYS["AWS_SECRET_ACCESS_KEY"],
+        )
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)

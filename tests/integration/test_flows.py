@@ -8,7 +8,7 @@ import mlflow
 import pytest
 from PIL import Image
 
-from helpers import copy_project, run_tool
+from helpers import clone_state, copy_project, run_tool
 from softmax_mlops import config
 
 pytestmark = [pytest.mark.realdata, pytest.mark.server]
@@ -96,6 +96,42 @@ def test_second_run_is_all_cache_hits_and_agrees_with_dvc(project):
     result = training_pipeline(project_dir=str(root))
     assert result["reproduced"] == []
     assert run_tool("dvc", "status", "--json", cwd=root).stdout.strip() == "{}"
+
+
+def test_with_a_dvc_remote_a_fresh_clone_reproduces_nothing(project, tmp_path, monkeypatch):
+    """All state in object storage: the flow pushes outputs and the run-cache to the default DVC remote (a real
+    S3 server), and the same flow in a fresh clone, sharing only the remote and the MLflow store, pulls
+    every stage instead of running it, as a new container of the stack would."""
+    from pipelines.flows import training_pipeline
+    from stack import S3Server
+
+    root, _ = project
+    ran = clone_state(root, tmp_path / "ran")
+    with S3Server("dvc") as s3:
+        for key, value in S3Server.KEYS.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ran / 'mlflow.db'}")
+        remote = [("remote", "add", "--local", "-d", "store", "s3://dvc/cache")]
+        remote.append(("remote", "modify", "--local", "store", "endpointurl", s3.url))
+        for args in remote:
+            assert run_tool("dvc", *args, cwd=ran).returncode == 0
+        assert training_pipeline(project_dir=str(ran))["reproduced"] == []  # up to date, and now pushed
+        assert any(key.startswith("cache/runs/") for key in s3.keys("dvc"))
+
+        fresh = tmp_path / "fresh"
+        assert run_tool("git", "clone", "-q", str(ran), str(fresh), cwd=tmp_path).returncode == 0
+        for args in remote:
+            assert run_tool("dvc", *args, cwd=fresh).returncode == 0
+        assert not (fresh / "models").exists() or not any((fresh / "models").rglob("*.onnx"))
+        result = training_pipeline(project_dir=str(fresh))
+        assert result["reproduced"] == []
+        assert run_tool("dvc", "status", "--json", cwd=fresh).stdout.strip() == "{}"
+        for impl in config.IMPLS:
+            model = f"models/{impl}/model.onnx"
+            assert (fresh / model).read_bytes() == (root / model).read_bytes()
+            # the same MLflow run, found by the md5 of the pulled weights (mlflow_run.json is not a DVC output)
+            run = json.loads((ran / f"models/{impl}/mlflow_run.json").read_text())["run_id"]
+            assert result["impls"][impl]["mlflow_run_id"] == run
 
 
 def test_overrides_run_as_a_dvc_experiment_and_leave_params_alone(project):
