@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from .inference import OUTPUT_NAMES
 
@@ -90,6 +92,55 @@ def check_pixels(array: np.ndarray, max_instances: int, flat_ok: bool = True) ->
 
 
 # --- Open Inference Protocol (KServe v2) -------------------------------------------------------------------------
+#
+# The request is parsed by typed pydantic models, as KServe's own Python server parses v2: every field has a
+# declared type (strict: no 1 for true, no "5" for 5) and bounds, so that a JSON value of the wrong type, or a
+# dimension past what numpy can index, is refused before any code uses it. A validation error is turned into
+# the one line that names the field (`_v2_refusal`): only ProtocolError leaves a parser.
+
+MAX_DIMS = 8  # a tensor shape longer than this is no image batch
+MAX_DIM = 2**31 - 1  # a dimension past this is no image batch either, and numpy could not index it
+MAX_HEADER_DIGITS = 18  # an Inference-Header-Content-Length past this is past any body size (and int() limits)
+
+_Dim = Annotated[StrictInt, Field(ge=0, le=MAX_DIM)]
+_Count = Annotated[StrictInt, Field(ge=0)]
+
+
+class _V2Part(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+
+
+class V2TensorParameters(_V2Part):
+    binary_data_size: _Count | None = None
+
+
+class V2InputTensor(_V2Part):
+    name: Literal["image"]
+    datatype: StrictStr
+    shape: Annotated[list[_Dim], Field(max_length=MAX_DIMS)]
+    data: Any = None  # checked by as_array (nested numbers); its presence by model_fields_set
+    parameters: V2TensorParameters | None = None
+
+
+class V2OutputParameters(_V2Part):
+    binary_data: StrictBool | None = None
+    classification: Any = None
+
+
+class V2RequestedOutput(_V2Part):
+    name: Literal[OUTPUT_NAMES]  # type: ignore[valid-type]
+    parameters: V2OutputParameters | None = None
+
+
+class V2RequestParameters(_V2Part):
+    binary_data_output: StrictBool = False
+
+
+class V2InferenceRequest(_V2Part):
+    inputs: Annotated[list[V2InputTensor], Field(min_length=1, max_length=1)]
+    parameters: V2RequestParameters | None = None
+    outputs: Annotated[list[V2RequestedOutput], Field(min_length=1)] | None = None
+    id: StrictStr | None = None
 
 
 @dataclass
@@ -99,91 +150,117 @@ class V2Request:
     id: str | None = None
 
 
-def _binary_flag(parameters: Any, key: str, default: bool) -> bool:
-    value = parameters.get(key, default) if isinstance(parameters, dict) else default
-    if not isinstance(value, bool):
-        raise ProtocolError(400, f"parameter {key!r} must be true or false")
-    return value
+def _show(value: Any, limit: int = 60) -> str:
+    """A client's value in a message: its repr, cut short (a hostile one may be megabytes)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer past Python's limit for int -> str
+        text = f"<an integer of more than {sys.get_int_max_str_digits()} digits>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _at(document: Any, loc: tuple) -> Any:
+    """The value at a validation error's location; None where it is missing."""
+    for key in loc:
+        try:
+            document = document[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return document
+
+
+def _v2_refusal(document: Any, error: ValidationError) -> ProtocolError:
+    """The one line for the first field that failed, in the words a v2 client needs. pydantic names the field
+    by its path (``("inputs", 0, "shape", 1)``); the message depends on the field, and shows the client's
+    value."""
+    first = error.errors()[0]
+    loc = first["loc"]
+    if not loc or (loc == ("inputs",) and not isinstance(document.get("inputs"), list)):
+        return ProtocolError(400, 'expected a JSON object with "inputs": [{"name": "image", ...}]')
+    value = _show(_at(document, loc))
+    if loc[-1] == "parameters":
+        return ProtocolError(400, f'"parameters" must be a JSON object, got {value}')
+    if loc[-1] in ("binary_data", "binary_data_output"):
+        return ProtocolError(400, f"parameter {loc[-1]!r} must be true or false")
+    if loc[-1] == "binary_data_size":
+        return ProtocolError(400, f"binary_data_size must be a non-negative integer, got {value}")
+    if loc[-1] == "datatype":
+        return ProtocolError(400, f"input datatype {value} is not supported: {_SEND}")
+    if loc[0] == "inputs" and "shape" in loc:
+        shape = _show(_at(document, loc[:3]))
+        if first["type"] in ("less_than_equal", "too_long"):
+            return ProtocolError(400, f"input shape {shape} is past {MAX_DIMS} dimensions of at most {MAX_DIM} each")
+        return ProtocolError(400, f"input shape must be a list of non-negative integers, got {shape}")
+    if loc[0] == "inputs":
+        return ProtocolError(400, 'this model has one input, "image" (UINT8 [-1, 28, 28])')
+    if loc[-1] == "name":
+        return ProtocolError(400, f"unknown output {value}: this model has {', '.join(OUTPUT_NAMES)}")
+    if loc[0] == "outputs":
+        return ProtocolError(400, '"outputs" must be a non-empty list of {"name": ...}')
+    return ProtocolError(400, '"id" must be a string')
+
+
+_SEND = "send UINT8 (or another integer or FP type holding integers 0..255)"
+
+
+def _split_binary(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """The JSON header and the binary tensors after it (the binary tensor extension)."""
+    if header_length is None:
+        return body, b""
+    fits = header_length.isascii() and header_length.isdigit() and len(header_length) <= MAX_HEADER_DIGITS
+    if not fits or int(header_length) > len(body):
+        raise ProtocolError(
+            400, f"Inference-Header-Content-Length {_show(header_length)} does not fit a {len(body)}-byte body"
+        )
+    return body[: int(header_length)], body[int(header_length) :]
 
 
 def parse_v2(body: bytes, header_length: str | None, max_instances: int) -> V2Request:
     """An inference request with one input, ``image``, as JSON data or as a binary tensor."""
-    binary = b""
-    if header_length is not None:
-        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
-            raise ProtocolError(
-                400, f"Inference-Header-Content-Length {header_length!r} does not fit a {len(body)}-byte body"
-            )
-        body, binary = body[: int(header_length)], body[int(header_length) :]
-    request = load_json(body)
-    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
-        raise ProtocolError(400, 'expected a JSON object with "inputs": [{"name": "image", ...}]')
-    if (
-        len(request["inputs"]) != 1
-        or not isinstance(request["inputs"][0], dict)
-        or request["inputs"][0].get("name") != "image"
-    ):
-        raise ProtocolError(400, 'this model has one input, "image" (UINT8 [-1, 28, 28])')
-    tensor = request["inputs"][0]
-    datatype, shape = tensor.get("datatype"), tensor.get("shape")
-    if datatype not in V2_DTYPES:
-        raise ProtocolError(
-            400,
-            f"input datatype {datatype!r} is not supported: send UINT8 (or another integer or "
-            "FP type holding integers 0..255)",
-        )
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ProtocolError(400, f"input shape must be a list of non-negative integers, got {shape!r}")
+    body, binary = _split_binary(body, header_length)
+    document = load_json(body)
+    try:
+        request = V2InferenceRequest.model_validate(document)
+    except ValidationError as error:
+        raise _v2_refusal(document, error) from None
+    tensor = request.inputs[0]
+    if tensor.datatype not in V2_DTYPES:
+        raise ProtocolError(400, f"input datatype {_show(tensor.datatype)} is not supported: {_SEND}")
+    shape, dtype = tensor.shape, np.dtype(V2_DTYPES[tensor.datatype])
     count = math.prod(shape)  # Python's integers: a hostile shape cannot overflow into a plausible size
     if shape and shape[0] > max_instances:
         raise ProtocolError(413, f"{shape[0]} images is over the limit of {max_instances} per request")
-    size = _binary_size(tensor.get("parameters"))
+    size = tensor.parameters.binary_data_size if tensor.parameters else None
     if size is not None:
-        if size != len(binary) or size != count * np.dtype(V2_DTYPES[datatype]).itemsize:
+        if size != len(binary) or size != count * dtype.itemsize:
             raise ProtocolError(
-                400, f"binary input of {len(binary)} bytes (binary_data_size {size}) does not hold {datatype} {shape}"
+                400,
+                f"binary input of {len(binary)} bytes (binary_data_size {size}) "
+                f"does not hold {tensor.datatype} {shape}",
             )
-        array = np.frombuffer(binary, dtype=np.dtype(V2_DTYPES[datatype]).newbyteorder("<"))
+        array = np.frombuffer(binary, dtype=dtype.newbyteorder("<"))
     else:
         if binary:
             raise ProtocolError(400, "binary data after the header, but no input declares binary_data_size")
-        if "data" not in tensor:
+        if "data" not in tensor.model_fields_set:
             raise ProtocolError(400, 'input "image" has no "data"')
-        array = as_array(tensor["data"], 'input "image" data')
+        array = as_array(tensor.data, 'input "image" data')
         if array.size != count:
             raise ProtocolError(400, f"input data holds {array.size} values, shape {shape} needs {count}")
     images = check_pixels(array.reshape(shape), max_instances)
-    return V2Request(images, _requested_outputs(request), _request_id(request))
+    return V2Request(images, _requested_outputs(request), request.id)
 
 
-def _binary_size(parameters: Any) -> int | None:
-    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-        raise ProtocolError(400, f"binary_data_size must be a non-negative integer, got {size!r}")
-    return size
-
-
-def _request_id(request: dict) -> str | None:
-    rid = request.get("id")
-    if rid is not None and not isinstance(rid, str):
-        raise ProtocolError(400, '"id" must be a string')
-    return rid
-
-
-def _requested_outputs(request: dict) -> dict[str, bool]:
-    default_binary = _binary_flag(request.get("parameters"), "binary_data_output", False)
-    outputs = request.get("outputs")
-    if outputs is None:
+def _requested_outputs(request: V2InferenceRequest) -> dict[str, bool]:
+    default_binary = request.parameters.binary_data_output if request.parameters else False
+    if request.outputs is None:
         return dict.fromkeys(OUTPUT_NAMES, default_binary)
-    if not isinstance(outputs, list) or not outputs or not all(isinstance(o, dict) for o in outputs):
-        raise ProtocolError(400, '"outputs" must be a non-empty list of {"name": ...}')
     chosen = {}
-    for output in outputs:
-        if output.get("name") not in OUTPUT_NAMES:
-            raise ProtocolError(400, f"unknown output {output.get('name')!r}: this model has {', '.join(OUTPUT_NAMES)}")
-        if isinstance(output.get("parameters"), dict) and output["parameters"].get("classification"):
+    for output in request.outputs:
+        parameters = output.parameters or V2OutputParameters()
+        if parameters.classification:
             raise ProtocolError(400, "the classification extension is not supported: ask for probabilities")
-        chosen[output["name"]] = _binary_flag(output.get("parameters"), "binary_data", default_binary)
+        chosen[output.name] = default_binary if parameters.binary_data is None else parameters.binary_data
     return chosen
 
 

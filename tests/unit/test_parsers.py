@@ -3,6 +3,7 @@ message, and each limit at its edge. The server tests send the same requests ove
 process, where mutation testing can see which parser line each one guards."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -394,3 +395,48 @@ def test_v2_model_metadata_is_the_exports_signature():
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
         ],
     }
+
+
+@pytest.mark.parametrize(
+    "request_fields, tensor_fields, message",
+    [
+        ({}, {"datatype": ["UINT8"]}, "input datatype ['UINT8'] is not supported: send UINT8 (or another"),
+        ({}, {"datatype": None}, "input datatype None is not supported: send UINT8 (or another integer"),
+        ({}, {"shape": [1, 2**31, 28]}, "input shape [1, 2147483648, 28] is past 8 dimensions of at most 2147483647"),
+        ({}, {"shape": [1, 2**31 - 1, 0]}, "input data holds 784 values, shape [1, 2147483647, 0] needs 0"),
+        ({}, {"shape": [1] * 9}, "input shape [1, 1, 1, 1, 1, 1, 1, 1, 1] is past 8 dimensions of at most"),
+        ({}, {"shape": [1, "28", 28]}, "input shape must be a list of non-negative integers, got [1, '28', 28]"),
+        ({}, {"name": ["image"]}, 'this model has one input, "image" (UINT8 [-1, 28, 28])'),
+        ({}, {"parameters": [1]}, '"parameters" must be a JSON object, got [1]'),
+        ({}, {"parameters": {"binary_data_size": [3]}}, "binary_data_size must be a non-negative integer, got [3]"),
+        ({"parameters": "x"}, {}, "\"parameters\" must be a JSON object, got 'x'"),
+        ({"outputs": [{"name": "logits", "parameters": 7}]}, {}, '"parameters" must be a JSON object, got 7'),
+        ({"outputs": [{"name": ["logits"]}]}, {}, "unknown output ['logits']: this model has logits, probabilities"),
+        ({"outputs": [{}]}, {}, "unknown output None: this model has logits, probabilities"),
+        ({"id": ["a"]}, {}, '"id" must be a string'),
+    ],
+)
+def test_v2_every_typed_field_is_refused_in_its_own_words(request_fields, tensor_fields, message):
+    """The typed request (protocols.V2InferenceRequest) refuses a value of the wrong type or past its bounds in
+    each field, with the line for that field: a wrong type there once reached code that raised a 500."""
+    error = refused(parse_v2, v2(tensor_fields, **request_fields), None, 4)
+    assert error.status == 400 and error.message.startswith(message), error.message
+
+
+def test_a_value_in_a_message_is_cut_short():
+    """A hostile value may be megabytes, or an integer that Python refuses to print."""
+    show = protocols._show
+    assert show("a" * 58) == "'" + "a" * 58 + "'"  # 60 characters: shown whole
+    assert show("a" * 59) == "'" + "a" * 56 + "..."  # 61: cut to 60
+    assert show(10**5000) == f"<an integer of more than {sys.get_int_max_str_digits()} digits>"
+    long_name = refused(parse_v2, v2({"datatype": "X" * 10_000}), None, 1).message
+    assert long_name.startswith("input datatype 'XXXXX") and len(long_name) < 200
+
+
+def test_the_header_length_takes_up_to_18_digits():
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 28, 28], "data": []}]})
+    header = header.encode().ljust(100)
+    error = refused(parse_v2, header + bytes(10), "0" * 15 + "100", 1)  # 18 digits: read, up to the binary data
+    assert error.message == "binary data after the header, but no input declares binary_data_size"
+    error = refused(parse_v2, header + bytes(10), "0" * 16 + "100", 1)  # 19 digits: refused unread
+    assert error.message == f"Inference-Header-Content-Length {'0' * 16 + '100'!r} does not fit a 110-byte body"

@@ -110,8 +110,10 @@ def v2_body(**tensor) -> dict:
         ("strings", v2_body(datatype="BYTES"), 400, "datatype 'BYTES' is not supported"),
         ("shape and data disagree", v2_body(shape=[2, 28, 28]), 400, "shape [2, 28, 28] needs 1568"),
         ("negative dimension", v2_body(shape=[-1, 28, 28]), 400, "non-negative integers"),
-        # 2**62 * 4 overflows int64 to 0, the size of an empty "data": it must not reach numpy's reshape
-        ("overflowing shape", v2_body(shape=[1, 2**62, 4], data=[]), 400, "needs 18446744073709551616"),
+        # 2**62 * 4 overflows int64 to 0, the size of an empty "data": it must not reach numpy's reshape (the
+        # typed request refuses any dimension past 2**31 - 1)
+        ("overflowing shape", v2_body(shape=[1, 2**62, 4], data=[]), 400, "of at most 2147483647 each"),
+        ("zero-sized but huge", v2_body(shape=[0, 2**40, 28], data=[]), 400, "of at most 2147483647 each"),
         ("wrong image shape", v2_body(shape=[1, 28, 27], data=[0] * 756), 422, "[N, 28, 28]"),
         ("over 255", v2_body(data=[256] * 784), 422, "in 0..255"),
         ("fractions", v2_body(datatype="FP32", data=[0.5] * 784), 422, "integers"),
