@@ -81,7 +81,12 @@ def all_or_nothing() -> Iterator[None]:
 def write_npz(target: str | Path, **arrays: Any) -> None:
     """Like np.savez, but byte-for-byte reproducible: np.savez stamps every zip member with the current time,
     so the same arrays gave a new file (and a new md5 in dvc.lock) on every run. Members are stored
-    uncompressed with a fixed date; np.load reads the file as usual."""
+    uncompressed with a fixed date; np.load reads the file as usual.
+
+    Each member is written whole, with its size known (writestr), not streamed with force_zip64: Python
+    3.11.2 (Debian's, in the images) and 3.11.7 wrote different version fields for a forced ZIP64 member, so
+    the same arrays had another md5 in a container, and a stage that ran there was never a cache hit here."""
+    import io
     import zipfile
 
     import numpy as np
@@ -90,8 +95,9 @@ def write_npz(target: str | Path, **arrays: Any) -> None:
         for name, array in arrays.items():
             member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             member.external_attr = 0o644 << 16
-            with archive.open(member, "w", force_zip64=True) as fh:
-                np.lib.format.write_array(fh, np.asanyarray(array), allow_pickle=False)
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.asanyarray(array), allow_pickle=False)
+            archive.writestr(member, buffer.getvalue())
 
 
 def write_text(target: str | Path, text: str) -> None:
