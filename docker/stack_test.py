@@ -1,12 +1,15 @@
 """The compose stack, tested as containers: `make stack-test` (Docker Compose, or podman with podman-compose).
 
 It builds the images, runs docker/compose.yaml, waits for every service's own healthcheck, runs both Prefect
-deployments, checks MLflow, inference and both UIs, restarts the stack and checks that nothing was lost, then
-removes everything it made (containers, volumes, networks, the images it built). Each step is timed.
+deployments on the Docker work pool (each flow run a fresh container, state only in the object store), runs
+the training deployment again to show that a stage that ran in one container is a cache hit in the next,
+checks MLflow, inference and both UIs, restarts the stack and checks that nothing was lost, then removes
+everything it made (containers, volumes, networks, the images it built). Each step is timed.
 
 With podman (no Docker engine; CI), images that cannot be pulled here are replaced through documented
 overrides only: a local Debian base made with debootstrap (BASE_IMAGE), PyPI's torch (TORCH_INDEX_URL), and a
-PostgreSQL stand-in built from Debian's package (docker/standins/compose.yaml). With Docker, compose.yaml
+PostgreSQL stand-in built from Debian's package (docker/standins/compose.yaml); the Docker work pool's worker
+gets podman's Docker API (`podman system service`, started and stopped here). With Docker, compose.yaml
 runs as users run it. Every wait is bounded (--timeout); the first failure ends the test with one line.
 """
 
@@ -34,12 +37,20 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 PROJECT = "softmax-mlops"
 SERVICES = ("postgres", "mlflow", "prefect-server", "prefect-worker", "inference")
-BUILT_BY = ("prefect-worker", "inference", "postgres")  # the services whose builds make the stack's images
+BUILT_BY = ("prefect-worker", "inference")  # the services whose builds make the stack's images
+STANDINS_BUILT_BY = ("postgres", "objectstore")
 IMAGES = ("softmax-mlops-pipeline:latest", "softmax-mlops-serve:latest")
-STANDIN_IMAGES = ("localhost/softmax-mlops-postgres-standin:latest",)
+STANDIN_IMAGES = (
+    "localhost/softmax-mlops-postgres-standin:latest",
+    "localhost/softmax-mlops-objectstore-standin:latest",
+)
 MLFLOW, PREFECT, INFERENCE = "http://127.0.0.1:5000", "http://127.0.0.1:4200", "http://127.0.0.1:8000"
+OBJECTSTORE = "http://127.0.0.1:8333"
 MODELS = ("softmax-mlops-scratch", "softmax-mlops-concise")
+RUN_LABEL = "io.prefect.flow-run-id"  # prefect-docker's label on each flow-run container
+NOTHING_RAN = "0 of 10 stages ran: none"  # the training flow's log line (pipelines/flows.py)
 BATCH_IMAGES = 300  # test images put in the batch-inference inbox
+SWEEP = [["train.epochs=2"], ["train.lr=0.2"], ["train.lr=0.05", "train.epochs=3"]]  # 3 sets, 2 at once
 
 
 class StackFailed(RuntimeError):
@@ -71,12 +82,15 @@ class Engine:
                 )
                 self.env["CONTAINERS_CONF"] = str(conf)
             self.env["BUILDAH_FORMAT"] = "docker"  # keep HEALTHCHECK in the images (OCI format drops it)
+            self.socket = workdir / "podman.sock"
             compose = shutil.which("podman-compose", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
             if not compose:
                 raise StackFailed("podman-compose is not installed: pip install -e '.[dev]' (make setup) has it")
             self.compose_cmd = [compose]
         else:
             self.compose_cmd = ["docker", "compose"]
+            self.socket = Path(self.env.get("DOCKER_SOCKET", "/var/run/docker.sock"))
+        self.service: subprocess.Popen | None = None
         self.compose_cmd += ["-p", PROJECT, *(a for f in files for a in ("-f", str(f)))]
 
     def run(
@@ -101,6 +115,43 @@ class Engine:
             print("\n".join(tail), file=sys.stderr)
             raise StackFailed(f"`{' '.join(args[:6])} ...` exited {proc.returncode}")
         return proc
+
+    def start_api(self, timeout: float) -> None:
+        """The Docker API that the Docker work pool's worker gets as its socket. Under podman, `podman system
+        service` serves it, with this run's CONTAINERS_CONF (the flow-run containers need its runc and ulimits);
+        its socket is made group-accessible so that the worker (uid 10001, in the socket's group) can use it."""
+        if self.name == "podman":
+            log(f"podman system service on {self.socket}")
+            self.service = subprocess.Popen(
+                ["podman", "system", "service", "--time=0", f"unix://{self.socket}"],
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            wait_until(f"podman's API socket {self.socket}", self.socket.exists, timeout, every=0.5)
+            self.socket.chmod(0o660)
+        elif not self.socket.exists():
+            raise StackFailed(f"the Docker socket {self.socket} does not exist (set DOCKER_SOCKET)")
+        self.env["DOCKER_SOCKET"] = str(self.socket)
+        self.env["DOCKER_SOCKET_GID"] = str(self.socket.stat().st_gid)
+
+    def stop_api(self) -> None:
+        if self.service is not None:
+            self.service.terminate()
+            try:
+                self.service.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.service.kill()
+                self.service.wait()
+
+    def flow_containers(self) -> list[str]:
+        """The flow-run containers that are left (any state), as '<name> <run id>' lines."""
+        ids = self.run(self.name, "ps", "-a", "-q", "--filter", f"label={RUN_LABEL}").stdout.decode().split()
+        if not ids:
+            return []
+        fmt = f'{{{{.Name}}}} {{{{index .Config.Labels "{RUN_LABEL}"}}}}'
+        out = self.run(self.name, "inspect", "--format", fmt, *ids, check=False).stdout.decode()
+        return [line.strip() for line in out.splitlines() if line.strip()]
 
     def compose(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
         return self.run(*self.compose_cmd, *args, **kwargs)
@@ -129,6 +180,25 @@ class Engine:
 
     def dangling(self) -> set[str]:
         return set(self.run(self.name, "images", "-q", "--filter", "dangling=true").stdout.decode().split())
+
+    def exit_code(self, service: str) -> int | None:
+        """The exit code of a one-shot service's container once it has exited, else None."""
+        listed = self.run(
+            self.name,
+            "ps",
+            "-a",
+            "-q",
+            "--filter",
+            f"label=com.docker.compose.project={PROJECT}",
+            "--filter",
+            f"label=com.docker.compose.service={service}",
+            "--filter",
+            "status=exited",
+        )
+        ids = listed.stdout.decode().split()
+        if not ids:
+            return None
+        return int(self.run(self.name, "inspect", "--format", "{{.State.ExitCode}}", ids[0]).stdout.decode().strip())
 
     def healthy(self, service: str) -> bool:
         """The service's own HEALTHCHECK from compose.yaml. Docker runs it on its schedule; podman 4.3 without
@@ -236,15 +306,127 @@ def prefect_client_env(workdir: Path) -> Iterator[None]:
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
-def run_deployment(name: str, timeout: float) -> str:
-    """Trigger a deployment, wait (bounded) for its final state, return the state's name."""
+def run_deployment(name: str, timeout: float, parameters: dict | None = None) -> str:
+    """Trigger a deployment, wait (bounded) for it to complete; returns the flow run's id."""
     from prefect.deployments import run_deployment as trigger
 
-    flow_run = trigger(name, timeout=timeout)
+    flow_run = trigger(name, timeout=timeout, parameters=parameters)
     state = flow_run.state
     if state is None or not state.is_final():
         raise StackFailed(f"{name}: not finished after {timeout:.0f} s (state {state.name if state else None})")
-    return state.name
+    if state.name != "Completed":
+        raise StackFailed(f"{name}: flow run {flow_run.id} ended {state.name}: {state.message}")
+    return str(flow_run.id)
+
+
+def flow_run_log(run_id: str) -> str:
+    """The flow run's log lines, as the Prefect server holds them (sent from inside its container)."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[uuid.UUID(run_id)])))
+    return "\n".join(entry.message for entry in logs)
+
+
+def check_sweep(run_id: str) -> list[str]:
+    """The sweep's leaderboard names every set, each trial completed and logged both implementations to MLflow
+    with its artifacts in the bucket, and @champion is on the best version ever registered. Returns the trials'
+    flow-run ids."""
+    import uuid
+
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
+
+    with get_client(sync_client=True) as client:
+        (board,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["sweep-leaderboard"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(run_id)]),
+            )
+        )
+        trials = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[uuid.UUID(run_id)]))
+        )
+    text = str(board.data)
+    if missing := [s for s in SWEEP if f"| {', '.join(f'`{o}`' for o in s)} | Completed |" not in text]:
+        raise StackFailed(f"the sweep's leaderboard lacks completed rows for {missing}: {text}")
+    if len(trials) != len(SWEEP) or any(t.state_name != "Completed" for t in trials):
+        raise StackFailed(f"the sweep's trials: {[(t.name, t.state_name) for t in trials]}")
+    mlflow = MlflowClient(tracking_uri=MLFLOW)
+    experiment = mlflow.get_experiment_by_name(PROJECT)
+    keys = s3_keys("mlflow", "artifacts/")  # the runs' own artifacts: artifacts/<experiment>/<run id>/...
+    for trial in trials:
+        runs = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.prefect_flow_run_id = '{trial.id}'")
+        if sorted(r.data.params.get("impl", "") for r in runs) != ["concise", "scratch"]:
+            raise StackFailed(f"trial {trial.name}: MLflow runs {[r.info.run_id for r in runs]}")
+        for run in runs:
+            if not any(f"/{run.info.run_id}/" in key for key in keys):
+                raise StackFailed(f"trial {trial.name}: no artifact of MLflow run {run.info.run_id} in s3://mlflow")
+    versions = mlflow.search_model_versions(f"name = '{MODELS[0]}'")
+    champion = mlflow.get_model_version_by_alias(MODELS[0], "champion")
+    best = max(float(v.tags["test_accuracy"]) for v in versions)
+    if float(champion.tags["test_accuracy"]) != best:
+        raise StackFailed(f"@champion is v{champion.version} ({champion.tags['test_accuracy']}), not the best ({best})")
+    log(f"sweep: {len(trials)} trials completed; @champion v{champion.version} is the best of {len(versions)} ({best})")
+    return [str(t.id) for t in trials]
+
+
+def check_fresh_clone(workdir: Path) -> None:
+    """A fresh clone on the host, with the stack's object store as its DVC remote: `dvc pull` brings the outputs
+    of the committed dvc.lock, `dvc status` is clean, and the champion's ONNX file is there."""
+    clone = workdir / "clone"
+    dvc = str(Path(sys.executable).parent / "dvc")
+    env = dict(
+        os.environ,
+        AWS_ACCESS_KEY_ID=os.environ.get("OBJECTSTORE_ACCESS_KEY", "softmax"),
+        AWS_SECRET_ACCESS_KEY=os.environ.get("OBJECTSTORE_SECRET_KEY", "softmax-objectstore"),
+    )
+
+    def run(*cmd: str) -> subprocess.CompletedProcess:
+        where = clone if clone.exists() else workdir
+        return subprocess.run(cmd, cwd=where, env=env, capture_output=True, text=True, timeout=600)
+
+    for step in (
+        ("git", "clone", "-q", str(ROOT), str(clone)),
+        (dvc, "remote", "add", "--local", "-d", "store", "s3://dvc/cache"),
+        (dvc, "remote", "modify", "--local", "store", "endpointurl", OBJECTSTORE),
+        (dvc, "pull"),
+    ):
+        if (done := run(*step)).returncode != 0:
+            raise StackFailed(
+                f"fresh clone: `{' '.join(step[:4])}` exited {done.returncode}: {done.stderr.strip()[-300:]}"
+            )
+    status = run(dvc, "status", "--json")
+    if status.stdout.strip() != "{}":
+        raise StackFailed(f"fresh clone: dvc status is not clean after dvc pull: {status.stdout[:300]}")
+    onnx = clone / "models" / "scratch" / "model.onnx"
+    if not onnx.is_file():
+        raise StackFailed(f"fresh clone: {onnx} was not pulled")
+    log(f"fresh clone: dvc pull from the store, dvc status clean, {onnx.relative_to(clone)}: {onnx.stat().st_size} B")
+
+
+def check_own_containers(engine: Engine, run_ids: list[str], timeout: float) -> None:
+    """Each flow run ran in a container of its own, and that container was removed once Prefect held its final
+    state (docker/reaper.py says so in the worker's log); no flow-run container is left behind."""
+
+    def reaped() -> bool:
+        worker_log = engine.compose("logs", "prefect-worker").stdout.decode(errors="replace")
+        return all(f"of flow run {run_id} (Completed)" in worker_log for run_id in run_ids)
+
+    wait_until(f"the reaper to remove the containers of flow runs {run_ids}", reaped, timeout)
+    if left := engine.flow_containers():
+        raise StackFailed(f"flow-run containers left behind: {left}")
+    log(f"{len(run_ids)} flow runs, each in its own container, each removed after its final state")
 
 
 def mlflow_state() -> dict:
@@ -277,33 +459,45 @@ def served_accuracy(images: np.ndarray, labels: np.ndarray, batch: int = 200) ->
     return correct / len(images)
 
 
-def feed_inbox(engine: Engine, images: np.ndarray, labels: np.ndarray, workdir: Path) -> None:
-    """Real test images as PNGs in the batch-inference inbox (the `incoming` volume), as docs/operations.md says."""
+def s3_client():
+    """The stack's object store from the host, through the published S3 port, with the stack's keys."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=OBJECTSTORE,
+        region_name="us-east-1",
+        aws_access_key_id=os.environ.get("OBJECTSTORE_ACCESS_KEY", "softmax"),
+        aws_secret_access_key=os.environ.get("OBJECTSTORE_SECRET_KEY", "softmax-objectstore"),
+    )
+
+
+def s3_keys(bucket: str, prefix: str) -> list[str]:
+    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def feed_inbox(images: np.ndarray, labels: np.ndarray) -> None:
+    """Real test images as PNGs in the batch-inference inbox, s3://batch/incoming/, as docs/operations.md says."""
     from PIL import Image
 
-    inbox = workdir / "incoming"
-    inbox.mkdir()
+    s3 = s3_client()
     for i in range(BATCH_IMAGES):
-        Image.fromarray(images[i]).save(inbox / f"{i:05d}_label{labels[i]}.png")
-    engine.run(engine.name, "cp", f"{inbox}/.", f"{engine.container('prefect-worker')}:/app/data/incoming/")
+        png = io.BytesIO()
+        Image.fromarray(images[i]).save(png, format="PNG")
+        s3.put_object(Bucket="batch", Key=f"incoming/{i:05d}_label{labels[i]}.png", Body=png.getvalue())
 
 
-def check_volume_owners(engine: Engine) -> None:
-    """Named volumes are writable by the images' user (uid 10001), as Docker seeds them from the image."""
-    owners = engine.exec(
-        "prefect-worker",
-        "stat",
-        "-c",
-        "%u %n",
-        "/app/.dvc/cache",
-        "/app/data",
-        "/app/data/incoming",
-        "/app/predictions",
-    ).split("\n")
-    owners.append(engine.exec("mlflow", "stat", "-c", "%u %n", "/mlartifacts").strip())
-    if wrong := [line for line in owners if line and not line.startswith("10001 ")]:
-        raise StackFailed(f"volumes not owned by uid 10001: {wrong}")
-    log("volumes owned by uid 10001: " + ", ".join(line.split()[1] for line in owners if line))
+def object_store() -> dict[str, int]:
+    """Objects in the stack's buckets: DVC's files and run-cache entries, and MLflow's artifacts (ONNX models
+    among them)."""
+    artifacts = s3_keys("mlflow", "artifacts/")
+    return {
+        "dvc files": len(s3_keys("dvc", "cache/files/")),
+        "dvc run-cache": len(s3_keys("dvc", "cache/runs/")),
+        "mlflow artifacts": len(artifacts),
+        "onnx models": sum(key.endswith(".onnx") for key in artifacts),
+    }
 
 
 def check_links(engine: Engine) -> None:
@@ -323,15 +517,19 @@ def check_links(engine: Engine) -> None:
     log(f"links: run summary -> {MLFLOW}, worker log -> {PREFECT}")
 
 
-def predictions_on_volume(engine: Engine) -> dict[str, str]:
-    """The batch-inference CSVs on the predictions volume: name -> content."""
-    listing = engine.exec("prefect-worker", "sh", "-c", "ls /app/predictions/*.csv 2>/dev/null || true").split()
-    return {Path(p).name: engine.exec("prefect-worker", "cat", p) for p in listing}
+def stored_predictions() -> dict[str, str]:
+    """The batch-inference CSVs in s3://batch/predictions/: name -> content."""
+    s3 = s3_client()
+    return {
+        key.rsplit("/", 1)[1]: s3.get_object(Bucket="batch", Key=key)["Body"].read().decode()
+        for key in s3_keys("batch", "predictions/")
+        if key.endswith(".csv")
+    }
 
 
 def check_predictions(files: dict[str, str]) -> float:
     if len(files) != 1:
-        raise StackFailed(f"expected one predictions CSV on the volume, found {sorted(files)}")
+        raise StackFailed(f"expected one predictions CSV in s3://batch/predictions/, found {sorted(files)}")
     rows = list(csv_rows(next(iter(files.values()))))
     if len(rows) != BATCH_IMAGES:
         raise StackFailed(f"the predictions CSV has {len(rows)} rows for {BATCH_IMAGES} images")
@@ -406,18 +604,20 @@ def main() -> int:
             built += [*IMAGES, *(STANDIN_IMAGES if standins else ())]
             # One build per image: mlflow and prefect-server run the worker's image, and podman-compose would
             # build it three times side by side (buildah does not cache COPY --from between those builds).
-            engine.compose("build", *BUILT_BY, capture=False)
+            engine.compose("build", *BUILT_BY, *(STANDINS_BUILT_BY if standins else ()), capture=False)
         with step("2. up -d (compose.yaml, unchanged)"):
-            engine.compose("up", "-d", capture=False)
+            engine.start_api(args.timeout)
+            engine.compose("up", "-d", capture=False, timeout=args.timeout)
         with step("3. wait for healthy services"):
             wait_healthy(engine, SERVICES[:4], args.timeout)
-            check_volume_owners(engine)
+            wait_until("the buckets job to exit", lambda: engine.exit_code("buckets") is not None, args.timeout)
+            if (code := engine.exit_code("buckets")) != 0:
+                raise StackFailed(f"the buckets job exited {code}: {engine.compose('logs', 'buckets').stdout!r}")
         images, labels = test_images(mirror)
         with prefect_client_env(workdir):
-            with step("4. training deployment"):
-                state = run_deployment("training-pipeline/weekly-retrain", args.timeout)
-                if state != "Completed":
-                    raise StackFailed(f"training-pipeline/weekly-retrain ended {state}")
+            runs = []
+            with step("4. training deployment (a fresh container)"):
+                runs.append(run_deployment("training-pipeline/weekly-retrain", args.timeout))
             with step("5. MLflow runs, registry, @champion"):
                 before = mlflow_state()
                 log(
@@ -427,47 +627,65 @@ def main() -> int:
                 if before["finished"] < 2 or before["models"] != sorted(MODELS) or before["champion"] is None:
                     raise StackFailed(f"MLflow does not hold two finished runs, both models and @champion: {before}")
                 check_links(engine)
+                stored = object_store()
+                log(f"object store: {stored}")
+                if not all(stored.values()):
+                    raise StackFailed(
+                        f"the object store lacks DVC's outputs, its run-cache or MLflow's models: {stored}"
+                    )
             with step("6. inference on the 10,000 test images"):
                 wait_healthy(engine, ("inference",), args.timeout)
                 accuracy = served_accuracy(images, labels)
                 log(f"inference accuracy {accuracy:.4f}; registered {before['accuracy']:.4f}")
                 if round(accuracy, 4) != round(before["accuracy"], 4):
                     raise StackFailed(f"served accuracy {accuracy:.4f} != recorded {before['accuracy']:.4f}")
-            with step("7. batch-inference deployment"):
-                feed_inbox(engine, images, labels, workdir)
-                state = run_deployment("batch-inference/nightly-batch-inference", args.timeout)
-                if state != "Completed":
-                    raise StackFailed(f"batch-inference/nightly-batch-inference ended {state}")
-                predictions = predictions_on_volume(engine)
+            with step("7. training deployment again, in a new container: nothing to reproduce"):
+                runs.append(run_deployment("training-pipeline/weekly-retrain", args.timeout))
+                if NOTHING_RAN not in (text := flow_run_log(runs[-1])):
+                    tail = text[-600:]
+                    raise StackFailed(f"the second weekly-retrain run did not log {NOTHING_RAN!r}: {tail!r}")
+                said = [line for line in text.splitlines() if "stages ran:" in line or "run-cache:" in line]
+                log(f"second weekly-retrain run {runs[-1]}: {said}")
+                if (again := mlflow_state())["runs"] != before["runs"] or again["champion"] != before["champion"]:
+                    raise StackFailed(f"a run that reproduced nothing changed MLflow: {again} (was {before})")
+            with step("8. a fresh clone on the host pulls from the store"):
+                check_fresh_clone(workdir)
+            with step("9. batch-inference deployment (inbox and predictions in s3://batch)"):
+                feed_inbox(images, labels)
+                runs.append(run_deployment("batch-inference/nightly-batch-inference", args.timeout))
+                predictions = stored_predictions()
                 log(f"predictions {sorted(predictions)}: accuracy {check_predictions(predictions):.4f}")
+            with step(f"10. sweep of {len(SWEEP)} sets, 2 at once, each in its own container"):
+                runs.append(run_deployment("sweep/sweep", args.timeout, {"parameter_sets": SWEEP, "concurrency": 2}))
+                runs += check_sweep(runs[-1])
+                check_own_containers(engine, runs, args.timeout)
                 worker_log = engine.compose("logs", "prefect-worker").stdout.decode(errors="replace")
                 if "HashError" in worker_log or "Traceback" in worker_log:
                     raise StackFailed("the worker logged a traceback (see `compose logs prefect-worker`)")
-            with step("8. Prefect and MLflow UIs"):
+            with step("11. Prefect and MLflow UIs"):
                 for url in (f"{PREFECT}/", f"{MLFLOW}/"):
                     status, body = http(url)
                     if status != 200 or b"<html" not in body[:2000].lower():
                         raise StackFailed(f"GET {url} answered {status} without an HTML page")
                     log(f"GET {url} -> 200, HTML")
-            with step("9. down, up, nothing lost"):
-                cache_before = engine.exec("prefect-worker", "sh", "-c", "find /app/.dvc/cache -type f | wc -l").strip()
+            with step("12. down, up, nothing lost"):
+                before, stored = mlflow_state(), object_store()  # after the sweep
                 engine.compose("down", capture=False)
-                engine.compose("up", "-d", capture=False)
+                engine.compose("up", "-d", capture=False, timeout=args.timeout)
                 wait_healthy(engine, SERVICES, args.timeout)
                 after = mlflow_state()
                 from prefect.client.orchestration import get_client
 
                 with get_client(sync_client=True) as client:
                     deployments = sorted(d.name for d in client.read_deployments())
-                cache_after = engine.exec("prefect-worker", "sh", "-c", "find /app/.dvc/cache -type f | wc -l").strip()
                 kept = {
                     "runs": after["runs"] == before["runs"],
                     "champion": after["champion"] == before["champion"],
-                    "deployments": deployments == ["nightly-batch-inference", "weekly-retrain"],
-                    "dvc cache": cache_after == cache_before and int(cache_after) > 0,
-                    "predictions": predictions_on_volume(engine) == predictions,
+                    "deployments": deployments == ["nightly-batch-inference", "sweep", "sweep-trial", "weekly-retrain"],
+                    "predictions": stored_predictions() == predictions,
+                    "object store": object_store() == stored,
                 }
-                log(f"after restart: {kept} (DVC cache files {cache_after})")
+                log(f"after restart: {kept} (object store {stored})")
                 restarts = (
                     engine.run(engine.name, "inspect", "--format", "{{.RestartCount}}", engine.container("inference"))
                     .stdout.decode()
@@ -483,8 +701,11 @@ def main() -> int:
                 engine.compose("logs", "--tail", "40", capture=False, check=False)
     finally:
         if engine is not None:
-            with step("10. remove containers, volumes, networks, images"):
+            with step("13. remove containers, volumes, networks, images"):
+                for line in engine.flow_containers():  # a failed run's, left for the reaper
+                    engine.run(engine.name, "rm", "-f", line.split()[0].lstrip("/"), check=False)
                 engine.compose("down", "-v", "--remove-orphans", check=False)
+                engine.stop_api()
                 if not args.keep_images:
                     for image in built:
                         engine.run(engine.name, "rmi", "-f", image, check=False)

@@ -13,6 +13,8 @@ stage that ran in one container is a cache hit in the next. Without one, nothing
 from __future__ import annotations
 
 import contextlib
+import enum
+import logging
 import os
 import shutil
 import subprocess
@@ -25,6 +27,27 @@ from softmax_mlops.errors import ERROR_FILE_ENV
 
 class StageFailed(RuntimeError):
     """A DVC stage failed; the message is '<stage>: <the command's one-line error>'."""
+
+
+class Outcome(enum.Enum):
+    """What bringing a stage up to date took."""
+
+    RAN = "ran"  # its command ran
+    RESTORED = "restored"  # its outputs came from DVC's run-cache: the same deps and params ran before, anywhere
+    UP_TO_DATE = "up to date"  # nothing to do, or its locked outputs were pulled from the remote
+
+
+class _CommandStarts(logging.Handler):
+    """Counts DVC's "Running stage '...':" records: the one sign that a stage's command ran rather than its
+    outputs being restored from the run-cache (both count as reproduced for DVC)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg == "Running stage '%s':":
+            self.count += 1
 
 
 @contextlib.contextmanager
@@ -50,13 +73,19 @@ def default_remote(workspace: Path) -> str | None:
         return repo.config["core"].get("remote") or None
 
 
-def reproduce(workspace: Path, stage: str, pull: bool = False) -> bool:
-    """Bring one stage up to date. True when DVC reproduced it (ran its command, or restored its outputs from
-    the run cache), False when it was already up to date, or its outputs for the locked deps were pulled
-    (``pull``: `dvc repro --pull`, from the default remote, run-cache included)."""
+def reproduce(workspace: Path, stage: str, pull: bool = False) -> Outcome:
+    """Bring one stage up to date, and say how: its command ran, its outputs were restored from the run-cache,
+    or it was up to date already (or its outputs for the locked deps were pulled: ``pull`` is
+    `dvc repro --pull`, from the default remote, run-cache included)."""
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
+    starts = _CommandStarts()
+    dvc_run_log = logging.getLogger("dvc.stage.run")
+    level = dvc_run_log.level
+    if not dvc_run_log.isEnabledFor(logging.INFO):  # DVC used as a library may log nothing below WARNING
+        dvc_run_log.setLevel(logging.INFO)
+    dvc_run_log.addHandler(starts)
     with tempfile.TemporaryDirectory() as tmp:
         error_file = Path(tmp) / "error"
         try:
@@ -75,7 +104,12 @@ def reproduce(workspace: Path, stage: str, pull: bool = False) -> bool:
             if not pull:
                 raise
             raise StageFailed(f"{stage}: pulling from the DVC remote: {_reason(exc)}") from None
-    return bool(stages)
+        finally:
+            dvc_run_log.removeHandler(starts)
+            dvc_run_log.setLevel(level)
+    if not stages:
+        return Outcome.UP_TO_DATE
+    return Outcome.RAN if starts.count else Outcome.RESTORED
 
 
 def push(workspace: Path, stages: Sequence[str]) -> int:
@@ -122,6 +156,24 @@ def experiment_workspace(root: Path, overrides: Sequence[str]) -> Iterator[Path]
         subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=root, check=False)
         subprocess.run(["git", "worktree", "prune"], cwd=root, check=False)
         shutil.rmtree(parent, ignore_errors=True)
+
+
+def has_git(workspace: Path) -> bool:
+    """False for a copy of the project without git (the images' /app, where DVC runs with core.no_scm)."""
+    from dvc.repo import Repo
+    from dvc.scm import NoSCM
+
+    with Repo(str(workspace)) as repo:
+        return not isinstance(repo.scm, NoSCM)
+
+
+def override_in_place(workspace: Path, overrides: Sequence[str]) -> None:
+    """Apply ``overrides`` (`key=value`, as `dvc exp run -S`) to the workspace's own params.yaml. Only for a
+    disposable copy without git: a flow-run container of the Docker pool, whose copy dies with it. Its results
+    live on in MLflow and in the DVC remote's run-cache; with no git there is no DVC experiment to record."""
+    from dvc.utils.hydra import apply_overrides
+
+    apply_overrides(str(workspace / "params.yaml"), list(overrides))
 
 
 def save_experiment(workspace: Path, stages: Sequence[str], name: str | None) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +23,18 @@ from prefect.tasks import exponential_backoff
 from softmax_mlops import config
 from softmax_mlops.tracking import PREFECT_FLOW_RUN_ENV
 
-from .dvc_stages import default_remote, environment, experiment_workspace, push, reproduce, save_experiment
+from . import object_store
+from .dvc_stages import (
+    Outcome,
+    default_remote,
+    environment,
+    experiment_workspace,
+    has_git,
+    override_in_place,
+    push,
+    reproduce,
+    save_experiment,
+)
 
 if TYPE_CHECKING:
     from softmax_mlops.inference import Predictor
@@ -36,13 +48,13 @@ STAGES_PER_IMPL = ("train", "evaluate", "calibrate", "export")
     retry_jitter_factor=0.5,
     task_run_name="ingest",
 )
-def ingest(workspace: Path, pull: bool) -> bool:
+def ingest(workspace: Path, pull: bool) -> Outcome:
     """The stage that downloads the data, so the one retried (a DVC remote is reached by every stage)."""
     return reproduce(workspace, "ingest", pull)
 
 
 @task(task_run_name="{stage}")
-def run_stage(workspace: Path, stage: str, pull: bool) -> bool:
+def run_stage(workspace: Path, stage: str, pull: bool) -> Outcome:
     return reproduce(workspace, stage, pull)
 
 
@@ -92,7 +104,8 @@ def training_pipeline(
     """Run the DVC stages as tasks: ingest, train/evaluate/calibrate/export for each implementation, then compare.
 
     ``overrides`` take DVC's `-S` form (`train.lr=0.05`); with any, the run is a DVC experiment in a
-    throwaway worktree and params.yaml is left as it is.
+    throwaway worktree and params.yaml is left as it is. In a copy without git (a Docker pool's flow-run
+    container, itself throwaway) they are applied to its params.yaml instead, and no experiment is recorded.
     """
     root = Path(project_dir or os.getcwd()).resolve()
     cfg = config.load(root)
@@ -103,25 +116,41 @@ def training_pipeline(
     # Stages in a worktree must log to the project's MLflow store, and every run carries this flow run's id.
     env = {config.TRACKING_URI_ENV: cfg.mlflow.tracking_uri, PREFECT_FLOW_RUN_ENV: str(flow_run.id or "")}
 
-    with environment(**env), experiment_workspace(root, overrides) if overrides else nullcontext(root) as ws:
+    in_place = bool(overrides) and not has_git(root)  # a flow-run container's disposable copy
+    if in_place:
+        override_in_place(root, overrides)
+        print(f"no git in {root} (a disposable copy): {', '.join(overrides)} applied to its params.yaml")
+    in_worktree = bool(overrides) and not in_place
+    with environment(**env), experiment_workspace(root, overrides) if in_worktree else nullcontext(root) as ws:
         stages = ["ingest", *(f"{name}@{impl}" for impl in impls for name in STAGES_PER_IMPL)]
         if set(impls) == set(config.IMPLS):
             stages.append("compare")
         remote = default_remote(ws)  # with one, `dvc repro --pull` and `dvc push --run-cache` around the stages
         pull = remote is not None
-        reproduced = [s for s in stages if (ingest(ws, pull) if s == "ingest" else run_stage(ws, s, pull))]
-        print(f"{len(reproduced)} of {len(stages)} stages reproduced: {', '.join(reproduced) or 'none'}")
+        outcomes = {s: ingest(ws, pull) if s == "ingest" else run_stage(ws, s, pull) for s in stages}
+        ran = [s for s, outcome in outcomes.items() if outcome is Outcome.RAN]
+        restored = [s for s, outcome in outcomes.items() if outcome is Outcome.RESTORED]
+        reproduced = [s for s in stages if s in ran or s in restored]
+        print(f"{len(ran)} of {len(stages)} stages ran: {', '.join(ran) or 'none'}")
+        print(f"{len(restored)} restored from the DVC run-cache: {', '.join(restored) or 'none'}")
         if remote is not None:
             print(f"pushed {push_outputs(ws, stages)} files (outputs and run-cache) to the DVC remote {remote!r}")
         summary = _summary(cfg, ws, impls)
-        experiment = save_experiment(ws, stages, experiment_name) if overrides else None
+        experiment = save_experiment(ws, stages, experiment_name) if in_worktree else None
 
     create_markdown_artifact(
         key="training-metrics",
         markdown=_markdown(summary, overrides, experiment),
         description="Test metrics per implementation, with links to the MLflow runs",
     )
-    return {"impls": summary, "experiment": experiment, "stages": stages, "reproduced": reproduced}
+    return {
+        "impls": summary,
+        "experiment": experiment,
+        "stages": stages,
+        "reproduced": reproduced,  # ran, or restored from the run-cache: DVC's own "reproduced"
+        "ran": ran,
+        "restored": restored,
+    }
 
 
 @task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
@@ -133,14 +162,16 @@ def load_predictor(model: str, tracking_uri: str) -> Predictor:
     return Predictor(resolve_model(model, tracking_uri))
 
 
-def _nothing_to_predict(source: Path) -> str | None:
-    """Why there is nothing to do, for an inbox that is missing or holds no images; None when there is work."""
+def _nothing_to_predict(source: Path | None, source_ref: str) -> str | None:
+    """Why there is nothing to do, for an inbox that is missing or holds no images; None when there is work.
+    ``source_ref`` is what the user configured (a local path, or the s3:// URL ``source`` was copied from)."""
     from softmax_mlops.inputs import image_files
 
-    if not source.exists():
-        return f"{source} does not exist"
+    shown = source_ref if object_store.is_url(source_ref) else str(source)
+    if source is None or not source.exists():
+        return f"{shown} does not exist"
     if source.is_dir() and not image_files(source):
-        return f"{source} holds no PNG or JPEG images"
+        return f"{shown} holds no PNG or JPEG images"
     return None
 
 
@@ -153,27 +184,58 @@ def batch_inference(
     project_dir: str | None = None,
 ) -> dict:
     """Predict every image of a folder, IDX or .npy file with an exported model; the output is atomic.
-    Defaults come from params.yaml (batch_inference). An empty or missing inbox is a normal night: the run
+    Defaults come from params.yaml (batch_inference, or its environment overrides). The inbox and the output
+    may be s3:// URLs (pipelines/object_store.py). An empty or missing inbox is a normal night: the run
     completes with "nothing to predict" and writes nothing."""
+    root = Path(project_dir or os.getcwd()).resolve()
+    cfg = config.load(root)
+    source_ref = input_path or cfg.batch_inference.input
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+    name = f"{object_store.stem(source_ref) if object_store.is_url(source_ref) else Path(source_ref).stem}-{stamp}.csv"
+    output_ref = output_path or (
+        object_store.join(cfg.batch_inference.output_dir, name)
+        if object_store.is_url(cfg.batch_inference.output_dir)
+        else str(Path(cfg.batch_inference.output_dir) / name)
+    )
+    with tempfile.TemporaryDirectory(prefix="batch-inference-") as tmp:
+        if object_store.is_url(source_ref):
+            source = object_store.download(source_ref, Path(tmp) / "in")
+        else:
+            source = root / source_ref
+        if reason := _nothing_to_predict(source, source_ref):
+            print(f"nothing to predict: {reason}")
+            create_markdown_artifact(key="batch-inference", markdown=f"Nothing to predict: {reason}.\n")
+            return {"images": 0, "output": None, "model": None}
+        assert source is not None
+        output = Path(tmp) / "out" / name if object_store.is_url(output_ref) else root / output_ref
+        output.parent.mkdir(parents=True, exist_ok=True)
+        return _predict_batch(cfg, root, source, source_ref, output, output_ref, model, skip_bad)
+
+
+def _predict_batch(
+    cfg: config.Config,
+    root: Path,
+    source: Path,
+    source_ref: str,
+    output: Path,
+    output_ref: str,
+    model: str | None,
+    skip_bad: bool,
+) -> dict:
     from softmax_mlops import drift, predict
     from softmax_mlops.inference import model_source
 
-    root = Path(project_dir or os.getcwd()).resolve()
-    cfg = config.load(root)
-    source = root / (input_path or cfg.batch_inference.input)
-    if reason := _nothing_to_predict(source):
-        print(f"nothing to predict: {reason}")
-        create_markdown_artifact(key="batch-inference", markdown=f"Nothing to predict: {reason}.\n")
-        return {"images": 0, "output": None, "model": None}
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
-    output = root / (output_path or Path(cfg.batch_inference.output_dir) / f"{source.stem}-{stamp}.csv")
     model = model_source(model or cfg.batch_inference.model, root)
     predictor = load_predictor(model, cfg.mlflow.tracking_uri)
     result = task(name="predict", cache_policy=NO_CACHE)(predict.run)(
         source, output, predictor, cfg.predict.batch_size, cfg.predict.top_k, None, skip_bad, False, cfg.drift
     )
-    print(f"predicted {result.images} images from {source} with {model} into {output}")
-    markdown = f"Predicted **{result.images}** images from `{source}` with `{model}` into `{output}`.\n"
+    if object_store.is_url(output_ref):  # the finished files, uploaded whole: the drift report, then the output
+        if (report := drift.report_path(output)).exists():
+            object_store.upload(report, object_store.join(output_ref.rsplit("/", 1)[0], report.name))
+        object_store.upload(output, output_ref)
+    print(f"predicted {result.images} images from {source_ref} with {model} into {output_ref}")
+    markdown = f"Predicted **{result.images}** images from `{source_ref}` with `{model}` into `{output_ref}`.\n"
     if result.drift is not None:
         print(drift.summary(result.drift))
         markdown += "\n" + drift.markdown(result.drift)
@@ -181,7 +243,7 @@ def batch_inference(
     create_markdown_artifact(key="batch-inference", markdown=markdown)
     return {
         "images": result.images,
-        "output": str(output),
+        "output": output_ref if object_store.is_url(output_ref) else str(output),
         "model": model,
         "drift": result.drift["result"] if result.drift else None,
     }

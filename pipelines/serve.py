@@ -1,16 +1,15 @@
-"""The single-process alternative to a work pool: serve both deployments with their schedules from this
+"""The single-process alternative to a work pool: serve the deployments with their schedules from this
 process (`python -m pipelines.serve`). Names, crons and parameters are read from prefect.yaml, so the two
 ways of scheduling cannot drift apart.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import yaml
 from prefect import serve
-
-from . import flows
 
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
 
@@ -19,7 +18,8 @@ def deployments_from_prefect_yaml(path: Path = PREFECT_YAML) -> list:
     spec = yaml.safe_load(path.read_text())
     result = []
     for deployment in spec["deployments"]:
-        flow = getattr(flows, deployment["entrypoint"].split(":")[1])
+        source, name = deployment["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(source.removesuffix(".py").replace("/", ".")), name)
         crons = [s["cron"] for s in deployment.get("schedules", []) if s.get("active", True)]
         result.append(
             flow.to_deployment(

@@ -48,9 +48,12 @@ class Processes:
         return self
 
     def start(self, *cmd: str, cwd: Path, env: dict) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
+        """Output goes to an unnamed temporary file, never to a pipe: nobody reads a server's pipe while the
+        test runs, and a server whose 64 KiB pipe is full blocks in its next log write (seen with a Prefect
+        server logging a 409's traceback)."""
+        log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in __exit__
+        proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc.log = log  # type: ignore[attr-defined]
         self.started.append(proc)
         return proc
 
@@ -62,6 +65,16 @@ class Processes:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            proc.log.close()  # type: ignore[attr-defined]
+
+
+def output_of(proc: subprocess.Popen) -> str:
+    """What a process started by :class:`Processes` (or with a pipe) has written so far."""
+    log = getattr(proc, "log", None)
+    if log is not None:
+        log.seek(0)
+        return log.read()
+    return proc.stdout.read() if proc.stdout else ""
 
 
 SERVER_START_S = 180  # an MLflow or Prefect server on 2 busy cores starts in 5-30 s; the margin is for CI load
@@ -74,7 +87,7 @@ def wait_until(predicate, what: str, timeout_s: float, proc: subprocess.Popen | 
     deadline = time.monotonic() + timeout_s
     while not (result := predicate()):
         if proc is not None and proc.poll() is not None:
-            output = proc.stdout.read() if proc.stdout else ""
+            output = output_of(proc)
             raise AssertionError(f"waiting for {what}: {proc.args} exited first ({proc.returncode}):\n{output}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
@@ -160,12 +173,12 @@ def prefect_call(env: dict, fn):
         return asyncio.run(main())
 
 
-def run_deployment_and_wait(env: dict, name: str):
+def run_deployment_and_wait(env: dict, name: str, parameters: dict | None = None):
     """Trigger a deployment now and wait for its flow run to end; returns (flow run id, final state)."""
 
     async def trigger(client):
         deployment = await client.read_deployment_by_name(name)
-        return (await client.create_flow_run_from_deployment(deployment.id)).id
+        return (await client.create_flow_run_from_deployment(deployment.id, parameters=parameters)).id
 
     flow_run_id = prefect_call(env, trigger)
 

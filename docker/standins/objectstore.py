@@ -6,6 +6,10 @@ MOTO_ENABLE_RECORDING, every request is appended to MOTO_RECORDER_FILEPATH, and 
 replayed (moto does not record the replay) into a server on a private loopback port, before the public port
 opens: no client sees a half-restored store. moto accepts any credentials, so it cannot catch a wrong key:
 only the real store (SeaweedFS, docker/compose.yaml) checks them.
+
+moto's recorder appends an entry and its newline in two writes, from the server's request threads, so two
+concurrent uploads (DVC and MLflow upload in parallel) could share a line and break the replay: the recorder is
+wrapped so that one request is recorded at a time.
 """
 
 from __future__ import annotations
@@ -18,9 +22,21 @@ import threading
 import urllib.request
 from pathlib import Path
 
+from moto.moto_api._internal.recorder.models import Recorder
 from moto.server import ThreadedMotoServer
 
 PORT = int(os.environ.get("OBJECTSTORE_PORT", "8333"))
+
+_record_request = Recorder._record_request
+_recording = threading.Lock()
+
+
+def _record_one_at_a_time(self: Recorder, request: object, body: bytes | None = None) -> None:
+    with _recording:
+        _record_request(self, request, body)
+
+
+Recorder._record_request = _record_one_at_a_time  # type: ignore[method-assign]
 
 
 def replay(recording: Path) -> None:
@@ -42,7 +58,11 @@ def replay(recording: Path) -> None:
 def main() -> int:
     recording = Path(os.environ["MOTO_RECORDER_FILEPATH"])
     if recording.is_file() and recording.stat().st_size:
-        replay(recording)
+        try:
+            replay(recording)
+        except OSError as exc:
+            print(f"objectstore: cannot replay {recording}: {exc}", file=sys.stderr, flush=True)
+            return 1
     server = ThreadedMotoServer(ip_address=os.environ.get("OBJECTSTORE_HOST", "0.0.0.0"), port=PORT, verbose=False)
     server.start()
     print(f"objectstore: S3 on port {PORT}, recording to {recording}", flush=True)

@@ -24,6 +24,10 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 # The MLflow UI as a browser reaches it. In a container stack the tracking URI is an in-network name
 # (http://mlflow:5000) that a browser cannot open, so links need the published address instead.
 UI_URL_ENV = "SOFTMAX_MLOPS_MLFLOW_UI_URL"
+# The nightly batch inference's inbox and output folder where it runs (the stack: s3:// prefixes on its object
+# store, since a flow-run container has no volume); params.yaml's batch_inference.input and output_dir otherwise.
+BATCH_INPUT_ENV = "SOFTMAX_MLOPS_BATCH_INPUT"
+BATCH_OUTPUT_ENV = "SOFTMAX_MLOPS_BATCH_OUTPUT_DIR"
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,8 @@ class CalibrateConfig(Section):
 class ExportConfig(Section):
     opset: int = Field(18, ge=7)
     champion_min_accuracy: float = Field(0.82, ge=0, le=1)
+    champion_lock: str = Field("champion-gate", min_length=1)  # Prefect global concurrency limit (champion_lock.py)
+    champion_lock_timeout_s: float = Field(600.0, gt=0)
 
 
 class PredictConfig(Section):
@@ -198,6 +204,14 @@ class BatchInferenceConfig(Section):
     input: str = "data/incoming"
     output_dir: str = "predictions"
     model: str = "models:/softmax-mlops-scratch@champion"
+
+
+class SweepConfig(Section):
+    """The `sweep` deployment (pipelines/sweep.py): how many trials run at once (0: the machine's cores), and how
+    long the parent waits for all of them."""
+
+    concurrency: int = Field(0, ge=0)
+    timeout_s: float = Field(3600, gt=0)
 
 
 class MlflowConfig(Section):
@@ -243,6 +257,7 @@ class Config:
     drift: DriftConfig
     serve: ServeConfig
     batch_inference: BatchInferenceConfig
+    sweep: SweepConfig
     mlflow: MlflowConfig
 
     @property
@@ -253,6 +268,8 @@ class Config:
 
 def _section(cls: type[S], raw: dict[str, Any] | None, name: str) -> S:
     """Build a section from params.yaml, with pydantic's findings as one line that names each key."""
+    if raw is not None and not isinstance(raw, dict):
+        raise PipelineError(f"{PARAMS_FILE}: {name} must be a mapping of keys, got {type(raw).__name__}")
     try:
         return cls.model_validate(raw or {})
     except ValidationError as exc:
@@ -343,6 +360,18 @@ def _ui_url(tracking_uri: str, configured: str | None) -> str:
 DEFAULT_PATHS = {"prepared": "data/prepared", "models": "models", "metrics": "metrics", "reports": "reports"}
 
 
+def _batch_raw(raw: Any) -> Any:
+    """batch_inference from params.yaml, with the inbox and output folder overridden by the environment
+    (a section that is not a mapping is left for _section to refuse)."""
+    if raw is not None and not isinstance(raw, dict):
+        return raw
+    values = dict(raw or {})
+    for env, key in ((BATCH_INPUT_ENV, "input"), (BATCH_OUTPUT_ENV, "output_dir")):
+        if override := os.environ.get(env):
+            values[key] = override
+    return values
+
+
 def load(root: str | Path | None = None, missing_ok: bool = False) -> Config:
     """Read ``params.yaml`` from ``root`` (default: the working directory, which is where DVC runs stages).
     With ``missing_ok``, a folder without one gets the built-in defaults (predict and serve with an explicit
@@ -399,6 +428,7 @@ def load(root: str | Path | None = None, missing_ok: bool = False) -> Config:
         predict=_section(PredictConfig, raw.get("predict"), "predict"),
         drift=_section(DriftConfig, raw.get("drift"), "drift"),
         serve=_section(ServeConfig, raw.get("serve"), "serve"),
-        batch_inference=_section(BatchInferenceConfig, raw.get("batch_inference"), "batch_inference"),
+        batch_inference=_section(BatchInferenceConfig, _batch_raw(raw.get("batch_inference")), "batch_inference"),
+        sweep=_section(SweepConfig, raw.get("sweep"), "sweep"),
         mlflow=mlflow_cfg,
     )

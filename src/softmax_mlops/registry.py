@@ -9,6 +9,7 @@ the test data or the scoring code has changed since. The decision and its reason
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,12 +95,16 @@ def promote_if_not_worse(
     tracking_uri: str,  # noqa: ANN001
     images: np.ndarray,
     labels: np.ndarray,
+    lock: AbstractContextManager | None = None,
 ) -> Decision:
-    """Point @candidate at ``version``; move @champion to it only if :func:`decide` says so; record why."""
-    decision = decide(new, gate, current_champion(client, name, tracking_uri, images, labels))
-    client.set_registered_model_alias(name, CANDIDATE, version)
-    if decision.promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
+    """Point @candidate at ``version``; move @champion to it only if :func:`decide` says so; record why.
+    Reading the champion and moving the alias happen inside ``lock`` (champion_lock.py), so that two
+    challengers deciding at once cannot both read the same champion and leave the alias on the worse."""
+    with lock or nullcontext():
+        decision = decide(new, gate, current_champion(client, name, tracking_uri, images, labels))
+        client.set_registered_model_alias(name, CANDIDATE, version)
+        if decision.promoted:
+            client.set_registered_model_alias(name, CHAMPION, version)
     client.set_model_version_tag(name, version, "champion_decision", "promoted" if decision.promoted else "kept")
     client.set_model_version_tag(name, version, "champion_reason", decision.reason)
     client.set_model_version_tag(name, version, "test_nll", f"{new.nll:.6f}")

@@ -27,6 +27,7 @@ from .errors import PipelineError
 from .lifecycle import deferred_interrupts
 
 PREFECT_FLOW_RUN_ENV = "PREFECT_FLOW_RUN_ID"
+PREFECT_FLOW_RUN_TAG = "prefect_flow_run_id"  # on every stage run: which flow run it belonged to
 
 
 def _git_commit(root: Path) -> str:
@@ -63,7 +64,7 @@ def setup(cfg: Config) -> str:
 def _stage_tags(cfg: Config, stage: str) -> dict[str, str]:
     tags = {"dvc_stage": stage, "git_commit": _git_commit(cfg.root), "data_md5": data_md5(cfg)}
     if flow_run := os.environ.get(PREFECT_FLOW_RUN_ENV):
-        tags["prefect_flow_run_id"] = flow_run
+        tags[PREFECT_FLOW_RUN_TAG] = flow_run
     if exp := os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = exp
     return tags
@@ -313,6 +314,7 @@ def log_and_register_onnx(
     import torch
     from mlflow.models import infer_signature
 
+    from .champion_lock import champion_lock
     from .registry import promote_if_not_worse
 
     example_images = test_images[:5]
@@ -338,7 +340,10 @@ def log_and_register_onnx(
     client.set_registered_model_tag(name, "impl", impl)
     client.set_model_version_tag(name, version, "test_accuracy", f"{new.accuracy:.4f}")
     gate = cfg.export.champion_min_accuracy
-    decision = promote_if_not_worse(client, name, version, new, gate, cfg.mlflow.tracking_uri, test_images, test_labels)
+    lock = champion_lock(cfg.export.champion_lock, cfg.export.champion_lock_timeout_s)
+    decision = promote_if_not_worse(
+        client, name, version, new, gate, cfg.mlflow.tracking_uri, test_images, test_labels, lock=lock
+    )
     client.update_model_version(
         name, version, description=version_description(cfg, impl, new.accuracy) + f"\n- @champion: {decision.reason}"
     )

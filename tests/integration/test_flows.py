@@ -42,17 +42,25 @@ def test_every_stage_ran_as_a_task(project):
         "export@concise",
         "compare",
     ]
-    assert result["reproduced"] == result["stages"]  # a fresh copy: everything ran
+    assert result["reproduced"] == result["ran"] == result["stages"]  # a fresh copy: everything ran
+    assert result["restored"] == []
     import asyncio
 
     async def task_names():
-        async with get_client() as client:
-            from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+        """Prefect 3 records task runs from their events, after the flow returns: poll, bounded."""
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-            runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-            )
-            return sorted(r.name for r in runs)
+        names: list[str] = []
+        async with get_client() as client:
+            for _ in range(120):
+                runs = await client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+                )
+                names = sorted(r.name for r in runs)
+                if len(names) >= len(result["stages"]):
+                    break
+                await asyncio.sleep(0.5)
+        return names
 
     assert asyncio.run(task_names()) == sorted(result["stages"])
 
@@ -218,6 +226,57 @@ def test_batch_inference_with_nothing_to_predict_completes(project, inbox):
     assert state.is_completed(), state.message
     assert state.result() == {"images": 0, "output": None, "model": None}
     assert not (root / "predictions" / f"inbox-{inbox}").exists()
+
+
+def test_batch_inference_from_and_to_object_storage(project, monkeypatch):
+    """The stack's nightly run on a Docker pool container: the inbox and the output are s3:// prefixes, set by
+    the environment overrides, on a real S3 server (moto's). The predictions and the drift report appear as
+    objects; an empty prefix is a normal night, named by its URL."""
+    import io
+
+    from pipelines.flows import batch_inference
+    from stack import S3Server
+
+    root, _ = project
+    images, labels = real_test_images(root)
+    with S3Server("batch") as s3:
+        for key, value in {**S3Server.KEYS, "AWS_ENDPOINT_URL": s3.url}.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv(config.BATCH_INPUT_ENV, "s3://batch/incoming/")
+        monkeypatch.setenv(config.BATCH_OUTPUT_ENV, "s3://batch/predictions")
+        empty = batch_inference(model="models/scratch", project_dir=str(root), return_state=True)
+        assert empty.is_completed() and empty.result()["images"] == 0
+        for i in range(12):
+            png = io.BytesIO()
+            Image.fromarray(images[i]).save(png, format="PNG")
+            s3.client().put_object(Bucket="batch", Key=f"incoming/{i:02d}.png", Body=png.getvalue())
+        s3.client().put_object(Bucket="batch", Key="incoming/notes.txt", Body=b"not an image")
+        result = batch_inference(model="models/scratch", project_dir=str(root))
+        (output,) = [k for k in s3.keys("batch", "predictions/") if k.endswith(".csv")]
+        assert result["output"] == f"s3://batch/{output}" and output.startswith("predictions/incoming-")
+        body = s3.client().get_object(Bucket="batch", Key=output)["Body"].read().decode()
+        rows = list(csv.DictReader(io.StringIO(body)))
+        assert [r["id"] for r in rows] == [f"{i:02d}.png" for i in range(12)]
+        assert sum(int(r["class_id"]) == labels[i] for i, r in enumerate(rows)) >= 8
+        assert output.replace(".csv", ".drift.json") in s3.keys("batch", "predictions/")
+    assert not (root / "predictions" / "incoming").exists()
+
+
+def test_batch_inference_names_an_empty_prefix_by_its_url(project, monkeypatch, tmp_path):
+    from pipelines import object_store
+    from pipelines.flows import _nothing_to_predict, batch_inference
+    from stack import S3Server
+
+    root, _ = project
+    with S3Server("batch") as s3:
+        for key, value in {**S3Server.KEYS, "AWS_ENDPOINT_URL": s3.url}.items():
+            monkeypatch.setenv(key, value)
+        result = batch_inference(input_path="s3://batch/nowhere/", model="models/scratch", project_dir=str(root))
+        assert result == {"images": 0, "output": None, "model": None}
+        s3.client().put_object(Bucket="batch", Key="notes/readme.txt", Body=b"not an image")
+        copied = object_store.download("s3://batch/notes/", tmp_path / "in")
+    assert _nothing_to_predict(None, "s3://batch/nowhere/") == "s3://batch/nowhere/ does not exist"
+    assert _nothing_to_predict(copied, "s3://batch/notes/") == "s3://batch/notes/ holds no PNG or JPEG images"
 
 
 def real_test_images(root):

@@ -36,6 +36,31 @@ def test_environment_overrides_mirror_and_tracking_uri(monkeypatch):
     assert cfg.mlflow.tracking_uri == "http://127.0.0.1:5000"
 
 
+def test_environment_overrides_the_batch_inbox_and_output_only(monkeypatch):
+    """The stack's flow-run containers have no volume: their inbox and output are s3:// prefixes."""
+    monkeypatch.delenv(config.BATCH_INPUT_ENV, raising=False)
+    monkeypatch.delenv(config.BATCH_OUTPUT_ENV, raising=False)
+    assert (config.load(REPO).batch_inference.input, config.load(REPO).batch_inference.output_dir) == (
+        "data/incoming",
+        "predictions",
+    )
+    monkeypatch.setenv(config.BATCH_INPUT_ENV, "s3://batch/incoming/")
+    assert config.load(REPO).batch_inference.output_dir == "predictions"
+    monkeypatch.setenv(config.BATCH_OUTPUT_ENV, "s3://batch/predictions")
+    batch = config.load(REPO).batch_inference
+    assert (batch.input, batch.output_dir) == ("s3://batch/incoming/", "s3://batch/predictions")
+    assert batch.model == "models:/softmax-mlops-scratch@champion"
+
+
+def test_a_batch_section_that_is_not_a_mapping_is_refused_even_with_overrides(tmp_path, monkeypatch):
+    monkeypatch.setenv(config.BATCH_INPUT_ENV, "s3://batch/incoming/")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["batch_inference"] = ["data/incoming"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(PipelineError, match="^params.yaml: batch_inference must be a mapping of keys, got list$"):
+        config.load(tmp_path)
+
+
 def test_relative_sqlite_uri_is_anchored_at_project_root(tmp_path):
     assert config.resolve_tracking_uri("sqlite:///x/m.db", tmp_path) == f"sqlite:///{tmp_path}/x/m.db"
     assert config.resolve_tracking_uri("sqlite:////abs/m.db", tmp_path) == "sqlite:////abs/m.db"
@@ -61,6 +86,8 @@ def test_int_given_for_float_is_accepted(tmp_path):
         ("calibrate.initial_temperature", 0, "calibrate.initial_temperature must be > 0"),
         ("serve.port", 70000, "serve.port must be <= 65535, got 70000"),
         ("ingest.validation_size", 5, "ingest.validation_size must be >= 10, got 5"),
+        ("sweep.concurrency", -1, "sweep.concurrency must be >= 0, got -1"),
+        ("sweep.timeout_s", 0, "sweep.timeout_s must be > 0, got 0"),
     ],
 )
 def test_bad_params_are_named(tmp_path, key, value, message):

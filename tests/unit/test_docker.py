@@ -12,7 +12,7 @@ from helpers import REPO
 
 DOCKER = REPO / "docker"
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile*"))
-LONG_RUNNING = ("postgres", "mlflow", "prefect-server", "prefect-worker", "inference")
+LONG_RUNNING = ("postgres", "objectstore", "mlflow", "prefect-server", "prefect-worker", "inference")
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def compose():
 
 
 @pytest.mark.parametrize(
-    "dockerfile", [*DOCKERFILES, DOCKER / "standins" / "postgres.Dockerfile"], ids=lambda p: p.name
+    "dockerfile", [*DOCKERFILES, *(DOCKER / "standins").glob("*.Dockerfile")], ids=lambda p: p.name
 )
 def test_hadolint_has_no_findings(dockerfile):
     hadolint = shutil.which("hadolint")
@@ -53,12 +53,20 @@ def test_makefile_installs_from_the_same_lock():
 
 
 def test_services_healthchecks_and_dependencies(compose):
+    """Every service of ours has a healthcheck. The object store's image is SeaweedFS's own (whose tools we do
+    not control), and the buckets job runs once; no service waits for the job's success, which podman 4.3
+    cannot start after the job has exited (stack_test.py checks that it exited 0)."""
     services = compose["services"]
-    assert set(services) == {"postgres", "mlflow", "prefect-server", "prefect-worker", "inference"}
+    assert set(services) == {*LONG_RUNNING, "buckets"}
     for name, service in services.items():
-        assert service["healthcheck"]["test"], name
-        for dependency, condition in (service.get("depends_on") or {}).items():
-            assert dependency in services and condition == {"condition": "service_healthy"}, (name, dependency)
+        if name not in ("objectstore", "buckets"):
+            assert service["healthcheck"]["test"], name
+        dependencies = service.get("depends_on") or {}
+        for dependency in dependencies:
+            condition = dependencies[dependency] if isinstance(dependencies, dict) else None
+            assert dependency in services and dependency != "buckets", (name, dependency)
+            assert condition in (None, {"condition": "service_healthy"}), (name, dependency)
+    assert services["buckets"]["restart"] == "on-failure"
     assert set(services["prefect-worker"]["depends_on"]) == {"prefect-server", "mlflow"}
     assert services["prefect-worker"]["stop_signal"] == "SIGINT"
 
@@ -68,7 +76,8 @@ def test_wiring(compose):
     worker = services["prefect-worker"]["environment"]
     assert worker["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert worker["PREFECT_API_URL"] == "http://prefect-server:4200/api"
-    assert worker["SOFTMAX_MLOPS_PROJECT_DIR"] == "/app"
+    # prefect.yaml's pull step reads SOFTMAX_MLOPS_PROJECT_DIR in each flow-run container: the image sets it
+    assert "SOFTMAX_MLOPS_PROJECT_DIR=/app" in (DOCKER / "Dockerfile").read_text()
     assert services["inference"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert services["inference"]["environment"]["SOFTMAX_MLOPS_MODEL"].startswith("models:/")
     prefect = services["prefect-server"]["environment"]
@@ -78,7 +87,31 @@ def test_wiring(compose):
     assert prefect["PREFECT_UI_API_URL"] == "${PREFECT_UI_URL:-http://127.0.0.1:4200}/api"
     mlflow_cmd = " ".join(services["mlflow"]["command"])
     assert "--backend-store-uri postgresql://" in mlflow_cmd and "@postgres:5432/mlflow" in mlflow_cmd
-    assert "--artifacts-destination /mlartifacts" in mlflow_cmd
+    assert "--artifacts-destination s3://mlflow/artifacts" in mlflow_cmd
+
+
+def test_object_store_keys_and_endpoint_go_only_where_they_are_used(compose):
+    """MLflow's server alone talks to S3 for artifacts (clients go through its proxy); the worker needs the
+    keys for DVC's remote, which docker/entrypoint.sh sets --local, never in a committed file."""
+    services = compose["services"]
+    assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://objectstore:8333"
+    assert (
+        "s3://mlflow" in " ".join(services["mlflow"]["command"])
+        and "mlflow" in services["buckets"]["environment"]["S3_BUCKETS"].split()
+    )
+    worker = services["prefect-worker"]["environment"]
+    assert worker["SOFTMAX_MLOPS_DVC_REMOTE"] == "s3://dvc/cache" and worker["AWS_ENDPOINT_URL"].endswith(":8333")
+    assert "dvc" in services["buckets"]["environment"]["S3_BUCKETS"].split()
+    for name in ("mlflow", "prefect-worker", "objectstore", "buckets"):
+        env = services[name]["environment"]
+        assert env["AWS_ACCESS_KEY_ID"] == "${OBJECTSTORE_ACCESS_KEY:-softmax}", name
+        assert env["AWS_SECRET_ACCESS_KEY"].startswith("${OBJECTSTORE_SECRET_KEY:-"), name
+    for name in ("inference", "prefect-server", "postgres"):
+        assert not {"AWS_ACCESS_KEY_ID", "MLFLOW_S3_ENDPOINT_URL"} & set(services[name].get("environment") or {})
+    entrypoint = (DOCKER / "entrypoint.sh").read_text()
+    assert 'dvc remote add --local --force --default store "$SOFTMAX_MLOPS_DVC_REMOTE"' in entrypoint
+    assert 'dvc remote modify --local store endpointurl "$AWS_ENDPOINT_URL"' in entrypoint
+    assert "s3://" not in (REPO / ".dvc" / "config").read_text()
 
 
 def test_ports_are_published_on_loopback_only(compose):
@@ -129,26 +162,57 @@ def test_links_use_the_published_addresses(compose):
     assert worker["SOFTMAX_MLOPS_MLFLOW_UI_URL"].endswith("http://127.0.0.1:5000}")
 
 
-def test_batch_inference_inbox_and_outputs_are_volumes(compose):
-    params = yaml.safe_load((REPO / "params.yaml").read_text())["batch_inference"]
-    mounts = {v.split(":")[1]: v.split(":")[0] for v in compose["services"]["prefect-worker"]["volumes"]}
-    assert mounts["/app/" + params["input"]] == "incoming"
-    assert mounts["/app/" + params["output_dir"]] == "predictions"
+def test_flow_runs_are_containers_of_the_docker_pool_with_no_volume(compose):
+    """The worker serves a docker pool through the engine's socket, its only mount; each run gets the named
+    network and exactly the variables it lists, every one of them set on the worker."""
+    worker = compose["services"]["prefect-worker"]
+    env = worker["environment"]
+    assert env["SOFTMAX_MLOPS_WORK_POOL_TYPE"] == "docker"
+    assert worker["volumes"] == ["${DOCKER_SOCKET:-/var/run/docker.sock}:/var/run/docker.sock"]
+    assert worker["group_add"] == ["${DOCKER_SOCKET_GID:-0}"]
+    assert env["SOFTMAX_MLOPS_FLOW_NETWORK"] == compose["networks"]["default"]["name"] == "softmax-mlops"
+    listed = env["SOFTMAX_MLOPS_FLOW_ENV"].split()
+    required = [name for name in listed if not name.endswith("?")]
+    assert {"MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "SOFTMAX_MLOPS_DVC_REMOTE"} <= set(required)
+    assert [name for name in required if name not in env] == []
+    assert "PREFECT_HOME" not in listed  # the worker's own
+
+
+def test_batch_inference_inbox_and_outputs_are_in_the_object_store(compose):
+    """A flow-run container has no volume: the nightly batch reads and writes s3://batch, a bucket made at up."""
+    env = compose["services"]["prefect-worker"]["environment"]
+    assert env["SOFTMAX_MLOPS_BATCH_INPUT"] == "s3://batch/incoming/"
+    assert env["SOFTMAX_MLOPS_BATCH_OUTPUT_DIR"] == "s3://batch/predictions"
+    assert "batch" in compose["services"]["buckets"]["environment"]["S3_BUCKETS"].split()
 
 
 def test_mirror_override_mounts_a_host_folder_read_only():
+    """Mounted into each flow-run container (the engine resolves the host path), not into the worker."""
     override = yaml.safe_load((DOCKER / "compose.mirror.yaml").read_text())["services"]["prefect-worker"]
     assert override["environment"]["FASHION_MNIST_MIRROR"] == "/mirror"
-    (volume,) = override["volumes"]
+    assert "volumes" not in override
+    volume = override["environment"]["SOFTMAX_MLOPS_FLOW_VOLUMES"]
     assert volume.startswith("${FASHION_MNIST_MIRROR:?") and volume.endswith(":/mirror:ro")
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    assert (
+        "FASHION_MNIST_MIRROR?"
+        in compose["services"]["prefect-worker"]["environment"]["SOFTMAX_MLOPS_FLOW_ENV"].split()
+    )
 
 
-def test_postgres_standin_is_only_an_override():
-    """Users keep the official image; only the stack test's override builds the Debian stand-in."""
+def test_standins_are_only_an_override():
+    """Users keep the official images; only the stack test's override builds the stand-ins."""
     compose_text = (DOCKER / "compose.yaml").read_text()
     assert "image: docker.io/library/postgres:" in compose_text and "standin" not in compose_text
+    assert "image: docker.io/chrislusf/seaweedfs:" in compose_text
     override = yaml.safe_load((DOCKER / "standins" / "compose.yaml").read_text())["services"]
-    assert set(override) == {"postgres"}
+    assert set(override) == {"postgres", "objectstore"}
+    assert override["objectstore"]["build"]["dockerfile"] == "docker/standins/objectstore.Dockerfile"
+    assert (DOCKER / override["objectstore"]["build"]["context"] / "requirements.lock").is_file()
+    objectstore = (DOCKER / "standins" / "objectstore.Dockerfile").read_text()
+    assert (
+        "EXPOSE 8333" in objectstore and "USER 10001" in objectstore and "MOTO_RECORDER_FILEPATH=/data/" in objectstore
+    )
     entrypoint = (DOCKER / "standins" / "postgres-entrypoint.sh").read_text()
     for contract in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "/docker-entrypoint-initdb.d/"):
         assert contract in entrypoint

@@ -222,3 +222,50 @@ def test_the_champion_is_scored_from_the_store_the_stage_names_not_the_process_d
     assert decision.promoted and decision.champion_before == champion
     tags = registry.client.get_model_version(registry.name, challenger).tags
     assert tags["champion_decision"] == "promoted" and tags["champion_reason"] == decision.reason
+
+
+class Watched:
+    """A real MlflowClient whose registry calls are noted with whether the lock was held at the time."""
+
+    def __init__(self, client: mlflow.MlflowClient) -> None:
+        self.client, self.held, self.calls = client, False, []
+
+    def __getattr__(self, attr):
+        method = getattr(self.client, attr)
+
+        def call(*args, **kwargs):
+            self.calls.append((attr, args[1:2], self.held))
+            return method(*args, **kwargs)
+
+        return call
+
+
+def test_the_champion_is_read_and_both_aliases_moved_inside_the_lock(registry, models):
+    """The lock of champion_lock.py must cover the whole decision: a read of @champion outside it, or an alias
+    moved after it, would let two challengers both read the same champion (tests/unit/test_champion_lock.py)."""
+    from contextlib import contextmanager
+
+    sharp, soft, images, labels, scores = models
+    watched = Watched(registry.client)
+
+    @contextmanager
+    def lock():
+        watched.held = True
+        try:
+            yield
+        finally:
+            watched.held = False
+
+    first = registry.register(soft)
+    promote_if_not_worse(watched, registry.name, first, scores[soft], GATE, registry.uri, images, labels, lock())
+    second = registry.register(sharp)
+    decision = promote_if_not_worse(
+        watched, registry.name, second, scores[sharp], GATE, registry.uri, images, labels, lock()
+    )
+    assert decision.promoted and decision.reason.startswith(f"promoted: 1.0000 ≥ champion v{first} ")
+    registry_calls = [c for c in watched.calls if "alias" in c[0]]
+    assert ("get_model_version_by_alias", (CHAMPION,), True) in registry_calls
+    assert ("set_registered_model_alias", (CHAMPION,), True) in registry_calls
+    assert ("set_registered_model_alias", (CANDIDATE,), True) in registry_calls
+    assert all(held for _, _, held in registry_calls), registry_calls
+    assert registry.alias(CHAMPION) == second
