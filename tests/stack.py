@@ -160,16 +160,48 @@ def prefect_env(root: Path, home: Path, port: int) -> dict:
     return env
 
 
+@contextlib.contextmanager
+def prefect_api(url: str, more: dict | None = None):
+    """Point this process's Prefect settings at ``url`` for the block (Prefect reads the environment once, at
+    import, so a changed PREFECT_API_URL would not be seen), and stop Prefect's background senders on the way
+    out.
+
+    Prefect's events worker and API log worker are one per process, and each reads the API URL once, when it
+    starts. One started inside this block (a concurrency slot, a flow, a log line) would go on sending every
+    later event of the test session to ``url``, a server that is gone by then: the flows of the session harness
+    would then record no task runs (CI failed so on test_flows.py, when pytest-randomly ran a test that used
+    this block first). Draining them here lets the next user start fresh ones with its own URL."""
+    import prefect.settings
+
+    updates = {prefect.settings.PREFECT_API_URL: url, **(more or {})}
+    try:
+        with prefect.settings.temporary_settings(updates=updates):
+            yield
+    finally:
+        drain_prefect_workers()
+
+
+def drain_prefect_workers() -> None:
+    """Stop (after sending what they hold, bounded) Prefect's per-process events and API log workers."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (EventsWorker, APILogWorker):
+        worker.drain_all(timeout=DRAIN_S)
+
+
+DRAIN_S = 10  # what a stopped worker may still send to a live server; a dead one's retries are cut off here
+
+
 def prefect_call(env: dict, fn):
     """Run ``fn(client)`` against the server named in ``env``."""
-    import prefect.settings
     from prefect import get_client
 
     async def main():
         async with get_client() as client:
             return await fn(client)
 
-    with prefect.settings.temporary_settings(updates={prefect.settings.PREFECT_API_URL: env["PREFECT_API_URL"]}):
+    with prefect_api(env["PREFECT_API_URL"]):
         return asyncio.run(main())
 
 

@@ -14,7 +14,6 @@ import queue
 import subprocess
 import sys
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 
 from softmax_mlops.champion_lock import champion_lock
 from softmax_mlops.errors import PipelineError
-from stack import Processes, free_port, prefect_call, prefect_env, wait_http
+from stack import Processes, free_port, prefect_api, prefect_call, prefect_env, wait_http
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]
 
@@ -183,17 +182,6 @@ def test_two_challengers_deciding_at_once_never_leave_the_champion_on_the_worse(
             child.stop()
 
 
-@contextmanager
-def api(url: str, more: dict | None = None):
-    """Point this process's Prefect settings at ``url``: Prefect reads the environment once, at import, so a
-    changed PREFECT_API_URL would not be seen."""
-    import prefect.settings
-
-    updates = {prefect.settings.PREFECT_API_URL: url, **(more or {})}
-    with prefect.settings.temporary_settings(updates=updates):
-        yield
-
-
 def prefect_limit(env: dict, name: str):
     async def read(client):
         return await client.read_global_concurrency_limit_by_name(name)
@@ -205,7 +193,7 @@ def test_the_lock_is_created_with_one_slot_and_a_wider_limit_is_refused(servers)
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
     _, env = servers
-    with api(env["PREFECT_API_URL"]), champion_lock("made-here", timeout_s=30):
+    with prefect_api(env["PREFECT_API_URL"]), champion_lock("made-here", timeout_s=30):
         held = prefect_limit(env, "made-here")
         assert held.limit == 1 and held.active_slots == 1  # taken while the block runs
     assert prefect_limit(env, "made-here").active_slots == 0
@@ -214,7 +202,7 @@ def test_the_lock_is_created_with_one_slot_and_a_wider_limit_is_refused(servers)
         await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="too-wide", limit=2))
 
     prefect_call(env, create)
-    with api(env["PREFECT_API_URL"]), pytest.raises(PipelineError) as refused, champion_lock("too-wide", 30):
+    with prefect_api(env["PREFECT_API_URL"]), pytest.raises(PipelineError) as refused, champion_lock("too-wide", 30):
         pytest.fail("a two-slot limit is not a lock")
     assert str(refused.value) == (
         f"the Prefect concurrency limit 'too-wide' at {env['PREFECT_API_URL']} has 2 slot(s): "
@@ -225,7 +213,7 @@ def test_the_lock_is_created_with_one_slot_and_a_wider_limit_is_refused(servers)
 def test_a_lock_held_elsewhere_times_out_in_one_line(servers):
     _, env = servers
     with (
-        api(env["PREFECT_API_URL"]),
+        prefect_api(env["PREFECT_API_URL"]),
         champion_lock("held", timeout_s=30),
         pytest.raises(PipelineError) as waited,
         champion_lock("held", 2),
@@ -239,10 +227,51 @@ def test_a_dead_prefect_api_fails_the_decision_in_one_line_naming_it():
 
     url = f"http://127.0.0.1:{free_port()}/api"
     with (
-        api(url, {prefect.settings.PREFECT_CLIENT_MAX_RETRIES: 1}),
+        prefect_api(url, {prefect.settings.PREFECT_CLIENT_MAX_RETRIES: 1}),
         pytest.raises(PipelineError) as failed,
         champion_lock("champion-gate", timeout_s=5),
     ):
         pytest.fail("no API, no lock")
     assert str(failed.value).startswith(f"cannot reach the champion lock 'champion-gate' at {url}: ")
     assert "\n" not in str(failed.value)
+
+
+def test_a_lock_taken_on_another_server_leaves_this_process_flows_recorded(servers, prefect_harness):
+    """Taking the lock on another server starts Prefect's per-process events worker with that server's URL.
+    Unless prefect_api stops it on the way out, every later flow of this process sends its events, and with them
+    its task runs, to the other server: the session harness then records no task run (the CI failure of
+    test_flows.py when this module ran first)."""
+    import asyncio
+
+    from prefect import flow, get_client, task
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    _, env = servers
+    with prefect_api(env["PREFECT_API_URL"]), champion_lock("elsewhere", timeout_s=30):
+        pass
+
+    @task(name="recorded-task")
+    def recorded() -> int:
+        return 1
+
+    @flow(name="after-the-lock")
+    def after_the_lock() -> int:
+        return recorded()
+
+    state = after_the_lock(return_state=True)
+    assert state.is_completed()
+
+    async def task_names() -> list[str]:
+        names: list[str] = []
+        async with get_client() as client:
+            for _ in range(60):  # task runs are recorded from their events, after the flow returns: poll, bounded
+                runs = await client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+                )
+                names = [r.name for r in runs]
+                if names:
+                    break
+                await asyncio.sleep(0.5)
+        return names
+
+    assert [name.split("-")[0] for name in asyncio.run(task_names())] == ["recorded"]
