@@ -9,7 +9,7 @@ import yaml
 from helpers import REPO
 from softmax_mlops import config
 
-MANIFEST = REPO / "deploy" / "kserve" / "inferenceservice.yaml"
+MANIFEST = REPO / "deploy" / "kubernetes" / "kserve" / "inferenceservice.yaml"
 
 
 @pytest.fixture(scope="module")
