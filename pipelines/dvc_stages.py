@@ -176,10 +176,31 @@ def override_in_place(workspace: Path, overrides: Sequence[str]) -> None:
     apply_overrides(str(workspace / "params.yaml"), list(overrides))
 
 
-def save_experiment(workspace: Path, stages: Sequence[str], name: str | None) -> str:
-    """Record the stages' results as a DVC experiment of the project; returns its name."""
-    from dvc.repo import Repo
+EXPERIMENT_LOCK = "softmax-mlops-exp-save.lock"  # in the git common directory, shared by every worktree
+EXPERIMENT_LOCK_S = 600.0  # a save takes seconds; a holder stuck past this is reported, never waited on forever
 
-    with contextlib.chdir(workspace), Repo(str(workspace)) as repo:
-        ref = repo.experiments.save(targets=list(stages), name=name, force=True)
-        return ref.name if hasattr(ref, "name") else str(name or ref)
+
+def save_experiment(workspace: Path, stages: Sequence[str], name: str | None, lock_s: float = EXPERIMENT_LOCK_S) -> str:
+    """Record the stages' results as a DVC experiment of the project; returns its name.
+
+    Saves are serialized across processes with a file lock in the git directory that all worktrees share.
+    `dvc exp save` writes refs that every worktree of a repository shares (refs/exps/exec/...): two sweep
+    trials saving at the same moment clobbered each other's, and one failed inside DVC with
+    "'NoneType' object is not subscriptable" (tests/unit/test_experiment_lock.py)."""
+    from dvc.repo import Repo
+    from filelock import FileLock, Timeout
+
+    common = subprocess.run(
+        ["git", "rev-parse", "--path-format=absolute", "--git-common-dir"],
+        cwd=workspace,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    lock = Path(common) / EXPERIMENT_LOCK
+    try:
+        with FileLock(lock, timeout=lock_s), contextlib.chdir(workspace), Repo(str(workspace)) as repo:
+            ref = repo.experiments.save(targets=list(stages), name=name, force=True)
+            return ref.name if hasattr(ref, "name") else str(name or ref)
+    except Timeout:
+        raise StageFailed(f"dvc exp save: {lock} stayed locked for {lock_s:g} s by another save") from None
