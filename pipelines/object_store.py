@@ -12,9 +12,27 @@ work (fsspec there too).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 import fsspec
+
+from softmax_mlops.errors import PipelineError, first_line
+
+
+class ObjectStoreError(PipelineError):
+    """The store could not be read or written: one line naming the URL and the store's reason."""
+
+
+@contextmanager
+def _reporting(verb: str, url: str) -> Iterator[None]:
+    """An unreachable store, a missing bucket or refused keys end as one line naming the URL, not as botocore's
+    traceback (after botocore's own retries)."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - botocore, aiohttp, s3fs and OS errors alike
+        raise ObjectStoreError(f"cannot {verb} {url}: {first_line(exc)}") from None
 
 
 def is_url(path: str) -> bool:
@@ -38,26 +56,28 @@ def stem(url: str) -> str:
 
 def download(url: str, dest: Path) -> Path | None:
     """Copy an object, or the top-level objects under a prefix, into ``dest``; None when nothing is there."""
-    fs, path = _fs(url)
-    dest.mkdir(parents=True, exist_ok=True)
-    if fs.isfile(path):
-        target = dest / PurePosixPath(path).name
-        fs.get(path, str(target))
-        return target
-    if not fs.isdir(path):
-        return None
-    folder = dest / stem(url)
-    folder.mkdir()
-    for entry in fs.ls(path, detail=True):
-        if entry["type"] == "file":
-            fs.get(entry["name"], str(folder / PurePosixPath(entry["name"]).name))
-    return folder
+    with _reporting("read", url):
+        fs, path = _fs(url)
+        dest.mkdir(parents=True, exist_ok=True)
+        if fs.isfile(path):
+            target = dest / PurePosixPath(path).name
+            fs.get(path, str(target))
+            return target
+        if not fs.isdir(path):
+            return None
+        folder = dest / stem(url)
+        folder.mkdir()
+        for entry in fs.ls(path, detail=True):
+            if entry["type"] == "file":
+                fs.get(entry["name"], str(folder / PurePosixPath(entry["name"]).name))
+        return folder
 
 
 def upload(local: Path, url: str) -> None:
     """Put a finished local file at ``url``."""
-    fs, path = _fs(url)
-    fs.put_file(str(local), path)
+    with _reporting("write", url):
+        fs, path = _fs(url)
+        fs.put_file(str(local), path)
 
 
 def join(url: str, name: str) -> str:
