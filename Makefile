@@ -92,6 +92,7 @@ bench: setup
 	python benchmarks/pipeline_time.py
 	python benchmarks/inference_speed.py
 	python benchmarks/vs_mlflow.py
+	python benchmarks/sweep_concurrency.py
 
 # Refresh the lock from the current venv after changing dependencies in pyproject.toml.
 lock: setup

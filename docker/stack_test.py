@@ -331,6 +331,25 @@ def flow_run_log(run_id: str) -> str:
     return "\n".join(entry.message for entry in logs)
 
 
+def dvc_times(run_id: str) -> str:
+    """Where a training run's time went, from its task runs: the stage tasks (each `dvc repro --pull`: the pull
+    of what the stage needs, the check, and the command if it ran) and the `dvc-push` task."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        flow = client.read_flow_run(uuid.UUID(run_id))
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(run_id)])))
+    push = sum(t.total_run_time.total_seconds() for t in tasks if t.name == "dvc-push")
+    stages = sum(t.total_run_time.total_seconds() for t in tasks if t.name != "dvc-push")
+    return (
+        f"{len(tasks) - 1} stage tasks {stages:.1f} s (with --pull), dvc push {push:.1f} s, "
+        f"of the flow run's {flow.total_run_time.total_seconds():.1f} s"
+    )
+
+
 def check_sweep(run_id: str) -> list[str]:
     """The sweep's leaderboard names every set, each trial completed and logged both implementations to MLflow
     with its artifacts in the bucket, and @champion is on the best version ever registered. Returns the trials'
@@ -618,6 +637,7 @@ def main() -> int:
             runs = []
             with step("4. training deployment (a fresh container)"):
                 runs.append(run_deployment("training-pipeline/weekly-retrain", args.timeout))
+                log(f"DVC in a container, the first run: {dvc_times(runs[-1])}")
             with step("5. MLflow runs, registry, @champion"):
                 before = mlflow_state()
                 log(
@@ -646,6 +666,7 @@ def main() -> int:
                     raise StackFailed(f"the second weekly-retrain run did not log {NOTHING_RAN!r}: {tail!r}")
                 said = [line for line in text.splitlines() if "stages ran:" in line or "run-cache:" in line]
                 log(f"second weekly-retrain run {runs[-1]}: {said}")
+                log(f"DVC in a container, the second run: {dvc_times(runs[-1])}")
                 if (again := mlflow_state())["runs"] != before["runs"] or again["champion"] != before["champion"]:
                     raise StackFailed(f"a run that reproduced nothing changed MLflow: {again} (was {before})")
             with step("8. a fresh clone on the host pulls from the store"):
