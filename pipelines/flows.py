@@ -228,7 +228,14 @@ def _predict_batch(
     model = model_source(model or cfg.batch_inference.model, root)
     predictor = load_predictor(model, cfg.mlflow.tracking_uri)
     result = task(name="predict", cache_policy=NO_CACHE)(predict.run)(
-        source, output, predictor, cfg.predict.batch_size, cfg.predict.top_k, None, skip_bad, False, cfg.drift
+        input_path=source,
+        output=output,
+        predictor=predictor,
+        batch_size=cfg.predict.batch_size,
+        top_k=cfg.predict.top_k,
+        skip_bad=skip_bad,
+        progress=False,  # a flow run's log is no terminal
+        drift_cfg=cfg.drift,
     )
     if object_store.is_url(output_ref):  # the finished files, uploaded whole: the drift report, then the output
         if (report := drift.report_path(output)).exists():

@@ -137,40 +137,44 @@ _IMAGE = {
     },
 }
 _FILE = {"type": "string", "format": "binary"}
-# /predict reads its body itself (three content types, size and time limits), so FastAPI cannot infer the
-# schema: describe it here, for clients and for schemathesis-style fuzzers.
-PREDICT_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "required": ["instances"],
-                "properties": {
-                    "instances": {
-                        "type": "array",
-                        "minItems": 1,
-                        "maxItems": 256,
-                        "items": {
-                            "oneOf": [
-                                _IMAGE,
-                                {
-                                    "type": "array",
-                                    "minItems": 784,
-                                    "maxItems": 784,
-                                    "items": {"type": "integer", "minimum": 0, "maximum": 255},
-                                },
-                            ]
-                        },
-                    }
-                },
-            }
+
+
+def predict_body(max_instances: int) -> dict:
+    """/predict's request body for the OpenAPI document. The route reads its body itself (three content types,
+    size and time limits), so FastAPI cannot infer the schema: it is described here, for clients and for
+    schemathesis-style fuzzers, with the instance limit the service was started with (serve.max_instances)."""
+    return {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["instances"],
+                    "properties": {
+                        "instances": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": max_instances,
+                            "items": {
+                                "oneOf": [
+                                    _IMAGE,
+                                    {
+                                        "type": "array",
+                                        "minItems": 784,
+                                        "maxItems": 784,
+                                        "items": {"type": "integer", "minimum": 0, "maximum": 255},
+                                    },
+                                ]
+                            },
+                        }
+                    },
+                }
+            },
+            "image/png": {"schema": _FILE},
+            "image/jpeg": {"schema": _FILE},
+            "multipart/form-data": {"schema": {"type": "object", "properties": {"file": _FILE}, "required": ["file"]}},
         },
-        "image/png": {"schema": _FILE},
-        "image/jpeg": {"schema": _FILE},
-        "multipart/form-data": {"schema": {"type": "object", "properties": {"file": _FILE}, "required": ["file"]}},
-    },
-}
+    }
 
 
 def create_app(predictor: Predictor, limits: ServeConfig, top_k: int) -> FastAPI:
@@ -231,7 +235,7 @@ def create_app(predictor: Predictor, limits: ServeConfig, top_k: int) -> FastAPI
 
     @app.post(
         "/predict",
-        openapi_extra={"requestBody": PREDICT_BODY},
+        openapi_extra={"requestBody": predict_body(limits.max_instances)},
         responses={
             code: {"description": text, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
             for code, text in ERRORS.items()

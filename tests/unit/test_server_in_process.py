@@ -234,7 +234,7 @@ def test_routes_and_methods_that_do_not_exist_get_json_and_allow(predictor):
 
 
 def test_the_openapi_document_describes_predicts_body_and_errors(predictor):
-    with running(predictor) as url:
+    with running(predictor, max_instances=7) as url:
         document = httpx.get(f"{url}/openapi.json").json()
     assert document["info"]["title"] == "softmax-mlops inference" and document["info"]["version"] == "1"
     assert document["info"]["description"] == (
@@ -242,7 +242,17 @@ def test_the_openapi_document_describes_predicts_body_and_errors(predictor):
         "(KServe v2) under /v2, and MLflow's scoring protocol (/invocations, /ping, /version)."
     )
     operation = document["paths"]["/predict"]["post"]
-    assert operation["requestBody"] == server.PREDICT_BODY
+    assert operation["requestBody"] == server.predict_body(7)
+    # the schema says what the route takes, with the limit the service was started with (serve.max_instances)
+    from jsonschema import Draft202012Validator
+
+    body = Draft202012Validator(operation["requestBody"]["content"]["application/json"]["schema"])
+    image, flat = [[0] * 28] * 28, [255] * 784
+    assert body.is_valid({"instances": [image] * 6 + [flat]})
+    assert not body.is_valid({"instances": [image] * 8})  # one past the limit
+    assert not body.is_valid({"instances": []}) and not body.is_valid({"images": [image]})
+    assert not body.is_valid({"instances": [[0] * 785]}) and not body.is_valid({"instances": [[256] * 784]})
+    assert not body.is_valid({"instances": [[[0] * 28] * 27]})
     for code, text in server.ERRORS.items():
         assert operation["responses"][str(code)] == {
             "description": text,
