@@ -27,7 +27,7 @@ from softmax_mlops import config
 from softmax_mlops.data import load_split
 
 
-def median_seconds(fn, repeats: int = 20) -> float:  # noqa: ANN001
+def median_seconds(fn, repeats: int = 20) -> float:
     """Median wall time of ``fn`` over ``repeats`` calls, after one warm-up call."""
     fn()
     times = []

@@ -100,7 +100,7 @@ def reproduce(workspace: Path, stage: str, pull: bool = False) -> Outcome:
             # the stage command's own one-line error, else DVC's reason (it failed before or around the command)
             reason = error_file.read_text().strip() if error_file.exists() else _reason(exc)
             raise StageFailed(f"{stage}: {reason}") from None
-        except Exception as exc:  # noqa: BLE001 - a remote's client (botocore) raises its own errors on --pull
+        except Exception as exc:  # a remote's client (botocore) raises its own errors on --pull
             if not pull:
                 raise
             raise StageFailed(f"{stage}: pulling from the DVC remote: {_reason(exc)}") from None

@@ -16,9 +16,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import copy_project, write_mirror  # noqa: E402
-from softmax_mlops import config, data  # noqa: E402
-from softmax_mlops.errors import PipelineError  # noqa: E402
+from helpers import copy_project, write_mirror
+from softmax_mlops import config, data
+from softmax_mlops.errors import PipelineError
 
 
 def _absolute_mirror() -> None:

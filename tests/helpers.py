@@ -76,7 +76,7 @@ def learnable_mirror(folder: Path, n_train: int = 60, n_test: int = 20) -> list[
     return resources
 
 
-def calibrated_project(base: Path, impl: str, epochs: int, new_store=None):  # noqa: ANN001, ANN201 - a Config
+def calibrated_project(base: Path, impl: str, epochs: int, new_store=None):
     """A project copy in ``base`` through ingest (80 learnable generated images, 10 of them for validation),
     ``epochs`` of training ``impl`` in batches of 10, evaluate and calibrate: what export@ needs, in seconds.
     ``new_store`` (conftest's new_mlflow_store) puts an empty MLflow store where params.yaml's tracking URI
@@ -165,7 +165,7 @@ def clone_state(src: Path, dest: Path) -> Path:
     return dest
 
 
-def paths_in(root: Path):  # noqa: ANN201 - softmax_mlops.config.Paths, imported here only when used
+def paths_in(root: Path):
     """The project's output folders under ``root``, as params.yaml's defaults lay them out."""
     from softmax_mlops import config
 
@@ -199,7 +199,7 @@ def ascii_locale() -> Iterator[None]:
         locale.setlocale(locale.LC_CTYPE, previous)
 
 
-def model_copy(onnx_model, folder: Path, class_names: list[str] | None = None) -> Path:  # noqa: ANN001
+def model_copy(onnx_model, folder: Path, class_names: list[str] | None = None) -> Path:
     """The onnx_model fixture's model alone in ``folder`` (no sidecar unless a test adds one), with a model card
     (UTF-8, not escaped) if asked."""
     folder.mkdir(parents=True)

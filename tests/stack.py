@@ -321,7 +321,7 @@ class S3Server:
             self.client().create_bucket(Bucket=bucket)
         return self
 
-    def client(self):  # noqa: ANN201 - a boto3 S3 client
+    def client(self):
         import boto3
 
         return boto3.client(

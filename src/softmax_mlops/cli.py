@@ -14,11 +14,15 @@ import enum
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from .errors import ERROR_FILE_ENV, PipelineError
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .inference import Predictor
 
 app = typer.Typer(
     help="Softmax regression on Fashion-MNIST: the pipeline stages (normally run by `dvc repro`) and tools.",
@@ -50,7 +54,7 @@ def project_dir() -> Path:
     return (_project or Path(".")).resolve()
 
 
-def _config(standalone: bool = False):
+def _config(standalone: bool = False) -> Config:
     """params.yaml of the project. ``standalone`` (predict and serve with an explicit --model): outside a
     project, run on the built-in defaults instead of failing for want of a params.yaml."""
     from . import config
@@ -159,7 +163,7 @@ ThreadsOpt = Annotated[
 ]
 
 
-def _predictor(model: str | None, threads: int | None, wait_s: float = 0.0):
+def _predictor(model: str | None, threads: int | None, wait_s: float = 0.0) -> tuple[Config, Predictor]:
     from .inference import Predictor, is_mlflow_uri, model_source, wait_for_model
 
     cfg = _config(standalone=model is not None)

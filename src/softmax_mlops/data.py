@@ -43,8 +43,8 @@ def mirror_url(mirror: str) -> str:
 class _FileHandlerWithLength(urllib.request.FileHandler):
     """urllib's file:// responses lack ``.length``, which torchvision's progress bar reads."""
 
-    def file_open(self, req):  # noqa: ANN001 - urllib's signature
-        response = super().file_open(req)
+    def file_open(self, req: urllib.request.Request) -> Any:  # urllib's own signature; a response object
+        response: Any = super().file_open(req)  # an addinfourl, which has no .length
         response.length = int(response.headers.get("Content-length") or 0) or None
         return response
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
 
-from .atomic import atomic_path  # noqa: E402
-from .data import CLASS_NAMES  # noqa: E402
+from .atomic import atomic_path
+from .data import CLASS_NAMES
 
 
 def _save(fig: plt.Figure, path: Path) -> None:

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import PipelineError, first_line
 from .inference import Predictor, resolve_model
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 CHAMPION, CANDIDATE = "champion", "candidate"
 
@@ -66,10 +70,10 @@ def decide(new: Score, gate: float, champion: tuple[str, Score] | None) -> Decis
 
 
 def current_champion(
-    client,
+    client: MlflowClient,
     name: str,
     tracking_uri: str,
-    images: np.ndarray,  # noqa: ANN001 - MlflowClient
+    images: np.ndarray,
     labels: np.ndarray,
 ) -> tuple[str, Score] | None:
     """The version holding @champion and its score on these images, or None for an empty registry."""
@@ -87,12 +91,12 @@ def current_champion(
 
 
 def promote_if_not_worse(
-    client,
+    client: MlflowClient,
     name: str,
     version: str,
     new: Score,
     gate: float,
-    tracking_uri: str,  # noqa: ANN001
+    tracking_uri: str,
     images: np.ndarray,
     labels: np.ndarray,
     lock: AbstractContextManager | None = None,

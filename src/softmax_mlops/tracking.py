@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
@@ -25,6 +26,11 @@ from .atomic import write_json
 from .config import Config, TrainConfig
 from .errors import PipelineError
 from .lifecycle import deferred_interrupts
+
+if TYPE_CHECKING:
+    import torch
+
+    from .registry import Score
 
 PREFECT_FLOW_RUN_ENV = "PREFECT_FLOW_RUN_ID"
 PREFECT_FLOW_RUN_TAG = "prefect_flow_run_id"  # on every stage run: which flow run it belonged to
@@ -301,11 +307,11 @@ def log_and_register_onnx(
     impl: str,
     onnx_path: Path,
     extra_files: list[Path],
-    module,  # noqa: ANN001
+    module: torch.nn.Module,
     test_images: np.ndarray,
     test_labels: np.ndarray,
-    new,
-) -> dict:  # noqa: ANN001 - registry.Score
+    new: Score,
+) -> dict:
     """Log the ONNX model (with its model card and drift reference) into the current run and register it;
     @candidate always moves to it, @champion only past the gate and when it is at least as good as the current
     champion on the same test data (registry.promote_if_not_worse). The version's description and tags say what

@@ -10,7 +10,7 @@ from helpers import REPO
 PACKAGE = REPO / "src" / "softmax_mlops"
 
 
-def imported_roots(path) -> set[str]:  # noqa: ANN001
+def imported_roots(path) -> set[str]:
     roots = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):

@@ -58,7 +58,7 @@ def statuses(db: Path) -> list[str]:
         return [status for (status,) in conn.execute("select status from runs")]
 
 
-def run(tmp_path: Path, when: str, new_store) -> tuple[subprocess.CompletedProcess, list[str]]:  # noqa: ANN001
+def run(tmp_path: Path, when: str, new_store) -> tuple[subprocess.CompletedProcess, list[str]]:
     db = tmp_path / "mlflow.db"
     new_store(db)  # an empty store: the script's signals watch the run's own statements, not the schema's
     proc = subprocess.run(

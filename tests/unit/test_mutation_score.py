@@ -9,7 +9,7 @@ import pytest
 from helpers import REPO
 
 sys.path.insert(0, str(REPO / "tools"))
-import mutation_score  # noqa: E402
+import mutation_score
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ def calibrated(tmp_path_factory, new_mlflow_store) -> config.Config:
     return calibrated_project(tmp_path_factory.mktemp("stage-runs"), IMPL, epochs=2, new_store=new_mlflow_store)
 
 
-def logits(cfg: config.Config, split_path) -> tuple[torch.Tensor, np.ndarray]:  # noqa: ANN001
+def logits(cfg: config.Config, split_path) -> tuple[torch.Tensor, np.ndarray]:
     W, b = load_weights(cfg.paths.weights(IMPL))
     images, labels = data.load_split(split_path)
     return calibrate.logits64(W, b, images), labels
@@ -68,7 +68,7 @@ def check_the_test_split_is_scored_before_and_after(cfg: config.Config, report: 
     return before_bins, after_bins
 
 
-def check_dvc_reads_the_same_report_and_picture(cfg: config.Config, report: dict, bins: tuple, expected) -> None:  # noqa: ANN001
+def check_dvc_reads_the_same_report_and_picture(cfg: config.Config, report: dict, bins: tuple, expected) -> None:
     """The metrics file is the report; the picture is byte for byte the one drawn here from the recomputed bins
     with the documented panel titles (matplotlib draws the same inputs to the same bytes: DVC relies on it)."""
     from softmax_mlops import plots
@@ -146,7 +146,7 @@ def check_the_model_card(cfg: config.Config, test_accuracy: float) -> dict:
     return card
 
 
-def check_the_graph_divides_by_the_fitted_temperature(cfg: config.Config, card: dict, images) -> np.ndarray:  # noqa: ANN001
+def check_the_graph_divides_by_the_fitted_temperature(cfg: config.Config, card: dict, images) -> np.ndarray:
     """model.onnx, run by onnxruntime, against the weights in float64 and the temperature on the card."""
     import onnx
 
@@ -162,7 +162,7 @@ def check_the_graph_divides_by_the_fitted_temperature(cfg: config.Config, card: 
     return probabilities
 
 
-def check_the_drift_reference(cfg: config.Config, probabilities: np.ndarray, images) -> None:  # noqa: ANN001
+def check_the_drift_reference(cfg: config.Config, probabilities: np.ndarray, images) -> None:
     from softmax_mlops import drift
 
     reference = drift.load_reference(cfg.paths.drift_reference(IMPL))
@@ -170,7 +170,7 @@ def check_the_drift_reference(cfg: config.Config, probabilities: np.ndarray, ima
     np.testing.assert_array_equal(reference["intensity"], drift.intensity(images))
 
 
-def check_the_run_and_the_registered_version(cfg, result, parity, card, labels, probabilities) -> None:  # noqa: ANN001
+def check_the_run_and_the_registered_version(cfg, result, parity, card, labels, probabilities) -> None:
     """The training run gets the parity figures and file; the registered version is this run's model, with the
     card (naming the run) and the drift reference among its files, and a decision on @champion."""
     from softmax_mlops.registry import score_of
@@ -199,7 +199,7 @@ def check_the_run_and_the_registered_version(cfg, result, parity, card, labels, 
     assert reference.read_bytes() == cfg.paths.drift_reference(IMPL).read_bytes()
 
 
-def check_a_second_export_is_judged_against_the_first(cfg, first, labels, probabilities) -> None:  # noqa: ANN001
+def check_a_second_export_is_judged_against_the_first(cfg, first, labels, probabilities) -> None:
     """The same model again: the registry scores the champion (the first export) on the same test labels, and
     the tie on accuracy and NLL promotes the newer version, as documented."""
     from softmax_mlops import export
