@@ -32,7 +32,7 @@ app = typer.Typer(
 )
 
 
-class Impl(enum.StrEnum):
+class Impl(enum.StrEnum):  # config.IMPLS as choices typer can show; tests/unit/test_config.py checks they agree
     scratch = "scratch"
     concise = "concise"
 

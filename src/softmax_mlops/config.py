@@ -19,6 +19,9 @@ from .errors import PipelineError
 
 PARAMS_FILE = "params.yaml"
 IMPLS = ("scratch", "concise")
+# MLflow's defaults when params.yaml names none: the embedded SQLite store, and `mlflow ui`'s own address
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_MLFLOW_UI_URL = "http://127.0.0.1:5000"
 MIRROR_ENV = "FASHION_MNIST_MIRROR"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 # The MLflow UI as a browser reaches it. In a container stack the tracking URI is an in-network name
@@ -217,7 +220,7 @@ class SweepConfig(Section):
 class MlflowConfig(Section):
     tracking_uri: str
     experiment: str
-    ui_url: str = "http://127.0.0.1:5000"  # where a browser opens the MLflow UI (links in summaries)
+    ui_url: str = DEFAULT_MLFLOW_UI_URL  # where a browser opens the MLflow UI (links in summaries)
     http_retries: int = Field(3, ge=0)  # retries of a failed request to a tracking server
     # per request (MLflow takes whole seconds); with the retries' back-off, a dead server is reported in about
     # http_retries x http_timeout_s + 7 s
@@ -354,7 +357,7 @@ def _ui_url(tracking_uri: str, configured: str | None) -> str:
         return override
     if tracking_uri.startswith(("http://", "https://")):
         return tracking_uri
-    return configured or "http://127.0.0.1:5000"
+    return configured or DEFAULT_MLFLOW_UI_URL
 
 
 DEFAULT_PATHS = {"prepared": "data/prepared", "models": "models", "metrics": "metrics", "reports": "reports"}
@@ -400,7 +403,7 @@ def load(root: str | Path | None = None, missing_ok: bool = False) -> Config:
     ingest_raw = raw.get("ingest") or {}
     mlflow_raw = dict(raw.get("mlflow") or {})
     configured_uri = mlflow_raw.pop("tracking_uri", None)
-    tracking_uri = os.environ.get(TRACKING_URI_ENV) or configured_uri or "sqlite:///mlflow.db"
+    tracking_uri = os.environ.get(TRACKING_URI_ENV) or configured_uri or DEFAULT_TRACKING_URI
     mlflow_cfg = _section(
         MlflowConfig,
         {

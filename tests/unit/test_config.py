@@ -107,3 +107,21 @@ def test_every_problem_of_a_section_is_in_the_one_line(tmp_path):
     message = str(err.value)
     assert "\n" not in message and message.startswith("params.yaml: unknown key(s) in 'train': speed")
     assert "train.lr must be > 0, got -1" in message and "train.epochs must be int, got 'five'" in message
+
+
+def test_the_implementation_names_have_one_home():
+    """config.IMPLS is where the names live: the CLI's choices and the model factory's refusal agree with it."""
+    import pytest
+    import torch
+
+    from softmax_mlops import cli, config, models
+    from softmax_mlops.errors import PipelineError
+
+    assert tuple(impl.value for impl in cli.Impl) == config.IMPLS
+    W, b = torch.zeros(784, 10), torch.zeros(10)
+    assert [type(models.build(impl, W, b, config.TrainConfig())).__module__ for impl in config.IMPLS] == [
+        f"softmax_mlops.models.{impl}" for impl in config.IMPLS
+    ]
+    with pytest.raises(PipelineError) as refused:
+        models.build("other", W, b, config.TrainConfig())
+    assert str(refused.value) == f"unknown implementation 'other': choose {' or '.join(config.IMPLS)}"

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import TrainConfig
+from ..config import IMPLS, TrainConfig
 from ..errors import PipelineError
 
 NUM_INPUTS = 28 * 28
@@ -53,7 +53,7 @@ def build(impl: str, W: torch.Tensor, b: torch.Tensor, hp: TrainConfig) -> Softm
         from .concise import ConciseSoftmaxRegression
 
         return ConciseSoftmaxRegression(W, b, hp)
-    raise PipelineError(f"unknown implementation {impl!r}: choose scratch or concise")
+    raise PipelineError(f"unknown implementation {impl!r}: choose {' or '.join(IMPLS)}")
 
 
 class SoftmaxRegression(nn.Module):
