@@ -42,6 +42,15 @@ if TYPE_CHECKING:
 STAGES_PER_IMPL = ("train", "evaluate", "calibrate", "export")
 
 
+def stage_names(impls: list[str]) -> list[str]:
+    """dvc.yaml's stages for these implementations, in an order that runs each after what it depends on
+    (tests/unit/test_stage_list.py checks both against DVC's own graph of dvc.yaml)."""
+    stages = ["ingest", *(f"{name}@{impl}" for impl in impls for name in STAGES_PER_IMPL)]
+    if set(impls) == set(config.IMPLS):
+        stages.append("compare")  # it compares the two: only with both
+    return stages
+
+
 @task(
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=10),
@@ -122,9 +131,7 @@ def training_pipeline(
         print(f"no git in {root} (a disposable copy): {', '.join(overrides)} applied to its params.yaml")
     in_worktree = bool(overrides) and not in_place
     with environment(**env), experiment_workspace(root, overrides) if in_worktree else nullcontext(root) as ws:
-        stages = ["ingest", *(f"{name}@{impl}" for impl in impls for name in STAGES_PER_IMPL)]
-        if set(impls) == set(config.IMPLS):
-            stages.append("compare")
+        stages = stage_names(impls)
         remote = default_remote(ws)  # with one, `dvc repro --pull` and `dvc push --run-cache` around the stages
         pull = remote is not None
         outcomes = {s: ingest(ws, pull) if s == "ingest" else run_stage(ws, s, pull) for s in stages}
