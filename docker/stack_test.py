@@ -153,6 +153,22 @@ class Engine:
         out = self.run(self.name, "inspect", "--format", fmt, *ids, check=False).stdout.decode()
         return [line.strip() for line in out.splitlines() if line.strip()]
 
+    def storage(self) -> Path:
+        """Where the engine keeps its images and containers: the disk the build's multi-GB layers land on."""
+        fmt = "{{.Store.GraphRoot}}" if self.name == "podman" else "{{.DockerRootDir}}"
+        return Path(self.run(self.name, "info", "--format", fmt).stdout.decode().strip())
+
+    def disk(self) -> str:
+        """Free space on the engine's storage, and the size of each image this test builds that exists."""
+        root = self.storage()
+        sizes = []
+        for image in IMAGES:
+            out = self.run(self.name, "image", "inspect", "--format", "{{.Size}}", image, check=False)
+            if out.returncode == 0:
+                sizes.append(f"{image} {int(out.stdout.decode().split()[0]) / 1e9:.2f} GB")
+        free = shutil.disk_usage(root).free / 1e9
+        return f"{root}: {free:.1f} GB free" + (f"; {', '.join(sizes)}" if sizes else "")
+
     def compose(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
         return self.run(*self.compose_cmd, *args, **kwargs)
 
@@ -610,6 +626,7 @@ def main() -> int:
         engine = Engine(name, standins, mirror, workdir)
         log(f"engine {name}; compose: {' '.join(engine.compose_cmd)}")
         dangling_before = engine.dangling()
+        log(f"disk before the build: {engine.disk()}")
         with step("1. build the images"):
             if standins:
                 if name != "podman":
@@ -624,6 +641,7 @@ def main() -> int:
             # One build per image: mlflow and prefect-server run the worker's image, and podman-compose would
             # build it three times side by side (buildah does not cache COPY --from between those builds).
             engine.compose("build", *BUILT_BY, *(STANDINS_BUILT_BY if standins else ()), capture=False)
+        log(f"disk after the build: {engine.disk()}")
         with step("2. up -d (compose.yaml, unchanged)"):
             engine.start_api(args.timeout)
             engine.compose("up", "-d", capture=False, timeout=args.timeout)
@@ -683,6 +701,7 @@ def main() -> int:
                 worker_log = engine.compose("logs", "prefect-worker").stdout.decode(errors="replace")
                 if "HashError" in worker_log or "Traceback" in worker_log:
                     raise StackFailed("the worker logged a traceback (see `compose logs prefect-worker`)")
+                log(f"disk after the sweep: {engine.disk()}")
             with step("11. Prefect and MLflow UIs"):
                 for url in (f"{PREFECT}/", f"{MLFLOW}/"):
                     status, body = http(url)
