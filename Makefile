@@ -56,7 +56,7 @@ mutation: setup
 # took some 15 minutes more: each reruns tests on MLflow stores), drift, config and calibrate (config's loader
 # alone is reached by some 60 tests), and export, inference and server, whose mutants rerun tests that export
 # ONNX models or start servers.
-MUTATION_FAST := inputs data predict
+MUTATION_FAST := serving.inputs stages.data serving.predict
 mutation-fast: setup
 	@mkdir -p mutants
 	$(MUTMUT) $(foreach m,$(MUTATION_FAST),"softmax_mlops.$(m).*") \

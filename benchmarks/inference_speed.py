@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from softmax_mlops import config
-from softmax_mlops.data import load_split
+from softmax_mlops.stages.data import load_split
 
 
 def median_seconds(fn, repeats: int = 20) -> float:
@@ -41,9 +41,9 @@ def median_seconds(fn, repeats: int = 20) -> float:
 def ort_vs_torch(cfg: config.Config, impl: str, images: np.ndarray) -> None:
     import torch
 
-    from softmax_mlops.export import ExportedSoftmaxRegression
-    from softmax_mlops.inference import Predictor
-    from softmax_mlops.models import load_weights
+    from softmax_mlops.serving.inference import Predictor
+    from softmax_mlops.stages.export import ExportedSoftmaxRegression
+    from softmax_mlops.stages.models import load_weights
 
     module = ExportedSoftmaxRegression(*load_weights(cfg.paths.weights(impl))).eval()
     predictor = Predictor(cfg.paths.onnx(impl))

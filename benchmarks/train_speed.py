@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from softmax_mlops import data, train
 from softmax_mlops.config import MIRROR_ENV, TrainConfig
-from softmax_mlops.models import build, features, initial_weights
+from softmax_mlops.stages import data, train
+from softmax_mlops.stages.models import build, features, initial_weights
 
 
 def textbook_epoch(mirror: str, root: str) -> float:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from softmax_mlops import config
-from softmax_mlops.data import load_split
+from softmax_mlops.stages.data import load_split
 
 
 def free_port() -> int:
@@ -186,7 +186,7 @@ def http(cfg: config.Config, model: str, images: np.ndarray, requests: int, seco
 
 
 def batch(cfg: config.Config, model: str, images: np.ndarray, count: int) -> None:
-    from softmax_mlops.inference import Predictor, resolve_model
+    from softmax_mlops.serving.inference import Predictor, resolve_model
 
     batch_size = cfg.predict.batch_size
     with tempfile.TemporaryDirectory() as tmp:
@@ -246,9 +246,9 @@ def pyfunc_job(npy: str, out: str, model: str, batch_size: int, top_k: int) -> N
     """The batch job as an MLflow user writes it: mlflow.pyfunc.load_model, predict in batches, write a CSV."""
     import mlflow
 
-    from softmax_mlops.data import CLASS_NAMES
-    from softmax_mlops.inference import Predictor
-    from softmax_mlops.predict import CSV_HEADER, csv_text
+    from softmax_mlops.classes import CLASS_NAMES
+    from softmax_mlops.serving.inference import Predictor
+    from softmax_mlops.serving.predict import CSV_HEADER, csv_text
 
     pyfunc = mlflow.pyfunc.load_model(model)
     data = np.load(npy, mmap_mode="r")

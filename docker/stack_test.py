@@ -677,6 +677,17 @@ def main() -> int:
                 log(f"inference accuracy {accuracy:.4f}; registered {before['accuracy']:.4f}")
                 if round(accuracy, 4) != round(before["accuracy"], 4):
                     raise StackFailed(f"served accuracy {accuracy:.4f} != recorded {before['accuracy']:.4f}")
+                # the serving image ships without torch and the stages (tests/unit/test_layers.py checks the imports)
+                shipped = engine.exec(
+                    "inference",
+                    "python3",
+                    "-c",
+                    "import importlib.util as u; "
+                    "print([m for m in ('torch', 'softmax_mlops.serving') if u.find_spec(m)])",
+                ).strip()
+                log(f"the serving image holds {shipped} of torch and softmax_mlops.serving")
+                if shipped != "['softmax_mlops.serving']":
+                    raise StackFailed(f"the serving image should hold softmax_mlops.serving and no torch: {shipped}")
             with step("7. training deployment again, in a new container: nothing to reproduce"):
                 runs.append(run_deployment("training-pipeline/weekly-retrain", args.timeout))
                 if NOTHING_RAN not in (text := flow_run_log(runs[-1])):

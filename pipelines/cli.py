@@ -1,9 +1,10 @@
-"""The whole `softmax-mlops` command line: the package's commands (softmax_mlops.cli) plus `pipeline`, which
-runs them as a Prefect flow.
+"""The whole `softmax-mlops` command line: the stage commands (softmax_mlops.stages.commands) and the serving
+commands (softmax_mlops.serving.commands) on one app, plus `pipeline`, which runs the stages as a Prefect flow.
 
 It lives here, in the orchestration layer, so that imports run one way: pipelines depends on softmax_mlops,
 never the reverse (tests/unit/test_layers.py). Prefect is imported only when `pipeline` runs, so the serving
-image, which has no Prefect, runs every other command through this same entry point.
+image, which has no Prefect, runs every other command through this same entry point. dvc.yaml does not come
+through here: it runs `python -m softmax_mlops.stages`, which loads the stage commands alone.
 """
 
 from __future__ import annotations
@@ -12,9 +13,16 @@ from typing import Annotated
 
 import typer
 
-from softmax_mlops.cli import Impl, app, project_dir
+from softmax_mlops.cli import Impl, make_app, project_dir
 from softmax_mlops.cli import main as run_app
 from softmax_mlops.errors import PipelineError
+from softmax_mlops.serving import commands as serving_commands
+from softmax_mlops.stages import commands as stage_commands
+
+app = make_app(
+    "Softmax regression on Fashion-MNIST: the pipeline stages (normally run by `dvc repro`) and tools.",
+    (*stage_commands.COMMANDS, *serving_commands.COMMANDS),
+)
 
 
 @app.command()

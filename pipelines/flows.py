@@ -37,7 +37,7 @@ from .dvc_stages import (
 )
 
 if TYPE_CHECKING:
-    from softmax_mlops.inference import Predictor
+    from softmax_mlops.serving.inference import Predictor
 
 STAGES_PER_IMPL = ("train", "evaluate", "calibrate", "export")
 
@@ -164,7 +164,7 @@ def training_pipeline(
 def load_predictor(model: str, tracking_uri: str) -> Predictor:
     """Resolving models:/name@alias asks the MLflow server, which may be briefly unreachable. Never cached:
     the result is an onnxruntime session, which cannot be hashed or pickled."""
-    from softmax_mlops.inference import Predictor, resolve_model
+    from softmax_mlops.serving.inference import Predictor, resolve_model
 
     return Predictor(resolve_model(model, tracking_uri))
 
@@ -172,7 +172,7 @@ def load_predictor(model: str, tracking_uri: str) -> Predictor:
 def _nothing_to_predict(source: Path | None, source_ref: str) -> str | None:
     """Why there is nothing to do, for an inbox that is missing or holds no images; None when there is work.
     ``source_ref`` is what the user configured (a local path, or the s3:// URL ``source`` was copied from)."""
-    from softmax_mlops.inputs import image_files
+    from softmax_mlops.serving.inputs import image_files
 
     shown = source_ref if object_store.is_url(source_ref) else str(source)
     if source is None or not source.exists():
@@ -229,8 +229,8 @@ def _predict_batch(
     model: str | None,
     skip_bad: bool,
 ) -> dict:
-    from softmax_mlops import drift, predict
-    from softmax_mlops.inference import model_source
+    from softmax_mlops.serving import drift, predict
+    from softmax_mlops.serving.inference import model_source
 
     model = model_source(model or cfg.batch_inference.model, root)
     predictor = load_predictor(model, cfg.mlflow.tracking_uri)

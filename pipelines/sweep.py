@@ -5,7 +5,7 @@ The `sweep` deployment takes a list of override sets in DVC's `-S key=value` for
 the Docker pool every trial is a container of its own that pulls from and pushes to the DVC remote. How many
 run at once is that deployment's concurrency limit, which the sweep sets first (params.yaml `sweep.concurrency`;
 0 means the machine's cores): Prefect holds the others in AwaitingConcurrencySlot, and no container starts
-for them. The champion gate holds under concurrency through its own lock (softmax_mlops.champion_lock).
+for them. The champion gate holds under concurrency through its own lock (softmax_mlops.tracking.champion_lock).
 
 The parent waits, bounded (`sweep.timeout_s`), then reads each trial's MLflow runs by their
 `prefect_flow_run_id` tag, since a trial's return value stays in its container. It publishes a leaderboard as

@@ -17,8 +17,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import copy_project, write_mirror
-from softmax_mlops import config, data
+from softmax_mlops import config
 from softmax_mlops.errors import PipelineError
+from softmax_mlops.stages import data
 
 
 def _absolute_mirror() -> None:
@@ -207,7 +208,7 @@ def onnx_model(tmp_path_factory):
     """An exported model with random weights scaled like trained ones (logits of about +-15), and its module."""
     import torch
 
-    from softmax_mlops.export import ExportedSoftmaxRegression, export_onnx
+    from softmax_mlops.stages.export import ExportedSoftmaxRegression, export_onnx
 
     generator = torch.Generator().manual_seed(0)
     module = ExportedSoftmaxRegression(

@@ -83,7 +83,8 @@ def calibrated_project(base: Path, impl: str, epochs: int, new_store=None):
     points, instead of letting train build one."""
     import yaml
 
-    from softmax_mlops import calibrate, config, data, evaluate, train
+    from softmax_mlops import config
+    from softmax_mlops.stages import calibrate, data, evaluate, train
 
     root = copy_project(base / "project")
     params = yaml.safe_load((root / "params.yaml").read_text())

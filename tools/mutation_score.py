@@ -103,16 +103,25 @@ def problems(found: dict[str, dict[str, str]], equivalent: dict[str, str], table
     return lines
 
 
+def dotted(path: str) -> str:
+    """softmax_mlops/serving/inputs.py -> softmax_mlops.serving.inputs, the prefix of its mutants' names."""
+    return path.removesuffix(".py").replace("/", ".")
+
+
 def main(modules: list[str]) -> int:
     """Score every module mutmut has results for, or only ``modules`` (short names: registry, protocols, ...)."""
     found = results()
-    if modules:
-        found = {path: statuses for path, statuses in found.items() if Path(path).stem in modules}
+    if modules:  # short names (inputs) or dotted ones under the package (serving.inputs)
+        found = {
+            path: statuses
+            for path, statuses in found.items()
+            if Path(path).stem in modules or dotted(path).removeprefix("softmax_mlops.") in modules
+        }
     if not found:
         print(f"mutation_score: no mutmut results under {MUTANTS}: run `make mutation`", file=sys.stderr)
         return 1
-    scored = {Path(path).stem for path in found}  # mutant names read softmax_mlops.<module>.<function>__mutmut_N
-    equivalent = {name: why for name, why in equivalents().items() if name.split(".")[1] in scored}
+    scored = {dotted(path) for path in found}  # mutant names read <dotted module>.<function>__mutmut_N
+    equivalent = {name: why for name, why in equivalents().items() if name.rsplit(".", 1)[0] in scored}
     table = scores(found, equivalent)
     floor = {m: f for m, f in json.loads(FLOOR.read_text()).items() if m in found} if FLOOR.exists() else {}
     (MUTANTS / "score.json").write_text(json.dumps(table, indent=2) + "\n")

@@ -280,6 +280,6 @@ def test_batch_inference_names_an_empty_prefix_by_its_url(project, monkeypatch, 
 
 
 def real_test_images(root):
-    from softmax_mlops.data import load_split
+    from softmax_mlops.stages.data import load_split
 
     return load_split(root / "data/prepared/test.npz")

@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from helpers import REPO
-from softmax_mlops import train
 from softmax_mlops.config import TrainConfig
+from softmax_mlops.stages import train
 
 pytestmark = pytest.mark.realdata
 

@@ -118,7 +118,7 @@ def test_outputs_exist_and_dvc_is_up_to_date(repo):
 
 def test_training_never_sees_the_validation_split(repo):
 
-    from softmax_mlops.data import load_split
+    from softmax_mlops.stages.data import load_split
 
     summary = read_json(repo / "data/prepared/summary.json")
     assert (summary["train"]["count"], summary["val"]["count"]) == (55000, 5000)
@@ -137,10 +137,10 @@ def test_calibration_is_fitted_on_validation_and_recorded_everywhere(repo, runs,
     import numpy as np
     import torch
 
-    from softmax_mlops import calibrate
-    from softmax_mlops.data import load_split
-    from softmax_mlops.inference import Predictor
-    from softmax_mlops.models import load_weights
+    from softmax_mlops.serving.inference import Predictor
+    from softmax_mlops.stages import calibrate
+    from softmax_mlops.stages.data import load_split
+    from softmax_mlops.stages.models import load_weights
 
     report = read_json(repo / f"metrics/{impl}/calibration.json")
     T = report["temperature"]
@@ -215,7 +215,7 @@ def test_one_mlflow_run_per_implementation_with_params_tags_and_epochs(repo, run
 def test_logged_torch_model_has_signature_and_predicts_like_the_weights(repo, runs):
     import numpy as np
 
-    from softmax_mlops.data import load_split
+    from softmax_mlops.stages.data import load_split
 
     images, labels = load_split(repo / "data/prepared/test.npz")
     run = runs["scratch"]
@@ -274,7 +274,7 @@ def test_registered_version_says_what_it_is_and_loads_for_cpu_with_a_named_input
     import numpy as np
     import yaml
 
-    from softmax_mlops.data import load_split
+    from softmax_mlops.stages.data import load_split
 
     client = mlflow.MlflowClient()
     version = client.get_model_version(f"softmax-mlops-{impl}", "1")
@@ -334,7 +334,7 @@ def test_predict_from_the_registry_on_the_genuine_idx_file(repo, runs):
 
     import numpy as np
 
-    from softmax_mlops.data import load_split
+    from softmax_mlops.stages.data import load_split
 
     mirror = Path(config.load(repo).mirror or "/nonexistent")
     source = mirror / "t10k-images-idx3-ubyte.gz"  # the genuine file, when the mirror is a local folder
@@ -406,13 +406,15 @@ def test_a_second_clean_run_is_byte_identical(repo, tmp_path):
 
 
 def _imported(repo: Path, *command: str) -> set[str]:
-    """The project modules a stage command really imports, from a run of it under DVC's working directory."""
+    """The project modules a stage command really imports, from a run of it, as dvc.yaml runs it
+    (`python -m softmax_mlops.stages ...`), under DVC's working directory."""
+    assert command[:3] == ("python", "-m", "softmax_mlops.stages"), command
     script = (
-        "import atexit, json, sys\n"
+        "import atexit, json, runpy, sys\n"
         "atexit.register(lambda: print(json.dumps(sorted(m for m in sys.modules "
         "if m.split('.')[0] in ('softmax_mlops', 'pipelines')))))\n"
-        f"sys.argv = ['softmax-mlops', *{list(command)!r}]\n"
-        "from pipelines.cli import main\nmain()\n"
+        f"sys.argv = ['softmax_mlops.stages', *{list(command[3:])!r}]\n"
+        "runpy.run_module('softmax_mlops.stages', run_name='__main__', alter_sys=True)\n"
     )
     result = run_tool("python", "-c", script, cwd=repo)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -432,18 +434,22 @@ def rerun(repo, tmp_path_factory):
 )
 def test_each_stage_depends_on_the_code_its_command_imports(rerun, stage):
     """A change to any module a stage runs must make DVC rerun it: every imported project module is a file
-    (or inside a folder) the stage lists in its deps."""
+    (or inside a folder) the stage lists in its deps. And the other way: every code file it lists is one it
+    imports, so a change elsewhere (serve's help, the console script) reruns nothing."""
     import importlib.util
 
     import yaml
 
     lock = yaml.safe_load((rerun / "dvc.lock").read_text())["stages"][stage]
     deps = [Path(d["path"]) for d in lock["deps"]]
-    command = lock["cmd"].split()[1:]
-    missing = []
-    for module in _imported(rerun, *command):
-        origin = Path(importlib.util.find_spec(module).origin).resolve()
-        rel = origin.relative_to(Path(importlib.util.find_spec("softmax_mlops").origin).resolve().parents[2])
-        if not any(rel == dep or dep in rel.parents for dep in deps):
-            missing.append(str(rel))
+    root = Path(importlib.util.find_spec("softmax_mlops").origin).resolve().parents[2]
+    command = lock["cmd"].split()
+    imported = set()  # `python -m X` runs X/__main__.py as __main__, not under its own name in sys.modules
+    for module in [f"{command[2]}.__main__", *_imported(rerun, *command)]:
+        imported.add(Path(importlib.util.find_spec(module).origin).resolve().relative_to(root))
+    missing = sorted(str(rel) for rel in imported if not any(rel == dep or dep in rel.parents for dep in deps))
     assert missing == [], f"{stage} imports {missing} without depending on them"
+    code = [dep for dep in deps if dep.parts[0] in ("src", "pipelines")]
+    unused = [str(dep) for dep in code if not any(rel == dep or dep in rel.parents for rel in imported)]
+    assert unused == [], f"{stage} depends on {unused}, which it never imports"
+    assert not any(rel.parts[0] == "pipelines" for rel in imported), f"{stage} loads the orchestration layer"

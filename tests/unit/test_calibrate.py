@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from softmax_mlops import calibrate, config
+from softmax_mlops import config
 from softmax_mlops.errors import PipelineError
+from softmax_mlops.stages import calibrate
 
 
 def scaled_problem(true_temperature: float, n: int = 20000, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
@@ -74,8 +75,8 @@ def test_temperature_scaling_is_deterministic():
 
 def test_the_exported_graph_divides_by_the_temperature(tmp_path):
     """logits and probabilities are both after T; softmax(logits) = probabilities; argmax is unchanged."""
-    from softmax_mlops.export import ExportedSoftmaxRegression, export_onnx
-    from softmax_mlops.inference import Predictor
+    from softmax_mlops.serving.inference import Predictor
+    from softmax_mlops.stages.export import ExportedSoftmaxRegression, export_onnx
 
     generator = torch.Generator().manual_seed(0)
     W, b = torch.randn(784, 10, generator=generator) * 0.1, torch.randn(10, generator=generator)

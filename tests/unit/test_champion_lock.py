@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from softmax_mlops.champion_lock import champion_lock
 from softmax_mlops.errors import PipelineError
+from softmax_mlops.tracking.champion_lock import champion_lock
 from stack import Processes, free_port, prefect_api, prefect_call, prefect_env, wait_http
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]
@@ -36,8 +36,8 @@ TRIALS = 12
 CHALLENGER = """
 import json, sys
 import mlflow, numpy as np
-from softmax_mlops.champion_lock import champion_lock
-from softmax_mlops.registry import Score, promote_if_not_worse
+from softmax_mlops.tracking.champion_lock import champion_lock
+from softmax_mlops.tracking.registry import Score, promote_if_not_worse
 uri, data, name, lock_name = sys.argv[1:]
 client = mlflow.MlflowClient(uri)
 with np.load(data) as arrays:
@@ -123,9 +123,9 @@ def versions(servers):
     import mlflow
     import onnx
 
-    from softmax_mlops.export import ExportedSoftmaxRegression, export_onnx
-    from softmax_mlops.inference import Predictor
-    from softmax_mlops.registry import score
+    from softmax_mlops.serving.inference import Predictor
+    from softmax_mlops.stages.export import ExportedSoftmaxRegression, export_onnx
+    from softmax_mlops.tracking.registry import score
 
     root, env = servers
     generator = torch.Generator().manual_seed(7)

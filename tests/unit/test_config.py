@@ -114,13 +114,14 @@ def test_the_implementation_names_have_one_home():
     import pytest
     import torch
 
-    from softmax_mlops import cli, config, models
+    from softmax_mlops import cli, config
     from softmax_mlops.errors import PipelineError
+    from softmax_mlops.stages import models
 
     assert tuple(impl.value for impl in cli.Impl) == config.IMPLS
     W, b = torch.zeros(784, 10), torch.zeros(10)
     assert [type(models.build(impl, W, b, config.TrainConfig())).__module__ for impl in config.IMPLS] == [
-        f"softmax_mlops.models.{impl}" for impl in config.IMPLS
+        f"softmax_mlops.stages.models.{impl}" for impl in config.IMPLS
     ]
     with pytest.raises(PipelineError) as refused:
         models.build("other", W, b, config.TrainConfig())

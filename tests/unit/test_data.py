@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from helpers import REPO, cli, paths_in
-from softmax_mlops import config, data
+from softmax_mlops import config
 from softmax_mlops.errors import PipelineError
+from softmax_mlops.stages import data
 
 
 def settings(mirror: str, validation_size: int = 20, seed: int = 0) -> config.IngestConfig:

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from helpers import Trap, paths_in
-from softmax_mlops import config, data
+from softmax_mlops import config
 from softmax_mlops.errors import PipelineError
+from softmax_mlops.stages import data
 
 
 def fetch_error(mirror: str, resources) -> str:

@@ -31,8 +31,8 @@ def development_block() -> str:
 
 def module_is_named(relative: str, text: str) -> bool:
     """A module is named by its file (`cli.py`, `models/scratch.py`, optionally under `src/softmax_mlops/`, but
-    not `pipelines/cli.py`) or by its dotted name, whole (`softmax_mlops.models`, not as the start of
-    `softmax_mlops.models.scratch`)."""
+    not `pipelines/cli.py`) or by its dotted name, whole (`softmax_mlops.stages.models`, not as the start of
+    `softmax_mlops.stages.models.scratch`)."""
     dotted = "softmax_mlops." + relative.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
     as_file = rf"(?<![\w./-])(?:src/)?(?:softmax_mlops/)?{re.escape(relative)}(?!\w)"
     as_dotted = rf"(?<![\w.]){re.escape(dotted)}(?!\.?\w)"
@@ -51,17 +51,16 @@ def test_every_module_is_named():
     modules = sorted(
         path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py") if path != PACKAGE / "__init__.py"
     )
-    assert "models/scratch.py" in modules and "cli.py" in modules, modules
+    assert "stages/models/scratch.py" in modules and "cli.py" in modules, modules
     text = documentation()
     missing = [module for module in modules if not module_is_named(module, text)]
     assert not missing, f"modules of src/softmax_mlops/ that README.md and docs/ never name: {missing}"
 
 
 def test_every_cli_command_is_named():
-    import pipelines.cli  # noqa: F401  (adds `pipeline`, as the console script's entry point does)
-    from softmax_mlops import cli
+    from pipelines.cli import app  # the console script's app: the stages, the serving commands and `pipeline`
 
-    commands = sorted(typer.main.get_command(cli.app).commands)
+    commands = sorted(typer.main.get_command(app).commands)
     assert {"ingest", "predict", "serve", "pipeline"} <= set(commands), commands
     text = documentation()
     missing = [command for command in commands if not re.search(rf"softmax-mlops {command}(?![\w-])", text)]
@@ -71,8 +70,8 @@ def test_every_cli_command_is_named():
 @pytest.fixture(scope="module")
 def routes(onnx_model) -> list[str]:
     from softmax_mlops.config import ServeConfig
-    from softmax_mlops.inference import Predictor
-    from softmax_mlops.server import create_app
+    from softmax_mlops.serving.inference import Predictor
+    from softmax_mlops.serving.server import create_app
 
     app = create_app(Predictor(onnx_model[0]), ServeConfig(), top_k=3)
     return sorted({route.path for route in app.routes} - FASTAPI_OWN_ROUTES)

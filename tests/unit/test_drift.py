@@ -3,7 +3,7 @@
 import numpy as np
 from scipy import stats
 
-from softmax_mlops import drift
+from softmax_mlops.serving import drift
 
 
 def reference(rng, n=2000):

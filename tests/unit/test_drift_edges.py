@@ -13,8 +13,8 @@ import pytest
 from scipy import stats
 
 from helpers import Trap
-from softmax_mlops import drift
 from softmax_mlops.errors import PipelineError
+from softmax_mlops.serving import drift
 
 
 def probabilities_of(rng: np.random.Generator, n: int, classes: int = 10) -> np.ndarray:

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from softmax_mlops import evaluate
-from softmax_mlops.data import CLASS_NAMES
+from softmax_mlops.classes import CLASS_NAMES
+from softmax_mlops.stages import evaluate
 
 
 def test_metrics_on_a_hand_checked_example():

@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 
-from softmax_mlops.export import check_parity
+from softmax_mlops.stages.export import check_parity
 
 BATCHES = ("batch_1", "batch_7", "batch_10000")
 
@@ -42,7 +42,7 @@ def test_single_file_without_external_data(onnx_model):
 def test_the_file_holds_no_source_paths(onnx_model):
     """model.onnx is a DVC output: it must not depend on where the code or the venv happens to live (the
     exporter's per-node stack traces name both), or a fresh clone elsewhere could never match dvc.lock."""
-    from softmax_mlops.export import STACK_TRACE_KEY
+    from softmax_mlops.stages.export import STACK_TRACE_KEY
 
     path, _ = onnx_model
     model = onnx.load(str(path))
@@ -66,7 +66,7 @@ def test_parity_with_torch_at_batch_1_7_and_10000(onnx_model):
 
 @pytest.mark.parametrize("n", [1, 2, 513])
 def test_probabilities_are_a_softmax_of_the_logits(onnx_model, n):
-    from softmax_mlops.inference import Predictor
+    from softmax_mlops.serving.inference import Predictor
 
     images = np.random.default_rng(n).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
     logits, probabilities = Predictor(onnx_model[0]).run(images)
@@ -82,9 +82,9 @@ def test_one_fresh_export_keeps_every_promise(tmp_path):
     graph's logits are the raw ones), and the batch axis is named `batch` in the input and both outputs."""
     import torch
 
-    from softmax_mlops.calibrate import logits64
-    from softmax_mlops.export import STACK_TRACE_KEY, ExportedSoftmaxRegression, export_onnx
-    from softmax_mlops.inference import Predictor
+    from softmax_mlops.serving.inference import Predictor
+    from softmax_mlops.stages.calibrate import logits64
+    from softmax_mlops.stages.export import STACK_TRACE_KEY, ExportedSoftmaxRegression, export_onnx
 
     generator = torch.Generator().manual_seed(5)
     W, b = torch.randn(784, 10, generator=generator) * 0.1, torch.randn(10, generator=generator)
@@ -105,7 +105,7 @@ def test_an_export_whose_outputs_lose_the_batch_axis_is_refused_and_leaves_nothi
     import torch
 
     from softmax_mlops.errors import PipelineError
-    from softmax_mlops.export import export_onnx
+    from softmax_mlops.stages.export import export_onnx
 
     class OneRow(torch.nn.Module):
         def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, Trap, cli, one_error_line
-from softmax_mlops import drift
+from softmax_mlops.serving import drift
 
 
 def good_reference(path: Path, n: int = 300) -> None:

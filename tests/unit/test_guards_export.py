@@ -40,7 +40,7 @@ def project(tmp_path_factory, new_mlflow_store) -> Path:
 def weights(root: Path, scale: float = 1.0, nan: bool = False) -> None:
     """Put the trained weights back, scaled (and with a NaN), and clear what an export wrote: a stage starts
     without its outputs, as under `dvc repro`."""
-    from softmax_mlops.models import save_weights
+    from softmax_mlops.stages.models import save_weights
 
     models = root / "models" / IMPL
     with np.load(models / "trained.npz") as npz:
@@ -100,7 +100,7 @@ def test_the_export_stage_refuses_a_model_that_fails_parity(project):
 def test_a_failed_parity_check_never_puts_model_onnx_in_place(project):
     """In process, without the CLI's all_or_nothing (a library caller, a flow task): model.onnx must not
     appear, not even to be taken back afterwards, since `serve` or `predict` could load it meanwhile."""
-    from softmax_mlops import export
+    from softmax_mlops.stages import export
 
     weights(project, scale=SCALE)
     versions = registered_versions(project)
@@ -112,7 +112,7 @@ def test_a_failed_parity_check_never_puts_model_onnx_in_place(project):
 
 def test_a_model_whose_outputs_are_nan_fails_parity(project):
     """NaN in both outputs gives a NaN difference, which `diff > limit` would let through."""
-    from softmax_mlops import export
+    from softmax_mlops.stages import export
 
     weights(project, nan=True)
     versions = registered_versions(project)
@@ -124,7 +124,7 @@ def test_a_model_whose_outputs_are_nan_fails_parity(project):
 
 def test_the_trained_weights_pass_and_are_registered(project):
     """The control: the same project and stage with the weights as trained export, register and alias."""
-    from softmax_mlops import export
+    from softmax_mlops.stages import export
 
     weights(project)
     versions = registered_versions(project)

@@ -115,7 +115,7 @@ def test_serve_refuses_to_start_on_a_corrupt_or_foreign_model(broken_model):
     ],
 )
 def test_a_valid_onnx_file_with_another_signature_is_refused_at_load_time(tmp_path, kind, expected):
-    from softmax_mlops.inference import Predictor
+    from softmax_mlops.serving.inference import Predictor
 
     path = tmp_path / "model.onnx"
     if kind == "float input named image":
@@ -135,7 +135,7 @@ def test_a_valid_onnx_file_with_another_signature_is_refused_at_load_time(tmp_pa
 
 def test_a_graph_like_the_exports_loads(tmp_path):
     """The control for the refusals above: the same builder with the export's signature is accepted and runs."""
-    from softmax_mlops.inference import Predictor
+    from softmax_mlops.serving.inference import Predictor
 
     predictor = Predictor(image_model(tmp_path / "model.onnx", TensorProto.UINT8, ["N", 28, 28], 10))
     logits, probabilities = predictor.run(np.zeros((4, 28, 28), np.uint8))

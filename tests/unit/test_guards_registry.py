@@ -14,9 +14,9 @@ from onnx import TensorProto, helper
 from helpers import REPO
 from softmax_mlops import config
 from softmax_mlops.errors import PipelineError
-from softmax_mlops.export import ExportedSoftmaxRegression, export_onnx
-from softmax_mlops.inference import Predictor
-from softmax_mlops.registry import CANDIDATE, CHAMPION, Score, decide, promote_if_not_worse, score, score_of
+from softmax_mlops.serving.inference import Predictor
+from softmax_mlops.stages.export import ExportedSoftmaxRegression, export_onnx
+from softmax_mlops.tracking.registry import CANDIDATE, CHAMPION, Score, decide, promote_if_not_worse, score, score_of
 
 GATE = 0.82
 

@@ -85,7 +85,7 @@ def instances(n: int) -> dict:
 
 def test_the_model_is_really_slow_for_a_full_batch_and_fast_for_one_image(slow):
     """What the server test relies on, measured in this process with onnxruntime directly."""
-    from softmax_mlops.inference import Predictor
+    from softmax_mlops.serving.inference import Predictor
 
     predictor = Predictor(slow, threads=1)
     start = time.perf_counter()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from softmax_mlops.images import ImageError, decode, to_gray
+from softmax_mlops.serving.images import ImageError, decode, to_gray
 
 # gray levels 0..254 (255 is kept free for a transparent palette index), two dark rows of background
 REFERENCE = np.minimum(np.arange(28 * 28).reshape(28, 28) * 7 % 256, 254).astype(np.uint8)

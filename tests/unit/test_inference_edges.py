@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from helpers import ascii_locale, model_copy
-from softmax_mlops.data import CLASS_NAMES
-from softmax_mlops.inference import Predictor, model_source
+from softmax_mlops.classes import CLASS_NAMES
+from softmax_mlops.serving.inference import Predictor, model_source
 
 PIXELS = np.random.default_rng(3).integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from helpers import idx_bytes
 from softmax_mlops.errors import PipelineError
-from softmax_mlops.inputs import open_source
+from softmax_mlops.serving.inputs import open_source
 
 
 def collect(source):
@@ -42,7 +42,7 @@ def test_arrays_round_trip_in_batches(tmp_path, pixels, kind):
 def test_npy_and_raw_idx_stream_from_a_memory_map(tmp_path, pixels, monkeypatch):
     """Arrays go through the memory-mapped batch reader, never a whole-file load (its peak memory on a
     larger-than-batch file is measured in benchmarks/inference_speed.py)."""
-    from softmax_mlops import inputs
+    from softmax_mlops.serving import inputs
 
     calls = []
     real = inputs._mapped_batches

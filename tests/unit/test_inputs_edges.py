@@ -14,7 +14,7 @@ from PIL import Image
 
 from helpers import idx_bytes
 from softmax_mlops.errors import PipelineError
-from softmax_mlops.inputs import open_source
+from softmax_mlops.serving.inputs import open_source
 
 
 def collect(source):

@@ -43,8 +43,8 @@ def test_it_runs_the_serving_image_as_the_compose_stack_does(container):
 
 
 def test_probes_point_at_v2_health_routes_the_server_has(container, onnx_model):
-    from softmax_mlops.inference import Predictor
-    from softmax_mlops.server import create_app
+    from softmax_mlops.serving.inference import Predictor
+    from softmax_mlops.serving.server import create_app
 
     routes = {route.path for route in create_app(Predictor(onnx_model[0]), config.ServeConfig(), top_k=3).routes}
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):

@@ -9,7 +9,7 @@ import mlflow
 import pytest
 
 from softmax_mlops.errors import PipelineError
-from softmax_mlops.inference import retry_pauses, wait_for_model
+from softmax_mlops.serving.inference import retry_pauses, wait_for_model
 
 URI = "models:/waiting-test@champion"
 

@@ -14,7 +14,7 @@ import mutation_score
 
 @pytest.fixture
 def mutants(tmp_path):
-    meta = tmp_path / "src" / "softmax_mlops" / "registry.py.meta"
+    meta = tmp_path / "src" / "softmax_mlops" / "tracking" / "registry.py.meta"
     meta.parent.mkdir(parents=True)
     codes = {
         "r.x_decide__mutmut_1": 1,
@@ -29,16 +29,16 @@ def mutants(tmp_path):
 def test_score_counts_kills_and_timeouts_and_sets_equivalents_aside(mutants):
     found = mutation_score.results(mutants)
     assert found == {
-        "softmax_mlops/registry.py": {
+        "softmax_mlops/tracking/registry.py": {
             "r.x_decide__mutmut_1": "killed",
             "r.x_decide__mutmut_2": "survived",
             "r.x_decide__mutmut_3": "timeout",
             "r.x_decide__mutmut_4": "no tests",
         }
     }
-    plain = mutation_score.scores(found, {})["softmax_mlops/registry.py"]
+    plain = mutation_score.scores(found, {})["softmax_mlops/tracking/registry.py"]
     assert (plain["score"], plain["survived"]) == (50.0, ["r.x_decide__mutmut_2", "r.x_decide__mutmut_4"])
-    judged = mutation_score.scores(found, {"r.x_decide__mutmut_2": "why"})["softmax_mlops/registry.py"]
+    judged = mutation_score.scores(found, {"r.x_decide__mutmut_2": "why"})["softmax_mlops/tracking/registry.py"]
     assert (judged["score"], judged["equivalent"], judged["score_before_equivalents"]) == (66.7, 1, 50.0)
 
 
@@ -46,12 +46,15 @@ def test_problems_name_a_fallen_floor_and_a_stale_equivalent(mutants):
     found = mutation_score.results(mutants)
     equivalent = {"r.x_decide__mutmut_1": "claimed", "r.gone__mutmut_9": "claimed"}
     table = mutation_score.scores(found, equivalent)
-    problems = mutation_score.problems(found, equivalent, table, {"softmax_mlops/registry.py": 70.0})
+    problems = mutation_score.problems(found, equivalent, table, {"softmax_mlops/tracking/registry.py": 70.0})
     assert any("r.gone__mutmut_9 is not a mutant any more" in p for p in problems)
     assert any("r.x_decide__mutmut_1 is killed now" in p for p in problems)
     assert any("registry.py: mutation score 33.3 is below its floor 70.0" in p for p in problems)
     assert (
-        mutation_score.problems(found, {}, mutation_score.scores(found, {}), {"softmax_mlops/registry.py": 50.0}) == []
+        mutation_score.problems(
+            found, {}, mutation_score.scores(found, {}), {"softmax_mlops/tracking/registry.py": 50.0}
+        )
+        == []
     )
 
 

@@ -165,7 +165,7 @@ def test_mlflow_clients_log_and_load_models_through_a_server_that_keeps_artifact
     import mlflow
     import onnx
 
-    from softmax_mlops.inference import Predictor, resolve_model
+    from softmax_mlops.serving.inference import Predictor, resolve_model
 
     port = free_port()
     server_env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": store.url, **S3Server.KEYS}

@@ -8,9 +8,17 @@ import sys
 import numpy as np
 import pytest
 
-from softmax_mlops import protocols
-from softmax_mlops.protocols import INVALID, ProtocolError, as_array, check_pixels, load_json, parse_mlflow, parse_v2
-from softmax_mlops.server import parse_instances
+from softmax_mlops.serving import protocols
+from softmax_mlops.serving.protocols import (
+    INVALID,
+    ProtocolError,
+    as_array,
+    check_pixels,
+    load_json,
+    parse_mlflow,
+    parse_v2,
+)
+from softmax_mlops.serving.server import parse_instances
 
 IMAGE = np.arange(784, dtype=np.int64).reshape(28, 28) % 256
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from softmax_mlops.protocols import ProtocolError, parse_mlflow, parse_v2
-from softmax_mlops.server import parse_instances
+from softmax_mlops.serving.protocols import ProtocolError, parse_mlflow, parse_v2
+from softmax_mlops.serving.server import parse_instances
 
 MAX_INSTANCES = 8
 IMAGE = (np.arange(784) % 256).reshape(28, 28).tolist()

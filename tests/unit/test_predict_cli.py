@@ -19,7 +19,7 @@ def images(tmp_path):
 
 @pytest.mark.parametrize("suffix", ["csv", "jsonl"])
 def test_one_row_per_image_matching_the_model(onnx_model, images, tmp_path, suffix):
-    from softmax_mlops.inference import Predictor
+    from softmax_mlops.serving.inference import Predictor
 
     path, pixels = images
     out = tmp_path / f"out.{suffix}"
@@ -62,11 +62,11 @@ def test_threads_follow_the_cpus_this_process_may_use():
 
     code = (
         "import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
-        "from softmax_mlops.inference import available_cpus; print(available_cpus())"
+        "from softmax_mlops.serving.inference import available_cpus; print(available_cpus())"
     )
     pinned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert pinned.stdout.strip() == "1"
-    from softmax_mlops.inference import available_cpus
+    from softmax_mlops.serving.inference import available_cpus
 
     assert 1 <= available_cpus() <= len(os.sched_getaffinity(0))
 
@@ -90,7 +90,7 @@ def test_threads_follow_the_cpus_this_process_may_use():
 def test_a_cgroup_cpu_quota_caps_the_cpus(tmp_path, files, cap):
     """The quota files of cgroup v2 (cpu.max) and v1 (cfs_quota_us, cfs_period_us), as a container runtime
     writes them for `--cpus`, in a folder of their own: the quota caps the affinity mask."""
-    from softmax_mlops.inference import available_cpus
+    from softmax_mlops.serving.inference import available_cpus
 
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,7 @@ def test_a_cgroup_cpu_quota_caps_the_cpus(tmp_path, files, cap):
 
 
 def test_explicit_threads_reach_onnxruntime(onnx_model):
-    from softmax_mlops.inference import Predictor
+    from softmax_mlops.serving.inference import Predictor
 
     assert Predictor(onnx_model[0], threads=1).session.get_session_options().intra_op_num_threads == 1
 
@@ -119,7 +119,7 @@ def test_fast_csv_text_is_what_the_csv_module_writes(ids, names):
     import csv
     import io
 
-    from softmax_mlops.predict import csv_text
+    from softmax_mlops.serving.predict import csv_text
 
     rng = np.random.default_rng(0)
     probabilities = rng.dirichlet(np.ones(10), size=5).astype(np.float32)

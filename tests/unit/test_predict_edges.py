@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from helpers import ascii_locale, model_copy
-from softmax_mlops import drift, predict
 from softmax_mlops.config import DriftConfig
 from softmax_mlops.errors import PipelineError
-from softmax_mlops.inference import Predictor
+from softmax_mlops.serving import drift, predict
+from softmax_mlops.serving.inference import Predictor
 
 PIXELS = np.random.default_rng(7).integers(0, 256, size=(9, 28, 28), dtype=np.uint8)
 DRIFT = DriftConfig(alpha=0.01, min_images=5, max_images=100)

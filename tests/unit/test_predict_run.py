@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from softmax_mlops import drift, predict
 from softmax_mlops.config import DriftConfig
 from softmax_mlops.errors import PipelineError
-from softmax_mlops.inference import Predictor
+from softmax_mlops.serving import drift, predict
+from softmax_mlops.serving.inference import Predictor
 
 PIXELS = np.random.default_rng(3).integers(0, 256, size=(9, 28, 28), dtype=np.uint8)
 

@@ -26,7 +26,7 @@ def server(onnx_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected(onnx_model):
-    from softmax_mlops.inference import Predictor
+    from softmax_mlops.serving.inference import Predictor
 
     return Predictor(onnx_model[0]).run(IMAGES)
 

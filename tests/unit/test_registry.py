@@ -7,9 +7,9 @@ import onnx
 import pytest
 import torch
 
-from softmax_mlops.export import ExportedSoftmaxRegression, export_onnx
-from softmax_mlops.inference import Predictor
-from softmax_mlops.registry import Score, decide, promote_if_not_worse, score
+from softmax_mlops.serving.inference import Predictor
+from softmax_mlops.stages.export import ExportedSoftmaxRegression, export_onnx
+from softmax_mlops.tracking.registry import Score, decide, promote_if_not_worse, score
 
 NAME = "registry-test"
 

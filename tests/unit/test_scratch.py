@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from softmax_mlops.models import scratch
+from softmax_mlops.stages.models import scratch
 
 
 def naive_softmax(Z):

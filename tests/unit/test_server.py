@@ -55,7 +55,7 @@ def test_health_and_metadata(server):
 
 
 def test_json_instances_match_the_model(server, onnx_model):
-    from softmax_mlops.inference import Predictor
+    from softmax_mlops.serving.inference import Predictor
 
     response = httpx.post(f"{server}/predict", json={"instances": IMAGES.tolist()})
     assert response.status_code == 200

@@ -25,9 +25,10 @@ import uvicorn
 from PIL import Image
 
 from helpers import model_copy
-from softmax_mlops import __version__, protocols, server
+from softmax_mlops import __version__
 from softmax_mlops.config import ServeConfig
-from softmax_mlops.inference import Predictor
+from softmax_mlops.serving import protocols, server
+from softmax_mlops.serving.inference import Predictor
 from stack import free_port, raw_connection, read_all
 
 pytestmark = pytest.mark.server
@@ -350,7 +351,7 @@ def test_connections_past_the_cap_get_503_and_are_closed(predictor):
 
 
 def test_a_client_that_leaves_mid_body_is_logged_not_answered(predictor, caplog):
-    with caplog.at_level("INFO", logger="softmax_mlops.server"), running(predictor) as url:
+    with caplog.at_level("INFO", logger="softmax_mlops.serving.server"), running(predictor) as url:
         with raw(url) as sock:
             sock.sendall(HALF_A_BODY)
         deadline = time.monotonic() + START_S

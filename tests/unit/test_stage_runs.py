@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers import calibrated_project, clone_state
-from softmax_mlops import calibrate, config, data
-from softmax_mlops.models import load_weights
+from softmax_mlops import config
+from softmax_mlops.stages import calibrate, data
+from softmax_mlops.stages.models import load_weights
 
 IMPL = "concise"
 
@@ -71,7 +72,7 @@ def check_the_test_split_is_scored_before_and_after(cfg: config.Config, report: 
 def check_dvc_reads_the_same_report_and_picture(cfg: config.Config, report: dict, bins: tuple, expected) -> None:
     """The metrics file is the report; the picture is byte for byte the one drawn here from the recomputed bins
     with the documented panel titles (matplotlib draws the same inputs to the same bytes: DVC relies on it)."""
-    from softmax_mlops import plots
+    from softmax_mlops.stages import plots
 
     assert json.loads(cfg.paths.calibration(IMPL).read_text()) == report
     before, after = report["test"]["before"], report["test"]["after"]
@@ -105,7 +106,7 @@ def check_the_training_run_gets_the_figures_the_files_and_the_stage(cfg: config.
 
 
 def test_export_writes_registers_and_reports_what_it_built(calibrated):
-    from softmax_mlops import export
+    from softmax_mlops.stages import export
 
     cfg = calibrated
     result = export.run(cfg, IMPL)
@@ -123,7 +124,7 @@ def test_export_writes_registers_and_reports_what_it_built(calibrated):
 
 def check_the_model_card(cfg: config.Config, test_accuracy: float) -> dict:
     """model.json, field by field as docs/serving.md documents it."""
-    from softmax_mlops.export import LOGITS_MEANING
+    from softmax_mlops.stages.export import LOGITS_MEANING
 
     calibration = json.loads(cfg.paths.calibration(IMPL).read_text())
     summary = json.loads(cfg.paths.data_summary.read_text())
@@ -150,7 +151,7 @@ def check_the_graph_divides_by_the_fitted_temperature(cfg: config.Config, card: 
     """model.onnx, run by onnxruntime, against the weights in float64 and the temperature on the card."""
     import onnx
 
-    from softmax_mlops.inference import Predictor
+    from softmax_mlops.serving.inference import Predictor
 
     model = onnx.load(str(cfg.paths.onnx(IMPL)))
     assert model.opset_import[0].version == cfg.export.opset
@@ -163,7 +164,7 @@ def check_the_graph_divides_by_the_fitted_temperature(cfg: config.Config, card: 
 
 
 def check_the_drift_reference(cfg: config.Config, probabilities: np.ndarray, images) -> None:
-    from softmax_mlops import drift
+    from softmax_mlops.serving import drift
 
     reference = drift.load_reference(cfg.paths.drift_reference(IMPL))
     np.testing.assert_array_equal(reference["probabilities"], probabilities)
@@ -173,7 +174,7 @@ def check_the_drift_reference(cfg: config.Config, probabilities: np.ndarray, ima
 def check_the_run_and_the_registered_version(cfg, result, parity, card, labels, probabilities) -> None:
     """The training run gets the parity figures and file; the registered version is this run's model, with the
     card (naming the run) and the drift reference among its files, and a decision on @champion."""
-    from softmax_mlops.registry import score_of
+    from softmax_mlops.tracking.registry import score_of
 
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     run_id = json.loads(cfg.paths.run_info(IMPL).read_text())["run_id"]
@@ -202,8 +203,8 @@ def check_the_run_and_the_registered_version(cfg, result, parity, card, labels, 
 def check_a_second_export_is_judged_against_the_first(cfg, first, labels, probabilities) -> None:
     """The same model again: the registry scores the champion (the first export) on the same test labels, and
     the tie on accuracy and NLL promotes the newer version, as documented."""
-    from softmax_mlops import export
-    from softmax_mlops.registry import decide, score_of
+    from softmax_mlops.stages import export
+    from softmax_mlops.tracking.registry import decide, score_of
 
     second = export.run(cfg, IMPL)
     same = score_of(probabilities, labels)
@@ -217,9 +218,9 @@ def test_export_refuses_a_model_that_fails_parity_in_one_line(calibrated, tmp_pa
     """On a copy of the project (the other tests read the original), with the weights a million times larger:
     the float32 temperature in the graph then differs from torch's float64 division by more than the limit
     (test_guards_export.py explains the cause). Nothing is left where `serve` would take it."""
-    from softmax_mlops import export
     from softmax_mlops.errors import PipelineError
-    from softmax_mlops.models import save_weights
+    from softmax_mlops.stages import export
+    from softmax_mlops.stages.models import save_weights
 
     cfg = config.load(clone_state(calibrated.paths.root, tmp_path / "copy"))
     W, b = load_weights(cfg.paths.weights(IMPL))

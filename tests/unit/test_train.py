@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from softmax_mlops import train
 from softmax_mlops.config import TrainConfig
-from softmax_mlops.models import build, initial_weights
+from softmax_mlops.stages import train
+from softmax_mlops.stages.models import build, initial_weights
 
 
 def toy_data(n, seed):

@@ -11,9 +11,9 @@ import csv
 import io
 import json
 
-from .atomic import write_json, write_text
-from .config import Config
-from .errors import PipelineError
+from ..atomic import write_json, write_text
+from ..config import Config
+from ..errors import PipelineError
 from .models import load_weights
 
 ROWS = (  # (label, source file, key)
@@ -54,7 +54,8 @@ def run(cfg: Config) -> dict:
     write_json(paths.headline, {impl: {key: report["impls"][impl][key] for key in HEADLINE} for impl in cfg.impls})
     write_text(paths.accuracy_curves, accuracy_curves_csv({impl: paths.history(impl) for impl in cfg.impls}))
 
-    from . import plots, tracking
+    from .. import tracking
+    from . import plots
 
     plots.training_curves({impl: paths.history(impl) for impl in cfg.impls}, paths.compare_curves)
     for impl in cfg.impls:

@@ -11,9 +11,10 @@ import io
 import numpy as np
 import torch
 
-from .atomic import write_json, write_text
-from .config import Config
-from .data import CLASS_NAMES, NUM_CLASSES, load_split
+from ..atomic import write_json, write_text
+from ..classes import CLASS_NAMES, NUM_CLASSES
+from ..config import Config
+from .data import load_split
 from .models import SoftmaxRegression, load_weights
 
 
@@ -57,7 +58,8 @@ def confusion_csv(labels: np.ndarray, predicted: np.ndarray) -> str:
 
 
 def run(cfg: Config, impl: str) -> dict:
-    from . import plots, tracking
+    from .. import tracking
+    from . import plots
 
     paths = cfg.paths
     with tracking.resume_run(cfg, impl, f"evaluate@{impl}"):

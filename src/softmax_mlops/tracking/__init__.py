@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 import mlflow
 import numpy as np
 
-from .atomic import write_json
-from .config import Config, TrainConfig
-from .errors import PipelineError
-from .lifecycle import deferred_interrupts
+from ..atomic import write_json
+from ..config import Config, TrainConfig
+from ..errors import PipelineError
+from ..lifecycle import deferred_interrupts
 
 if TYPE_CHECKING:
     import torch
@@ -260,17 +260,16 @@ def pip_requirements(*packages: str) -> list[str]:
     return [f"{name}=={version(name)}" for name in packages]
 
 
-def log_torch_model(W, b, example_images: np.ndarray) -> None:  # noqa: ANN001
+def log_torch_model(module: torch.nn.Module, example_images: np.ndarray) -> None:
     """Log the deployable torch module (uint8 images -> logits) with a signature and an input example.
 
-    Saved as a torch.export program ('pt2') rather than a pickle, so loading it back runs no pickled code.
+    Saved as a torch.export program ('pt2') rather than a pickle, so loading it back runs no pickled code. The
+    train stage builds the module: tracking sits below the stages and never imports them.
     """
     import torch
     from mlflow.models import infer_signature
 
-    from .models import SoftmaxRegression
-
-    module = SoftmaxRegression(W, b).eval()
+    module = module.eval()
     with torch.no_grad():
         example_logits = module(torch.from_numpy(example_images)).numpy()
     with artifact_store():

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import PipelineError, first_line
-from .inference import Predictor, resolve_model
+from ..errors import PipelineError, first_line
+from ..serving.inference import Predictor, resolve_model
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

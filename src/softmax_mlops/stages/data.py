@@ -18,15 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .atomic import write_json, write_npz
-from .errors import PipelineError, first_line
+from ..atomic import write_json, write_npz
+from ..classes import CLASS_NAMES, NUM_CLASSES
+from ..errors import PipelineError, first_line
 
 if TYPE_CHECKING:
-    from .config import IngestConfig, Paths
+    from ..config import IngestConfig, Paths
 
-# The textbook's labels (d2l `get_fashion_mnist_labels`), in class-id order.
-CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
-NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SHAPE = (28, 28)
 
 

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .atomic import write_json, write_text
-from .config import Config, TrainConfig
+from ..atomic import write_json, write_text
+from ..config import Config, TrainConfig
 from .data import load_split
-from .models import SoftmaxModel, build, features, initial_weights, save_weights
+from .models import SoftmaxModel, SoftmaxRegression, build, features, initial_weights, save_weights
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def history_csv(history: list[EpochMetrics]) -> str:
 
 def run(cfg: Config, impl: str) -> dict:
     """The train@{impl} stage: fit, save weights and metrics, and open the MLflow run later stages resume."""
-    from . import tracking
+    from .. import tracking
 
     paths = cfg.paths
     train, test = load_split(paths.train_data), load_split(paths.test_data)
@@ -126,6 +126,6 @@ def run(cfg: Config, impl: str) -> dict:
         write_text(paths.history(impl), history_csv(history))
         write_json(paths.train_metrics(impl), summary)
         tracking.log_files(paths.history(impl), paths.train_metrics(impl))
-        tracking.log_torch_model(W, b, test[0][:5])
+        tracking.log_torch_model(SoftmaxRegression(W, b), test[0][:5])
         tracking.save_run_info(paths.run_info(impl), run, paths.weights(impl))
     return summary | {"seconds_per_epoch": seconds_per_epoch}

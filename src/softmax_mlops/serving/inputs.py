@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PipelineError, first_line
+from ..errors import PipelineError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 PIXELS = 28 * 28

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_path, write_json
-from .config import Config
-from .data import CLASS_NAMES, load_split
-from .errors import PipelineError
-from .inference import INPUT_NAME, OUTPUT_NAMES
+from ..atomic import atomic_path, write_json
+from ..classes import CLASS_NAMES
+from ..config import Config
+from ..errors import PipelineError
+from ..serving.inference import INPUT_NAME, OUTPUT_NAMES
+from .data import load_split
 from .models import SoftmaxRegression, load_weights
 
 INPUT, OUTPUTS = INPUT_NAME, OUTPUT_NAMES
@@ -92,7 +93,7 @@ def _drop_source_paths(model) -> None:  # noqa: ANN001 - onnx.ModelProto
 
 def check_parity(module: nn.Module, onnx_path, images: np.ndarray) -> dict:  # noqa: ANN001
     """onnxruntime against torch over ``images`` at several batch sizes: max abs difference and argmax match."""
-    from .inference import Predictor
+    from ..serving.inference import Predictor
 
     with torch.no_grad():
         torch_logits, torch_probs = (t.numpy() for t in module(torch.from_numpy(images)))
@@ -118,10 +119,11 @@ def check_parity(module: nn.Module, onnx_path, images: np.ndarray) -> dict:  # n
 
 
 def run(cfg: Config, impl: str) -> dict:
-    from . import drift, tracking
+    from .. import tracking
+    from ..serving import drift
+    from ..serving.inference import Predictor
+    from ..tracking.registry import score_of
     from .calibrate import read_temperature
-    from .inference import Predictor
-    from .registry import score_of
 
     paths = cfg.paths
     with tracking.resume_run(cfg, impl, f"export@{impl}") as run:

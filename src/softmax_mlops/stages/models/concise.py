@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import TrainConfig
+from ...config import TrainConfig
 from . import NUM_INPUTS, NUM_OUTPUTS
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 
-from .errors import PipelineError, first_line
+from ..errors import PipelineError, first_line
 
 LEASE_S = 300.0  # the slot returns to the pool this long after its holder is gone without releasing it
 

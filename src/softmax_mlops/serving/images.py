@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .errors import first_line
+from ..errors import first_line
 
 FORMATS = ("PNG", "JPEG")
 SIZE = (28, 28)

@@ -14,10 +14,10 @@ import math
 import numpy as np
 import torch
 
-from .atomic import write_json
-from .config import Config
+from ..atomic import write_json
+from ..config import Config
+from ..errors import PipelineError
 from .data import load_split
-from .errors import PipelineError
 from .models import SoftmaxRegression, load_weights
 
 
@@ -116,7 +116,8 @@ def read_temperature(cfg: Config, impl: str) -> float:
 
 def run(cfg: Config, impl: str) -> dict:
     """The calibrate@{impl} stage: fit T on validation, score the test set before and after, draw both."""
-    from . import plots, tracking
+    from .. import tracking
+    from . import plots
 
     paths, settings = cfg.paths, cfg.calibrate
     with tracking.resume_run(cfg, impl, f"calibrate@{impl}"):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_npz
-from .errors import PipelineError, first_line
+from ..atomic import write_npz
+from ..errors import PipelineError, first_line
 
 REFERENCE_FILE = "drift_reference.npz"
 

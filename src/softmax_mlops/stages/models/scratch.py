@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import TrainConfig
+from ...config import TrainConfig
 
 
 def _shift(Z: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from .atomic import atomic_path
-from .data import CLASS_NAMES
+from ..atomic import atomic_path
+from ..classes import CLASS_NAMES
 
 
 def _save(fig: plt.Figure, path: Path) -> None:

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..atomic import atomic_path, write_json
+from ..config import DriftConfig
+from ..errors import PipelineError
 from . import drift
-from .atomic import atomic_path, write_json
-from .config import DriftConfig
-from .errors import PipelineError
 from .inference import Predictor, sidecar
 from .inputs import open_source
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import CLASS_NAMES
-from .errors import PipelineError, first_line
+from ..classes import CLASS_NAMES
+from ..errors import PipelineError, first_line
 
 INPUT_NAME = "image"  # uint8 [N, 28, 28]
 OUTPUT_NAMES = ("logits", "probabilities")  # float32 [N, 10] each, both after the temperature

@@ -22,13 +22,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from .config import ServeConfig
+from ..config import ServeConfig
 from .images import ImageError, ImageTooLarge, decode
 from .inference import OUTPUT_NAMES, Predictor
 from .protocols import HEADER_LENGTH, as_array, check_pixels, load_json
 from .protocols import ProtocolError as BadRequest
 
-log = logging.getLogger("softmax_mlops.server")
+log = logging.getLogger(__name__)
 
 IMAGE_TYPES = ("image/png", "image/jpeg")
 
@@ -178,7 +178,8 @@ def predict_body(max_instances: int) -> dict:
 
 
 def create_app(predictor: Predictor, limits: ServeConfig, top_k: int) -> FastAPI:
-    from . import __version__, protocols
+    from .. import __version__
+    from . import protocols
 
     app = FastAPI(
         title="softmax-mlops inference",

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import IMPLS, TrainConfig
-from ..errors import PipelineError
+from ...config import IMPLS, TrainConfig
+from ...errors import PipelineError
 
 NUM_INPUTS = 28 * 28
 NUM_OUTPUTS = 10
@@ -80,7 +80,7 @@ class SoftmaxRegression(nn.Module):
 
 
 def save_weights(path, W: torch.Tensor, b: torch.Tensor) -> None:  # noqa: ANN001
-    from ..atomic import write_npz
+    from ...atomic import write_npz
 
     write_npz(path, W=W.detach().numpy(), b=b.detach().numpy())
 

@@ -1,0 +1,163 @@
+"""The serving side's commands: `predict` (batch inference) and `serve` (the HTTP service), both on onnxruntime.
+They need neither torch nor a stage, which is what lets the serving image leave both out.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from ..cli import project_config as _config
+from ..errors import PipelineError
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from .inference import Predictor
+
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        envvar="SOFTMAX_MLOPS_MODEL",
+        help="A .onnx file, its folder, or an MLflow URI such as models:/softmax-mlops-scratch@champion. "
+        "Default: serve.model in params.yaml.",
+    ),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1, help="onnxruntime intra-op threads. Default: the CPUs this process may use (affinity and cgroup quota)."
+    ),
+]
+
+
+def _predictor(model: str | None, threads: int | None, wait_s: float = 0.0) -> tuple[Config, Predictor]:
+    from .inference import Predictor, is_mlflow_uri, model_source, wait_for_model
+
+    cfg = _config(standalone=model is not None)
+    source = model or model_source(cfg.serve.model, cfg.root)  # --model is relative to where you are
+    if is_mlflow_uri(source):  # the registry may be slow to answer (or retrying): say what we wait for
+        typer.echo(f"softmax-mlops: loading {source} from {cfg.mlflow.tracking_uri}", err=True)
+    path = wait_for_model(source, cfg.mlflow.tracking_uri, wait_s, lambda line: typer.echo(line, err=True))
+    return cfg, Predictor(path, threads)
+
+
+def predict(
+    input: Annotated[
+        Path,
+        typer.Argument(
+            help="IDX file (.gz or raw), .npy (uint8 [N,28,28] or [N,784]), a PNG/JPEG, "
+            "or a folder of PNG/JPEG images (searched recursively)."
+        ),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write predictions: .csv or .jsonl.")],
+    model: ModelOpt = None,
+    output_format: Annotated[
+        str | None, typer.Option("--format", help="csv or jsonl (default: from --output's suffix).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Images per onnxruntime call. Default: predict.batch_size.")
+    ] = None,
+    top_k: Annotated[
+        int | None, typer.Option(min=1, max=10, help="Classes listed per image. Default: predict.top_k.")
+    ] = None,
+    threads: ThreadsOpt = None,
+    skip_bad: Annotated[
+        bool,
+        typer.Option(
+            "--skip-bad/--fail-on-bad",
+            help="For folders: skip unreadable images with a warning, or stop at the first one (default).",
+        ),
+    ] = False,
+) -> None:
+    """Batch inference with onnxruntime: one output row per image (id, class, probability, top-k), streamed in
+    batches with bounded memory and written atomically. With a model that carries a drift reference, the batch
+    is also tested for drift against the test set, and the report is written beside the output."""
+    from . import predict as batch
+
+    if output_format not in (None, "csv", "jsonl"):
+        raise PipelineError(f"--format must be csv or jsonl, not {output_format!r}")
+    cfg, predictor = _predictor(model, threads)
+    result = batch.run(
+        input,
+        output,
+        predictor,
+        batch_size or cfg.predict.batch_size,
+        top_k or cfg.predict.top_k,
+        output_format,
+        skip_bad,
+        progress=sys.stderr.isatty(),
+        drift_cfg=cfg.drift,
+    )
+    typer.echo(f"predict: {result.images} images -> {output}")
+    if result.drift is not None:
+        from .drift import report_path, summary
+
+        typer.echo(f"{summary(result.drift)} -> {report_path(output)}")
+
+
+def serve(
+    model: ModelOpt = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind. Default: serve.host (127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Default: serve.port.")] = None,
+    max_body_bytes: Annotated[
+        int | None, typer.Option(min=1, help="Larger requests get 413. Default: serve.max_body_bytes.")
+    ] = None,
+    max_instances: Annotated[
+        int | None, typer.Option(min=1, help="Images per request; more get 413. Default: serve.max_instances.")
+    ] = None,
+    request_timeout: Annotated[
+        float | None, typer.Option(min=0.001, help="Seconds of inference before 503. Default: serve.request_timeout_s.")
+    ] = None,
+    read_timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="Seconds for a request's headers, then its body, to arrive (else 408). Default: serve.read_timeout_s.",
+        ),
+    ] = None,
+    max_connections: Annotated[
+        int | None, typer.Option(min=1, help="Open connections at once; more get 503. Default: serve.max_connections.")
+    ] = None,
+    max_image_pixels: Annotated[
+        int | None,
+        typer.Option(min=1, help="Uploaded images declaring more pixels get 413. Default: serve.max_image_pixels."),
+    ] = None,
+    threads: ThreadsOpt = None,
+    model_wait: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            envvar="SOFTMAX_MLOPS_MODEL_WAIT_S",
+            help="Seconds to keep retrying a models:/ URI that has no version yet (a fresh registry). "
+            "Default: serve.model_wait_s.",
+        ),
+    ] = None,
+) -> None:
+    """HTTP inference: POST /predict (JSON {"instances": [...]} or a PNG/JPEG), GET /health, GET /metadata; the
+    Open Inference Protocol (KServe v2) under /v2; MLflow's scoring protocol (POST /invocations, GET /ping)."""
+    from .. import config
+    from . import server
+
+    wait_s = model_wait if model_wait is not None else _config(standalone=model is not None).serve.model_wait_s
+    cfg, predictor = _predictor(model, threads, wait_s)
+    overrides = {
+        "host": host,
+        "port": port,
+        "max_body_bytes": max_body_bytes,
+        "max_instances": max_instances,
+        "request_timeout_s": request_timeout,
+        "read_timeout_s": read_timeout,
+        "max_connections": max_connections,
+        "max_image_pixels": max_image_pixels,
+    }
+    limits = config.overridden(cfg.serve, "serve", **overrides)
+    server.serve(predictor, limits, cfg.predict.top_k)
+
+
+COMMANDS = (predict, serve)
