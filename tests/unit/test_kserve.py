@@ -46,7 +46,7 @@ def test_probes_point_at_v2_health_routes_the_server_has(container, onnx_model):
     from softmax_mlops.serving.inference import Predictor
     from softmax_mlops.serving.server import create_app
 
-    routes = {route.path for route in create_app(Predictor(onnx_model[0]), config.ServeConfig(), top_k=3).routes}
+    routes = set(create_app(Predictor(onnx_model[0]), config.ServeConfig(), top_k=3).openapi()["paths"])
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         get = container[probe]["httpGet"]
         assert get["path"].startswith("/v2/health/") and get["path"] in routes, probe

@@ -8,17 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from softmax_mlops.serving import protocols
-from softmax_mlops.serving.protocols import (
-    INVALID,
-    ProtocolError,
-    as_array,
-    check_pixels,
-    load_json,
-    parse_mlflow,
-    parse_v2,
-)
-from softmax_mlops.serving.server import parse_instances
+from softmax_mlops.serving.protocols import INVALID, ProtocolError, as_array, check_pixels, load_json
+from softmax_mlops.serving.protocols import v2 as v2_protocol
+from softmax_mlops.serving.protocols.mlflow_scoring import MLFLOW_FORMATS, encode_mlflow, parse_mlflow
+from softmax_mlops.serving.protocols.native import parse_instances
+from softmax_mlops.serving.protocols.v2 import parse_v2
 
 IMAGE = np.arange(784, dtype=np.int64).reshape(28, 28) % 256
 
@@ -270,22 +264,24 @@ def test_v2_outputs_choose_what_comes_back_and_how():
 
 def test_v2_encoding_in_json_and_binary():
     results = {"logits": np.full((1, 10), 1.5, np.float32), "probabilities": np.full((1, 10), 0.1, np.float32)}
-    request = protocols.V2Request(IMAGE[None].astype(np.uint8), {"logits": False}, "r1")
-    body, headers = protocols.encode_v2("m", request, results)
+    request = v2_protocol.V2Request(IMAGE[None].astype(np.uint8), {"logits": False}, "r1")
+    body, headers = v2_protocol.encode_v2("m", request, results)
     assert headers == {"content-type": "application/json"}
     assert json.loads(body) == {
         "model_name": "m",
         "outputs": [{"name": "logits", "datatype": "FP32", "shape": [1, 10], "data": [1.5] * 10}],
         "id": "r1",
     }
-    binary = protocols.V2Request(IMAGE[None].astype(np.uint8), {"probabilities": True, "logits": False})
-    body, headers = protocols.encode_v2("m", binary, results)
+    binary = v2_protocol.V2Request(IMAGE[None].astype(np.uint8), {"probabilities": True, "logits": False})
+    body, headers = v2_protocol.encode_v2("m", binary, results)
     length = int(headers["inference-header-content-length"])
     assert headers["content-type"] == "application/octet-stream"
     header = json.loads(body[:length])
     assert "id" not in header and header["outputs"][0]["parameters"] == {"binary_data_size": 40}
     assert np.frombuffer(body[length:], "<f4").tolist() == [np.float32(0.1)] * 10
-    assert protocols.v2_model_metadata("m")["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": [-1, 28, 28]}]
+    assert v2_protocol.v2_model_metadata("m")["inputs"] == [
+        {"name": "image", "datatype": "UINT8", "shape": [-1, 28, 28]}
+    ]
 
 
 # --- MLflow's scoring protocol -----------------------------------------------------------------------------------
@@ -312,13 +308,13 @@ def test_mlflow_forms(payload):
             [1],
             "BAD_REQUEST",
             "The input must be a JSON dictionary with exactly one of the input fields "
-            f"{set(protocols.MLFLOW_FORMATS)}. Received: list.",
+            f"{set(MLFLOW_FORMATS)}. Received: list.",
         ),
         (
             {"inputs": [], "instances": []},
             "BAD_REQUEST",
             "The input must be a JSON dictionary with exactly one of the input fields "
-            f"{set(protocols.MLFLOW_FORMATS)}. Received: ['inputs', 'instances'].",
+            f"{set(MLFLOW_FORMATS)}. Received: ['inputs', 'instances'].",
         ),
         (
             {"dataframe_split": {}},
@@ -344,7 +340,7 @@ def test_mlflow_limit_and_encoding():
     two = json.dumps({"instances": [IMAGE.tolist()] * 2}).encode()
     assert parse_mlflow(two, 2).shape == (2, 28, 28) and refused(parse_mlflow, two, 1).status == 413
     results = {"logits": np.zeros((1, 10), np.float32), "probabilities": np.ones((1, 10), np.float32)}
-    assert protocols.encode_mlflow(results) == {"predictions": {"logits": [[0.0] * 10], "probabilities": [[1.0] * 10]}}
+    assert encode_mlflow(results) == {"predictions": {"logits": [[0.0] * 10], "probabilities": [[1.0] * 10]}}
 
 
 # --- edges that mutation testing found unchecked -----------------------------------------------------------------
@@ -385,15 +381,15 @@ def test_a_wider_binary_datatype_and_other_parameters():
 
 def test_v2_binary_outputs_are_little_endian_float32_back_to_back():
     results = {"logits": np.full((1, 10), 1.5), "probabilities": np.full((1, 10), 0.25)}  # float64 from elsewhere
-    request = protocols.V2Request(IMAGE[None].astype(np.uint8), {"logits": True, "probabilities": True})
-    body, headers = protocols.encode_v2("m", request, results)
+    request = v2_protocol.V2Request(IMAGE[None].astype(np.uint8), {"logits": True, "probabilities": True})
+    body, headers = v2_protocol.encode_v2("m", request, results)
     length = int(headers["inference-header-content-length"])
     assert [o["parameters"]["binary_data_size"] for o in json.loads(body[:length])["outputs"]] == [40, 40]
     assert np.frombuffer(body[length:], "<f4").tolist() == [1.5] * 10 + [0.25] * 10
 
 
 def test_v2_model_metadata_is_the_exports_signature():
-    assert protocols.v2_model_metadata("m") == {
+    assert v2_protocol.v2_model_metadata("m") == {
         "name": "m",
         "versions": [],
         "platform": "onnxruntime_onnx",
@@ -425,7 +421,7 @@ def test_v2_model_metadata_is_the_exports_signature():
     ],
 )
 def test_v2_every_typed_field_is_refused_in_its_own_words(request_fields, tensor_fields, message):
-    """The typed request (protocols.V2InferenceRequest) refuses a value of the wrong type or past its bounds in
+    """The typed request (v2_protocol.V2InferenceRequest) refuses a value of the wrong type or past its bounds in
     each field, with the line for that field: a wrong type there once reached code that raised a 500."""
     error = refused(parse_v2, v2(tensor_fields, **request_fields), None, 4)
     assert error.status == 400 and error.message.startswith(message), error.message
@@ -433,7 +429,7 @@ def test_v2_every_typed_field_is_refused_in_its_own_words(request_fields, tensor
 
 def test_a_value_in_a_message_is_cut_short():
     """A hostile value may be megabytes, or an integer that Python refuses to print."""
-    show = protocols._show
+    show = v2_protocol._show
     assert show("a" * 58) == "'" + "a" * 58 + "'"  # 60 characters: shown whole
     assert show("a" * 59) == "'" + "a" * 56 + "..."  # 61: cut to 60
     assert show(10**5000) == f"<an integer of more than {sys.get_int_max_str_digits()} digits>"

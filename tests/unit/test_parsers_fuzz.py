@@ -12,8 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from softmax_mlops.serving.protocols import ProtocolError, parse_mlflow, parse_v2
-from softmax_mlops.serving.server import parse_instances
+from softmax_mlops.serving.protocols import ProtocolError
+from softmax_mlops.serving.protocols.mlflow_scoring import parse_mlflow
+from softmax_mlops.serving.protocols.native import parse_instances
+from softmax_mlops.serving.protocols.v2 import parse_v2
 
 MAX_INSTANCES = 8
 IMAGE = (np.arange(784) % 256).reshape(28, 28).tolist()

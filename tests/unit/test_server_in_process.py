@@ -27,8 +27,9 @@ from PIL import Image
 from helpers import model_copy
 from softmax_mlops import __version__
 from softmax_mlops.config import ServeConfig
-from softmax_mlops.serving import protocols, server
+from softmax_mlops.serving import server
 from softmax_mlops.serving.inference import Predictor
+from softmax_mlops.serving.protocols import mlflow_scoring, native, v2
 from stack import free_port, raw_connection, read_all
 
 pytestmark = pytest.mark.server
@@ -84,7 +85,7 @@ def test_the_read_routes_answer_their_documented_json(predictor):
         assert httpx.get(f"{url}/v2/health/live").json() == {"live": True}
         assert httpx.get(f"{url}/v2/health/ready").json() == {"ready": True}
         model = httpx.get(f"{url}/v2/models/softmax-mlops")
-        assert model.status_code == 200 and model.json() == protocols.v2_model_metadata("softmax-mlops")
+        assert model.status_code == 200 and model.json() == v2.v2_model_metadata("softmax-mlops")
         assert httpx.get(f"{url}/v2/models/softmax-mlops/ready").json() == {"name": "softmax-mlops", "ready": True}
         ping = httpx.get(f"{url}/ping")
         assert (ping.status_code, ping.text, ping.headers["content-type"]) == (200, "\n", "application/json")
@@ -187,7 +188,9 @@ def test_the_request_limits_are_the_configured_ones(predictor):
 
 
 def test_mlflow_invocations_answer_in_mlflows_shapes(predictor):
-    expected = protocols.encode_mlflow(dict(zip(("logits", "probabilities"), predictor.run(IMAGES[:2]), strict=True)))
+    expected = mlflow_scoring.encode_mlflow(
+        dict(zip(("logits", "probabilities"), predictor.run(IMAGES[:2]), strict=True))
+    )
     with running(predictor, max_body_bytes=50_000) as url:
         good = httpx.post(f"{url}/invocations", json={"instances": IMAGES[:2].tolist()})
         assert good.status_code == 200 and good.json() == json.loads(json.dumps(expected))
@@ -211,8 +214,8 @@ def test_v2_infer_answers_what_the_protocol_encodes(predictor):
     tensor = {"name": "image", "shape": [2, 28, 28], "datatype": "UINT8", "data": IMAGES[:2].ravel().tolist()}
     request = {"inputs": [tensor]}
     body = json.dumps(request).encode()
-    parsed = protocols.parse_v2(body, None, 256)
-    content, _ = protocols.encode_v2(
+    parsed = v2.parse_v2(body, None, 256)
+    content, _ = v2.encode_v2(
         "softmax-mlops", parsed, dict(zip(("logits", "probabilities"), predictor.run(parsed.images), strict=True))
     )
     with running(predictor) as url:
@@ -243,7 +246,7 @@ def test_the_openapi_document_describes_predicts_body_and_errors(predictor):
         "(KServe v2) under /v2, and MLflow's scoring protocol (/invocations, /ping, /version)."
     )
     operation = document["paths"]["/predict"]["post"]
-    assert operation["requestBody"] == server.predict_body(7)
+    assert operation["requestBody"] == native.predict_body(7)
     # the schema says what the route takes, with the limit the service was started with (serve.max_instances)
     from jsonschema import Draft202012Validator
 
@@ -254,10 +257,10 @@ def test_the_openapi_document_describes_predicts_body_and_errors(predictor):
     assert not body.is_valid({"instances": []}) and not body.is_valid({"images": [image]})
     assert not body.is_valid({"instances": [[0] * 785]}) and not body.is_valid({"instances": [[256] * 784]})
     assert not body.is_valid({"instances": [[[0] * 28] * 27]})
-    for code, text in server.ERRORS.items():
+    for code, text in native.ERRORS.items():
         assert operation["responses"][str(code)] == {
             "description": text,
-            "content": {"application/json": {"schema": server.ERROR_SCHEMA}},
+            "content": {"application/json": {"schema": native.ERROR_SCHEMA}},
         }
 
 

@@ -1,11 +1,12 @@
-"""HTTP inference over onnxruntime: POST /predict, GET /health, GET /metadata; the Open Inference Protocol
-(KServe v2) under /v2; and MLflow's scoring protocol (POST /invocations, GET /ping, GET /version).
+"""HTTP inference over onnxruntime: the three protocols' routers (serving/protocols/: the service's own
+/predict, the Open Inference Protocol under /v2, MLflow's scoring protocol on /invocations), assembled here with
+the shared limits and error handling, and run by uvicorn with two more limits of its own.
 
 Bad input always gets a 4xx with a JSON {"error": ...} that says what was wrong, and the service keeps
 serving: 400 undecodable JSON or image, 408 a request that arrives too slowly, 413 too large (body bytes,
 instance count, image pixels), 415 unsupported content type, 422 JSON that is not 28x28 integers in 0..255.
 Only the server's own limits answer 5xx: inference slower than the time limit (503), and more open
-connections than the cap (503). Images are decoded in a worker thread, never on the event loop.
+connections than the cap (503).
 """
 
 from __future__ import annotations
@@ -15,172 +16,21 @@ import gc
 import json
 import logging
 
-import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from ..config import ServeConfig
-from .images import ImageError, ImageTooLarge, decode
-from .inference import OUTPUT_NAMES, Predictor
-from .protocols import HEADER_LENGTH, as_array, check_pixels, load_json
+from .http import ClientGone, InferenceTimeout, Served
+from .inference import Predictor
 from .protocols import ProtocolError as BadRequest
+from .protocols import mlflow_scoring, native, v2
 
 log = logging.getLogger(__name__)
 
-IMAGE_TYPES = ("image/png", "image/jpeg")
-
-
-class InferenceTimeout(Exception):
-    """Inference ran over serve.request_timeout_s: the server's own limit, answered 503."""
-
-
-class ClientGone(Exception):
-    """The client closed the connection before sending its whole request: nobody is left to answer."""
-
-
-async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
-    """Read at most ``limit`` bytes within ``timeout`` seconds: a declared Content-Length over the limit is
-    refused before reading anything, and a body that trickles in too slowly gets 408."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise BadRequest(413, f"request body of {declared} bytes is over the {limit}-byte limit")
-    chunks, size = [], 0
-
-    async def read() -> None:
-        nonlocal size
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise BadRequest(413, f"request body is over the {limit}-byte limit")
-            chunks.append(chunk)
-
-    try:
-        await asyncio.wait_for(read(), timeout)
-    except TimeoutError:
-        raise BadRequest(408, f"request body not received within {timeout} s") from None
-    except ClientDisconnect:
-        raise ClientGone() from None
-    return b"".join(chunks)
-
-
-def parse_instances(body: bytes, max_instances: int) -> np.ndarray:
-    """{"instances": [28x28 integers in 0..255, ...]} -> uint8 [N, 28, 28]. Flat 784-long lists are accepted too."""
-    payload = load_json(body)
-    if not isinstance(payload, dict) or "instances" not in payload:
-        raise BadRequest(422, 'expected a JSON object {"instances": [image, ...]}')
-    instances = payload["instances"]
-    if not isinstance(instances, list) or not instances:
-        raise BadRequest(422, '"instances" must be a non-empty list of 28x28 images')
-    if len(instances) > max_instances:
-        raise BadRequest(413, f"{len(instances)} instances is over the limit of {max_instances} per request")
-    array = as_array(instances, "every instance (28x28 integers)")
-    if array.shape[1:] not in ((784,), (28, 28)):
-        raise BadRequest(422, f"each instance must be 28x28 (or 784 long); got shape {list(array.shape[1:])}")
-    return check_pixels(array, max_instances)
-
-
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    try:
-        return decode(data, max_pixels)[None]
-    except ImageError as exc:
-        raise BadRequest(413 if isinstance(exc, ImageTooLarge) else 400, f"the uploaded file: {exc}") from None
-
-
-async def _images_from(request: Request, limits: ServeConfig) -> np.ndarray:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type not in ("application/json", "multipart/form-data", *IMAGE_TYPES):
-        raise BadRequest(
-            415,
-            f"unsupported content type {content_type or '(none)'!r}: send application/json "
-            '{"instances": [...]}, an image/png or image/jpeg body, or a multipart file upload',
-        )
-    body = await _read_body(request, limits.max_body_bytes, limits.read_timeout_s)
-    if content_type == "application/json":
-        return await run_in_threadpool(parse_instances, body, limits.max_instances)
-    if content_type in IMAGE_TYPES:
-        return await run_in_threadpool(decode_image, body, limits.max_image_pixels)
-
-    async def replay() -> dict:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    try:
-        form = await Request(request.scope, replay).form(max_files=1, max_fields=10)
-    except Exception:  # noqa: BLE001 - python-multipart raises several types for malformed bodies
-        raise BadRequest(400, "malformed multipart body") from None
-    uploads = [v for v in form.values() if hasattr(v, "read")]
-    if not uploads:
-        raise BadRequest(422, "the multipart body holds no file: upload the image as a file field")
-    return await run_in_threadpool(decode_image, await uploads[0].read(), limits.max_image_pixels)
-
-
-ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
-ERRORS = {
-    400: "undecodable JSON or image",
-    408: "request too slow",
-    413: "too large",
-    415: "unsupported type",
-    422: "not 28x28 integers in 0..255",
-    503: "inference over the time limit",
-}
-_IMAGE = {
-    "type": "array",
-    "minItems": 28,
-    "maxItems": 28,
-    "items": {
-        "type": "array",
-        "minItems": 28,
-        "maxItems": 28,
-        "items": {"type": "integer", "minimum": 0, "maximum": 255},
-    },
-}
-_FILE = {"type": "string", "format": "binary"}
-
-
-def predict_body(max_instances: int) -> dict:
-    """/predict's request body for the OpenAPI document. The route reads its body itself (three content types,
-    size and time limits), so FastAPI cannot infer the schema: it is described here, for clients and for
-    schemathesis-style fuzzers, with the instance limit the service was started with (serve.max_instances)."""
-    return {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["instances"],
-                    "properties": {
-                        "instances": {
-                            "type": "array",
-                            "minItems": 1,
-                            "maxItems": max_instances,
-                            "items": {
-                                "oneOf": [
-                                    _IMAGE,
-                                    {
-                                        "type": "array",
-                                        "minItems": 784,
-                                        "maxItems": 784,
-                                        "items": {"type": "integer", "minimum": 0, "maximum": 255},
-                                    },
-                                ]
-                            },
-                        }
-                    },
-                }
-            },
-            "image/png": {"schema": _FILE},
-            "image/jpeg": {"schema": _FILE},
-            "multipart/form-data": {"schema": {"type": "object", "properties": {"file": _FILE}, "required": ["file"]}},
-        },
-    }
-
 
 def create_app(predictor: Predictor, limits: ServeConfig, top_k: int) -> FastAPI:
-    from .. import __version__
-    from . import protocols
-
+    """The app: each protocol's router over one Served model, and the error handlers they share."""
     app = FastAPI(
         title="softmax-mlops inference",
         version="1",
@@ -188,13 +38,14 @@ def create_app(predictor: Predictor, limits: ServeConfig, top_k: int) -> FastAPI
         "Inference Protocol (KServe v2) under /v2, and MLflow's scoring protocol "
         "(/invocations, /ping, /version).",
     )
-    model_name = predictor.metadata.get("registered_model") or "softmax-mlops"
+    served = Served(predictor, limits, top_k, predictor.metadata.get("registered_model") or "softmax-mlops")
+    for protocol_module in (native, v2, mlflow_scoring):
+        app.include_router(protocol_module.router(served))
 
     @app.exception_handler(BadRequest)
     async def _bad_request(request: Request, exc: BadRequest) -> JSONResponse:
-        if request.url.path == "/invocations":  # MLflow's error shape; it answers bad input with 400
-            status = exc.status if exc.status in (408, 413, 415) else 400
-            return JSONResponse({"error_code": exc.code, "message": exc.message}, status_code=status)
+        if request.url.path in mlflow_scoring.PATHS:
+            return mlflow_scoring.refusal(exc)
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
@@ -207,100 +58,9 @@ def create_app(predictor: Predictor, limits: ServeConfig, top_k: int) -> FastAPI
         log.info("client %s disconnected before sending its whole request", request.client)
         return JSONResponse({"error": "client disconnected"}, status_code=400)
 
-    async def run_model(images: np.ndarray) -> dict[str, np.ndarray]:
-        """Both outputs, in a worker thread, within the time limit (else 503: the server's limit, not the
-        client's input)."""
-        try:
-            results = await asyncio.wait_for(run_in_threadpool(predictor.run, images), timeout=limits.request_timeout_s)
-        except TimeoutError:
-            raise InferenceTimeout(f"inference took longer than {limits.request_timeout_s} s") from None
-        return dict(zip(OUTPUT_NAMES, results, strict=True))
-
     @app.exception_handler(InferenceTimeout)
     async def _timeout(_: Request, exc: InferenceTimeout) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=503)
-
-    async def body_of(request: Request, *allowed: str) -> bytes:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type and content_type not in allowed:
-            raise BadRequest(415, f"unsupported content type {content_type!r}: send {' or '.join(allowed)}")
-        return await _read_body(request, limits.max_body_bytes, limits.read_timeout_s)
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/metadata")
-    async def metadata() -> dict:
-        return predictor.metadata
-
-    @app.post(
-        "/predict",
-        openapi_extra={"requestBody": predict_body(limits.max_instances)},
-        responses={
-            code: {"description": text, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
-            for code, text in ERRORS.items()
-        },
-    )
-    async def predict(request: Request) -> JSONResponse:
-        images = await _images_from(request, limits)
-        probabilities = (await run_model(images))["probabilities"]
-        # a Response as is: FastAPI would otherwise walk every number through jsonable_encoder first
-        return JSONResponse({"predictions": predictor.describe(*predictor.top_k_of(probabilities, top_k))})
-
-    # --- Open Inference Protocol (KServe v2 REST) ---
-    def known(name: str) -> None:
-        if name != model_name:
-            raise BadRequest(404, f"unknown model {name!r}: this server has {model_name!r}")
-
-    @app.get("/v2")
-    async def v2_server() -> dict:
-        return {"name": "softmax-mlops", "version": __version__, "extensions": ["binary_tensor_data"]}
-
-    @app.get("/v2/health/live")
-    async def v2_live() -> dict:
-        return {"live": True}
-
-    @app.get("/v2/health/ready")
-    async def v2_ready() -> dict:
-        return {"ready": True}  # the model is loaded before the server starts listening
-
-    @app.get("/v2/models/{name}")
-    async def v2_model(name: str) -> dict:
-        known(name)
-        return protocols.v2_model_metadata(model_name)
-
-    @app.get("/v2/models/{name}/ready")
-    async def v2_model_ready(name: str) -> dict:
-        known(name)
-        return {"name": model_name, "ready": True}
-
-    @app.post("/v2/models/{name}/infer")
-    async def v2_infer(name: str, request: Request) -> Response:
-        known(name)
-        body = await body_of(request, "application/json", "application/octet-stream")
-        parsed = await run_in_threadpool(
-            protocols.parse_v2, body, request.headers.get(HEADER_LENGTH), limits.max_instances
-        )
-        content, headers = protocols.encode_v2(model_name, parsed, await run_model(parsed.images))
-        return Response(content, headers=headers)
-
-    # --- MLflow scoring protocol (mlflow models serve) ---
-    @app.get("/ping")
-    async def ping() -> Response:
-        return Response("\n", media_type="application/json")
-
-    @app.get("/version")
-    async def version() -> Response:
-        from importlib.metadata import version as installed
-
-        return Response(installed("mlflow-skinny"), media_type="text/plain")
-
-    @app.post("/invocations")
-    async def invocations(request: Request) -> JSONResponse:
-        body = await body_of(request, "application/json")
-        images = await run_in_threadpool(protocols.parse_mlflow, body, limits.max_instances)
-        return JSONResponse(protocols.encode_mlflow(await run_model(images)))
 
     return app
 

@@ -1,13 +1,9 @@
-"""The two inference protocols other clients already speak, over the same model and the same limits as /predict.
+"""The Open Inference Protocol (KServe v2, REST) under /v2: its parser, its encoder and its router.
 
-- The **Open Inference Protocol** (KServe v2, REST), spoken by Triton, Seldon MLServer, KServe and OpenVINO
-  Model Server clients: tensors as JSON (`data` flat or nested), or in the binary tensor extension that
-  `tritonclient` uses by default (a JSON header of `Inference-Header-Content-Length` bytes, then raw tensors).
-- **MLflow's scoring protocol** (`mlflow models serve`): `{"inputs": ...}` or `{"instances": ...}` in,
-  `{"predictions": {"logits": ..., "probabilities": ...}}` out, and MLflow's own error shape, as MLflow 3.17's
-  server answers for the registered ONNX model.
-
-Only parsing and encoding live here; server.py routes requests and runs the model.
+The request is parsed by typed pydantic models, as KServe's own Python server parses v2: every field has a
+declared type (strict: no 1 for true, no "5" for 5) and bounds, so that a JSON value of the wrong type, or a
+dimension past what numpy can index, is refused before any code uses it. A validation error is turned into
+the one line that names the field (`_v2_refusal`): only ProtocolError leaves the parser.
 """
 
 from __future__ import annotations
@@ -16,12 +12,19 @@ import json
 import math
 import sys
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from starlette.concurrency import run_in_threadpool
 
-from .inference import OUTPUT_NAMES
+from ..inference import OUTPUT_NAMES
+from . import ProtocolError, as_array, check_pixels, load_json
+
+if TYPE_CHECKING:
+    from ..http import Served
 
 # KServe v2 datatypes a pixel array may arrive in; every value must still be an integer in 0..255
 V2_DTYPES = {
@@ -37,66 +40,6 @@ V2_DTYPES = {
     "FP64": np.float64,
 }
 HEADER_LENGTH = "inference-header-content-length"
-
-
-INVALID = "INVALID_PARAMETER_VALUE"  # MLflow's error code for input that does not fit the model's signature
-
-
-class ProtocolError(Exception):
-    """Bad input: the status to answer and a message that says what was wrong, and the error code MLflow's
-    scoring server gives the same fault: BAD_REQUEST for a request it cannot read (malformed JSON, a missing
-    field, values out of range), INVALID_PARAMETER_VALUE for one that does not fit the signature (its shape,
-    the input's name, a dataframe for a tensor input)."""
-
-    def __init__(self, status: int, message: str, code: str = "BAD_REQUEST") -> None:
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
-
-
-def load_json(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(400, f"malformed JSON: {exc}") from None
-    except RecursionError:
-        raise ProtocolError(400, "malformed JSON: nested too deeply") from None
-
-
-def as_array(values: Any, what: str) -> np.ndarray:
-    try:
-        array = np.asarray(values)
-    except (ValueError, OverflowError, TypeError, RecursionError):
-        raise ProtocolError(422, f"{what} must be a rectangular array of integers (rows of unequal length)") from None
-    if array.dtype.kind not in "iuf":
-        raise ProtocolError(422, f"{what}: pixel values must be numbers (integers 0..255)")
-    return array
-
-
-def check_pixels(array: np.ndarray, max_instances: int, flat_ok: bool = True) -> np.ndarray:
-    """[N, 28, 28] (or [N, 784] when ``flat_ok``) integers in 0..255, at most ``max_instances``: as uint8."""
-    if array.ndim >= 1 and len(array) > max_instances:
-        raise ProtocolError(413, f"{len(array)} images is over the limit of {max_instances} per request")
-    if flat_ok and array.shape[1:] == (784,):
-        array = array.reshape(-1, 28, 28)
-    if array.ndim != 3 or array.shape[1:] != (28, 28) or not len(array):
-        shapes = "[N, 28, 28] or [N, 784]" if flat_ok else "[N, 28, 28]"
-        raise ProtocolError(422, f"images must have shape {shapes} with N >= 1; got {list(array.shape)}", INVALID)
-    if array.dtype.kind == "f":
-        if not np.isfinite(array).all():
-            raise ProtocolError(422, "pixel values must be finite integers; found NaN or infinity")
-        if (array != np.round(array)).any():
-            raise ProtocolError(422, "pixel values must be integers 0..255; found fractions")
-    if array.min() < 0 or array.max() > 255:
-        raise ProtocolError(422, f"pixel values must be in 0..255; found {array.min()}..{array.max()}")
-    return array.astype(np.uint8, copy=False)
-
-
-# --- Open Inference Protocol (KServe v2) -------------------------------------------------------------------------
-#
-# The request is parsed by typed pydantic models, as KServe's own Python server parses v2: every field has a
-# declared type (strict: no 1 for true, no "5" for 5) and bounds, so that a JSON value of the wrong type, or a
-# dimension past what numpy can index, is refused before any code uses it. A validation error is turned into
-# the one line that names the field (`_v2_refusal`): only ProtocolError leaves a parser.
 
 MAX_DIMS = 8  # a tensor shape longer than this is no image batch
 MAX_DIM = 2**31 - 1  # a dimension past this is no image batch either, and numpy could not index it
@@ -298,42 +241,47 @@ def v2_model_metadata(model_name: str) -> dict:
     }
 
 
-# --- MLflow scoring protocol -------------------------------------------------------------------------------------
+def router(served: Served) -> APIRouter:
+    """/v2, its health, the model's metadata and readiness, and inference, for the one model served."""
+    from ... import __version__
 
-MLFLOW_FORMATS = ("dataframe_split", "dataframe_records", "inputs", "instances")
+    routes = APIRouter()
+    model_name = served.model_name
 
+    def known(name: str) -> None:
+        if name != model_name:
+            raise ProtocolError(404, f"unknown model {name!r}: this server has {model_name!r}")
 
-def parse_mlflow(body: bytes, max_instances: int) -> np.ndarray:
-    """What `mlflow models serve` takes for this model's tensor signature (``image``: uint8 [-1, 28, 28]):
-    ``{"inputs": images}``, ``{"inputs": {"image": images}}``, ``{"instances": images}`` or
-    ``{"instances": [{"image": image}, ...]}``. MLflow refuses [N, 784], and so does this."""
-    payload = load_json(body)
-    keys = [k for k in MLFLOW_FORMATS if isinstance(payload, dict) and k in payload]
-    if len(keys) != 1:
-        found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
-        raise ProtocolError(
-            400,
-            f"The input must be a JSON dictionary with exactly one of the input fields "
-            f"{set(MLFLOW_FORMATS)}. Received: {found}.",
+    @routes.get("/v2")
+    async def v2_server() -> dict:
+        return {"name": "softmax-mlops", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    @routes.get("/v2/health/live")
+    async def v2_live() -> dict:
+        return {"live": True}
+
+    @routes.get("/v2/health/ready")
+    async def v2_ready() -> dict:
+        return {"ready": True}  # the model is loaded before the server starts listening
+
+    @routes.get("/v2/models/{name}")
+    async def v2_model(name: str) -> dict:
+        known(name)
+        return v2_model_metadata(model_name)
+
+    @routes.get("/v2/models/{name}/ready")
+    async def v2_model_ready(name: str) -> dict:
+        known(name)
+        return {"name": model_name, "ready": True}
+
+    @routes.post("/v2/models/{name}/infer")
+    async def v2_infer(name: str, request: Request) -> Response:
+        known(name)
+        body = await served.body_of(request, "application/json", "application/octet-stream")
+        parsed = await run_in_threadpool(
+            parse_v2, body, request.headers.get(HEADER_LENGTH), served.limits.max_instances
         )
-    key, value = keys[0], payload[keys[0]]
-    if key.startswith("dataframe"):
-        raise ProtocolError(
-            400,
-            f"{key} does not fit this model's tensor input 'image' (uint8 [-1, 28, 28]): "
-            'send {"inputs": [[28 rows of 28 pixels], ...]}',
-            INVALID,
-        )
-    if key == "inputs" and isinstance(value, dict):
-        if set(value) != {"image"}:
-            raise ProtocolError(400, f"inputs must name the one input 'image', got {sorted(value)}", INVALID)
-        value = value["image"]
-    elif key == "instances" and isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        if any(set(v) != {"image"} for v in value):
-            raise ProtocolError(400, "each instance must hold the one input 'image'", INVALID)
-        value = [v["image"] for v in value]
-    return check_pixels(as_array(value, key), max_instances, flat_ok=False)
+        content, headers = encode_v2(model_name, parsed, await served.run_model(parsed.images))
+        return Response(content, headers=headers)
 
-
-def encode_mlflow(results: dict[str, np.ndarray]) -> dict:
-    return {"predictions": {name: results[name].tolist() for name in OUTPUT_NAMES}}
+    return routes
