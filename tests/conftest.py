@@ -229,7 +229,9 @@ def prefect_harness(tmp_path_factory):
         mp.delenv("PREFECT_API_URL", raising=False)
         from prefect.testing.utilities import prefect_test_harness
 
-        with prefect_test_harness():
+        # Prefect's default of 30 s for its server to start ran out on a loaded 2-core machine (three test runs
+        # side by side); this bounds a hang, not a speed
+        with prefect_test_harness(server_startup_timeout=120):
             yield
 
 

@@ -158,6 +158,19 @@ class EvaluateConfig(Section):
     grid_images: int = Field(18, ge=1)
 
 
+class CpuKernelsConfig(Section):
+    """The CPU code paths torch's stages run, fixed so that their outputs are the same bytes on any x86-64 CPU
+    with AVX2: ATen picks its vectorized kernels by CPU (AVX-512 or AVX2), and MKL its BLAS code path; each
+    choice sums in its own order. `aten` becomes ATEN_CPU_CAPABILITY and `mkl` MKL_CBWR (MKL's conditional
+    numerical reproducibility branch) in each stage's process, before torch loads (stages.commands)."""
+
+    aten: Literal["default", "avx2", "avx512"] = "avx2"
+    mkl: Literal["COMPATIBLE", "SSE4_2", "AVX", "AVX2", "AVX512"] = "AVX2"
+
+    def environment(self) -> dict[str, str]:
+        return {"ATEN_CPU_CAPABILITY": self.aten, "MKL_CBWR": self.mkl}
+
+
 class CalibrateConfig(Section):
     bins: int = Field(15, ge=1)  # equal-width confidence bins of the ECE (Guo et al. 2017)
     initial_temperature: float = Field(1.5, gt=0)  # where LBFGS starts, as in the reference implementation
@@ -253,6 +266,7 @@ class Config:
     ingest: IngestConfig
     impls: tuple[str, ...]
     train: TrainConfig
+    cpu_kernels: CpuKernelsConfig
     evaluate: EvaluateConfig
     calibrate: CalibrateConfig
     export: ExportConfig
@@ -425,6 +439,7 @@ def load(root: str | Path | None = None, missing_ok: bool = False) -> Config:
         ),
         impls=impls,
         train=_section(TrainConfig, raw.get("train"), "train"),
+        cpu_kernels=_section(CpuKernelsConfig, raw.get("cpu_kernels"), "cpu_kernels"),
         evaluate=_section(EvaluateConfig, raw.get("evaluate"), "evaluate"),
         calibrate=_section(CalibrateConfig, raw.get("calibrate"), "calibrate"),
         export=_section(ExportConfig, raw.get("export"), "export"),
