@@ -66,7 +66,8 @@ def wait_for(predicate, what: str, proc: subprocess.Popen | None = None) -> None
 
 
 def stage_children(root: Path) -> list[int]:
-    """softmax-mlops processes started by DVC for this project (DVC_ROOT in their environment)."""
+    """Stage processes started by DVC for this project (DVC_ROOT in their environment): dvc.yaml runs
+    `python -m softmax_mlops.stages ...`; `softmax-mlops ...` by hand."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -76,7 +77,9 @@ def stage_children(root: Path) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if f"DVC_ROOT={root}".encode() in environ and b"softmax-mlops" in cmdline:
+        if f"DVC_ROOT={root}".encode() in environ and (
+            b"softmax_mlops.stages" in cmdline or b"softmax-mlops" in cmdline
+        ):
             found.append(int(proc.name))
     return found
 
