@@ -21,6 +21,7 @@ from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from softmax_mlops import config
+from softmax_mlops.cli import configure_process
 from softmax_mlops.tracking import PREFECT_FLOW_RUN_ENV
 
 from . import object_store
@@ -117,7 +118,7 @@ def training_pipeline(
     container, itself throwaway) they are applied to its params.yaml instead, and no experiment is recorded.
     """
     root = Path(project_dir or os.getcwd()).resolve()
-    cfg = config.load(root)
+    cfg = configure_process(config.load(root))
     impls = list(impls or cfg.impls)
     if unknown := sorted(set(impls) - set(config.IMPLS)):
         raise ValueError(f"unknown implementation(s) {unknown}; choose from {list(config.IMPLS)}")
@@ -195,7 +196,7 @@ def batch_inference(
     may be s3:// URLs (pipelines/object_store.py). An empty or missing inbox is a normal night: the run
     completes with "nothing to predict" and writes nothing."""
     root = Path(project_dir or os.getcwd()).resolve()
-    cfg = config.load(root)
+    cfg = configure_process(config.load(root))
     source_ref = input_path or cfg.batch_inference.input
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     name = f"{object_store.stem(source_ref) if object_store.is_url(source_ref) else Path(source_ref).stem}-{stamp}.csv"

@@ -31,6 +31,7 @@ from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
 from softmax_mlops import config
+from softmax_mlops.cli import configure_process
 from softmax_mlops.tracking import PREFECT_FLOW_RUN_TAG
 
 TRIAL_DEPLOYMENT = "training-pipeline/sweep-trial"  # defined in prefect.yaml
@@ -177,7 +178,7 @@ def sweep(
     """Run each set of overrides (`["train.lr=0.05", "train.epochs=10"]`) as its own sweep-trial flow run, at
     most ``concurrency`` at once; publish the leaderboard. Defaults from params.yaml (sweep)."""
     root = Path(project_dir or os.getcwd()).resolve()
-    cfg = config.load(root)
+    cfg = configure_process(config.load(root))
     if not parameter_sets:
         raise ValueError("sweep: parameter_sets is empty; give at least one list of key=value overrides")
     trials = [Trial(list(overrides)) for overrides in parameter_sets]

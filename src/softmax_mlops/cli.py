@@ -65,7 +65,15 @@ def project_config(standalone: bool = False) -> Config:
     project, run on the built-in defaults instead of failing for want of a params.yaml."""
     from . import config
 
-    return config.load(_project, missing_ok=standalone)
+    return configure_process(config.load(_project, missing_ok=standalone))
+
+
+def configure_process(cfg: Config) -> Config:
+    """Set for this process what params.yaml configures but a library reads only from the environment:
+    MLflow's HTTP budget (mlflow.http_*). Every command, and every flow (pipelines/), loads its configuration
+    through here, so config.load() itself stays free of side effects."""
+    os.environ.update(cfg.mlflow.http_environment())
+    return cfg
 
 
 def _fail(message: str) -> None:

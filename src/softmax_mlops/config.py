@@ -83,6 +83,12 @@ class Paths:
         """The fitted temperature, and ECE, NLL and Brier on the test set before and after it."""
         return self.metrics / impl / "calibration.json"
 
+    def headline(self, impl: str) -> Path:
+        """The only files dvc.yaml declares as metrics: the shipped model's accuracy, macro-F1, ECE after
+        calibration and temperature, with the same keys for every implementation, so that `dvc metrics show` is
+        one narrow row per implementation. The details are plain outputs."""
+        return self.metrics / impl / "headline.json"
+
     def reliability(self, impl: str) -> Path:
         """Reliability diagrams before and after temperature scaling."""
         return self.reports / impl / "reliability.png"
@@ -119,12 +125,6 @@ class Paths:
     def accuracy_curves(self) -> Path:
         """Every accuracy of both implementations per epoch, one row each: the data of DVC's accuracy plot."""
         return self.reports / "accuracy_curves.csv"
-
-    @property
-    def headline(self) -> Path:
-        """The only file dvc.yaml declares as metrics: a handful of figures per implementation, so that
-        `dvc metrics show` and `dvc exp show` stay readable. The details are plain outputs."""
-        return self.metrics / "headline.json"
 
 
 class Section(BaseModel):
@@ -258,6 +258,16 @@ class MlflowConfig(Section):
         """One registered model per implementation, e.g. softmax-mlops-scratch."""
         return f"{self.experiment}-{impl}"
 
+    def http_environment(self) -> dict[str, str]:
+        """Bound how long a dead tracking server can stall a command. MLflow reads its HTTP client's settings
+        only from the environment, and its defaults (7 retries, back-off factor 2, 120 s timeouts) meant minutes
+        of silence before the error. Here the back-off factor is 1 (the sleeps are then 1, 2, 4 s...) and the
+        retries and timeout come from params.yaml (mlflow.http_*); a value already in the environment wins.
+        load() writes nothing: the process that talks to MLflow sets these (cli.configure_process)."""
+        wanted = {env: str(getattr(self, field)) for env, field in HTTP_BUDGET_ENV.items()}
+        wanted["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+        return {env: os.environ.get(env) or value for env, value in wanted.items()}
+
 
 @dataclass(frozen=True)
 class Config:
@@ -356,15 +366,6 @@ HTTP_BUDGET_ENV = {  # MLflow's own settings for its HTTP client; a value alread
 }
 
 
-def apply_http_budget(mlflow_cfg: MlflowConfig) -> None:
-    """Bound how long a dead tracking server can stall a command. MLflow's defaults (7 retries, back-off
-    factor 2, 120 s timeouts) meant minutes of silence before the error; its back-off factor is set to 1 (the
-    sleeps are then 1, 2, 4 s...), the retries and timeout come from params.yaml (mlflow.http_*)."""
-    for env, field in HTTP_BUDGET_ENV.items():
-        os.environ.setdefault(env, str(getattr(mlflow_cfg, field)))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-
-
 def _ui_url(tracking_uri: str, configured: str | None) -> str:
     """The MLflow UI for links: the environment override, else a tracking server's own address, else params."""
     if override := os.environ.get(UI_URL_ENV):
@@ -428,7 +429,6 @@ def load(root: str | Path | None = None, missing_ok: bool = False) -> Config:
         },
         "mlflow",
     )
-    apply_http_budget(mlflow_cfg)
     return Config(
         root=root,
         paths=paths,

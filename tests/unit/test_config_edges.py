@@ -232,24 +232,40 @@ def test_absolute_and_in_memory_sqlite_uris_are_left_alone(tmp_path):
     assert config.resolve_tracking_uri("sqlite:///:memory:", tmp_path) == "sqlite:///:memory:"
 
 
-# --- apply_http_budget: MLflow's HTTP settings, unless already set -------------------------------------------------
+# --- MLflow's HTTP settings: from params, unless already set; set by the command's process, not by load() -------
 
 
 @pytest.fixture
 def http_env_unset(monkeypatch):
-    """The three variables unset for the test, and as they were afterwards (an earlier load() exported them)."""
+    """The three variables unset for the test, and as they were afterwards (an earlier command set them)."""
     for name in HTTP_ENV:
         monkeypatch.setenv(name, "placeholder")  # recorded first, so that teardown restores the original state
         monkeypatch.delenv(name)
 
 
-def test_load_exports_the_http_budget_from_params(tmp_path, http_env_unset):
-    config.load(write_params(tmp_path, mlflow={"http_retries": 5, "http_timeout_s": 7}))
-    assert {name: os.environ.get(name) for name in HTTP_ENV} == dict(zip(HTTP_ENV, ("5", "7", "1"), strict=True))
+def test_the_http_budget_comes_from_params(tmp_path, http_env_unset):
+    cfg = config.load(write_params(tmp_path, mlflow={"http_retries": 5, "http_timeout_s": 7}))
+    assert cfg.mlflow.http_environment() == dict(zip(HTTP_ENV, ("5", "7", "1"), strict=True))
 
 
 def test_an_http_setting_already_in_the_environment_wins(tmp_path, http_env_unset, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "99")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "3")
-    config.load(write_params(tmp_path, mlflow={"http_retries": 0}))
-    assert {name: os.environ.get(name) for name in HTTP_ENV} == dict(zip(HTTP_ENV, ("0", "99", "3"), strict=True))
+    cfg = config.load(write_params(tmp_path, mlflow={"http_retries": 0}))
+    assert cfg.mlflow.http_environment() == dict(zip(HTTP_ENV, ("0", "99", "3"), strict=True))
+
+
+def test_load_writes_nothing_to_the_environment(tmp_path, http_env_unset, monkeypatch):
+    monkeypatch.setenv(config.MIRROR_ENV, str(tmp_path))
+    before = dict(os.environ)
+    config.load(write_params(tmp_path, mlflow={"http_retries": 5, "http_timeout_s": 7}))
+    assert dict(os.environ) == before
+
+
+def test_a_command_sets_the_budget_for_its_own_process(tmp_path, http_env_unset, monkeypatch):
+    """Every command loads params.yaml through cli.project_config, which sets what MLflow reads."""
+    from softmax_mlops import cli
+
+    monkeypatch.chdir(write_params(tmp_path, mlflow={"http_retries": 2, "http_timeout_s": 4}))
+    cli.project_config()
+    assert {name: os.environ.get(name) for name in HTTP_ENV} == dict(zip(HTTP_ENV, ("2", "4", "1"), strict=True))

@@ -30,7 +30,8 @@ def declared(tmp_path_factory) -> tuple[config.Config, set[str]]:
 
 def test_every_path_helper_names_a_file_dvc_yaml_declares(declared):
     cfg, paths = declared
-    assert len(cfg.impls) == 2 and {"weights", "onnx"} <= set(PER_IMPL) and {"test_data", "headline"} <= set(SHARED)
+    assert len(cfg.impls) == 2 and {"weights", "onnx", "headline"} <= set(PER_IMPL)
+    assert {"test_data", "compare_json"} <= set(SHARED)
     named = [getattr(cfg.paths, name) for name in SHARED]
     named += [getattr(cfg.paths, name)(impl) for name in PER_IMPL for impl in cfg.impls]
     relative = {path.relative_to(cfg.paths.root).as_posix() for path in named}

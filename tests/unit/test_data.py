@@ -20,7 +20,8 @@ def test_ingest_round_trips_arrays_from_a_mirror(idx_mirror, tmp_path, as_url):
     folder, splits, resources = idx_mirror
     mirror = folder.as_uri() if as_url else str(folder)
     paths = paths_in(tmp_path)
-    summary = data.ingest(settings(mirror), paths, resources)
+    ingested = data.ingest(settings(mirror), paths, resources)
+    summary = ingested.summary
     val = np.array(summary["val"]["indices"])
     rest = np.setdiff1d(np.arange(60), val)
     expected = {
@@ -36,7 +37,8 @@ def test_ingest_round_trips_arrays_from_a_mirror(idx_mirror, tmp_path, as_url):
     assert summary["train"]["count"] == 40 and summary["val"]["count"] == 20
     assert summary["test"]["per_class"]["t-shirt"] == 2
     assert summary["source_md5"] == dict(resources)
-    assert summary["data_md5"] == data.arrays_md5(expected)
+    assert summary["data_md5"] == data.arrays_md5(expected) == ingested.data_md5
+    assert ingested.counts == {"train": 40, "val": 20, "test": 20}
 
 
 def test_the_validation_split_is_stratified_disjoint_and_seeded(idx_mirror, tmp_path):
@@ -44,14 +46,15 @@ def test_the_validation_split_is_stratified_disjoint_and_seeded(idx_mirror, tmp_
     the same split, another seed another one."""
     folder, splits, resources = idx_mirror
     labels = splits["train"][1]
-    summary = data.ingest(settings(str(folder)), paths_in(tmp_path / "a"), resources)
+    summary = data.ingest(settings(str(folder)), paths_in(tmp_path / "a"), resources).summary
     val = summary["val"]["indices"]
     assert val == sorted(set(val)) and len(val) == 20
     assert np.bincount(labels[val], minlength=10).tolist() == [2] * 10
     assert summary["val"]["per_class"] == dict.fromkeys(data.CLASS_NAMES, 2)
     assert summary["train"]["per_class"] == dict.fromkeys(data.CLASS_NAMES, 4)
-    assert data.ingest(settings(str(folder)), paths_in(tmp_path / "b"), resources)["val"]["indices"] == val
-    assert data.ingest(settings(str(folder), seed=1), paths_in(tmp_path / "c"), resources)["val"]["indices"] != val
+    again = data.ingest(settings(str(folder)), paths_in(tmp_path / "b"), resources)
+    other_seed = data.ingest(settings(str(folder), seed=1), paths_in(tmp_path / "c"), resources)
+    assert again.summary["val"]["indices"] == val and other_seed.summary["val"]["indices"] != val
 
 
 def test_a_validation_split_larger_than_the_data_is_named_and_writes_nothing(idx_mirror, tmp_path):

@@ -166,7 +166,7 @@ def test_ingest_writes_the_summary_it_returns(idx_mirror, tmp_path):
     folder, _, resources = idx_mirror
     paths = paths_in(tmp_path)
     settings = config.IngestConfig(mirror=str(folder), validation_size=20, validation_seed=3)
-    summary = data.ingest(settings, paths, resources)
+    summary = data.ingest(settings, paths, resources).summary
     assert json.loads(paths.data_summary.read_text()) == summary
     assert summary["val"]["seed"] == 3 and len(summary["val"]["indices"]) == 20
 

@@ -129,6 +129,6 @@ def test_the_trained_weights_pass_and_are_registered(project):
     weights(project)
     versions = registered_versions(project)
     result = export.run(config.load(project), IMPL)
-    assert result["parity"]["max_abs_diff"] <= 1e-5 and not math.isnan(result["parity"]["max_abs_diff"])
+    assert result.max_abs_diff <= 1e-5 and not math.isnan(result.max_abs_diff)
     assert left_behind(project) == sorted(OUTPUTS)
     assert registered_versions(project) == versions + 1

@@ -39,8 +39,9 @@ def logits(cfg: config.Config, split_path) -> tuple[torch.Tensor, np.ndarray]:
 
 def test_calibrate_writes_what_it_computed(calibrated, tmp_path):
     cfg = calibrated
-    report = calibrate.run(cfg, IMPL)
-    assert set(report) == {"temperature", "validation", "test"}
+    result = calibrate.run(cfg, IMPL)
+    report = result.report()
+    assert set(report) == {"temperature", "validation", "test"} and report["temperature"] == result.temperature
     check_the_temperature_is_fitted_on_the_validation_split(cfg, report)
     bins = check_the_test_split_is_scored_before_and_after(cfg, report)
     check_dvc_reads_the_same_report_and_picture(cfg, report, bins, tmp_path / "expected.png")
@@ -113,13 +114,29 @@ def test_export_writes_registers_and_reports_what_it_built(calibrated):
     images, labels = data.load_split(cfg.paths.test_data)
     test_accuracy = json.loads(cfg.paths.eval_metrics(IMPL).read_text())["test_accuracy"]
     parity = json.loads(cfg.paths.parity(IMPL).read_text())
-    assert result["parity"] == parity and result["test_accuracy"] == test_accuracy
+    assert (result.max_abs_diff, result.argmax_match) == (parity["max_abs_diff"], parity["argmax_match"])
+    assert result.test_accuracy == test_accuracy
+    check_the_headline_is_the_shipped_models_figures(cfg)
     assert parity["max_abs_diff"] <= export.PARITY_MAX_ABS_DIFF and parity["argmax_match"] == 1.0
     card = check_the_model_card(cfg, test_accuracy)
     probabilities = check_the_graph_divides_by_the_fitted_temperature(cfg, card, images)
     check_the_drift_reference(cfg, probabilities, images)
     check_the_run_and_the_registered_version(cfg, result, parity, card, labels, probabilities)
     check_a_second_export_is_judged_against_the_first(cfg, result, labels, probabilities)
+
+
+def check_the_headline_is_the_shipped_models_figures(cfg: config.Config) -> None:
+    """metrics/{impl}/headline.json, the one metrics file per implementation: the same four keys for each, so
+    that `dvc metrics show` is one row per implementation."""
+    evaluation = json.loads(cfg.paths.eval_metrics(IMPL).read_text())
+    calibration = json.loads(cfg.paths.calibration(IMPL).read_text())
+    assert json.loads(cfg.paths.headline(IMPL).read_text()) == {
+        "accuracy": evaluation["test_accuracy"],
+        "macro_f1": evaluation["macro_f1"],
+        "ece": calibration["test"]["after"]["ece"],
+        "temperature": calibration["temperature"],
+    }
+    assert calibration["test"]["after"]["ece"] != calibration["test"]["before"]["ece"]
 
 
 def check_the_model_card(cfg: config.Config, test_accuracy: float) -> dict:
@@ -186,13 +203,15 @@ def check_the_run_and_the_registered_version(cfg, result, parity, card, labels, 
     assert cfg.paths.parity(IMPL).name in {item.path for item in client.list_artifacts(run_id)}
 
     name = cfg.mlflow.registered_model(IMPL)
-    version = client.get_model_version(name, result["version"])
-    assert version.run_id == run_id and result["registered_model"] == name
-    assert result["gate"] == cfg.export.champion_min_accuracy and isinstance(result["champion"], bool)
+    version = client.get_model_version(name, result.registered.version)
+    assert version.run_id == run_id and result.registered.registered_model == name
+    assert result.registered.gate == cfg.export.champion_min_accuracy and isinstance(result.registered.champion, bool)
     new = score_of(probabilities, labels)
     assert version.tags["test_accuracy"] == f"{new.accuracy:.4f}" and run.data.metrics["test_nll"] == new.nll
     files = Path(
-        mlflow.artifacts.download_artifacts(f"models:/{name}/{result['version']}", tracking_uri=cfg.mlflow.tracking_uri)
+        mlflow.artifacts.download_artifacts(
+            f"models:/{name}/{result.registered.version}", tracking_uri=cfg.mlflow.tracking_uri
+        )
     )
     registered_card = (files / "extra_files" / "model.json").read_text()
     assert registered_card == json.dumps(card | {"mlflow_run_id": run_id}, indent=2) + "\n"  # as DVC's card reads
@@ -208,9 +227,9 @@ def check_a_second_export_is_judged_against_the_first(cfg, first, labels, probab
 
     second = export.run(cfg, IMPL)
     same = score_of(probabilities, labels)
-    expected = decide(same, cfg.export.champion_min_accuracy, (first["version"], same))
-    assert int(second["version"]) == int(first["version"]) + 1
-    assert (second["champion"], second["reason"]) == (expected.promoted, expected.reason)
+    expected = decide(same, cfg.export.champion_min_accuracy, (first.registered.version, same))
+    assert int(second.registered.version) == int(first.registered.version) + 1
+    assert (second.registered.champion, second.registered.reason) == (expected.promoted, expected.reason)
     assert "tie" in expected.reason and expected.promoted
 
 

@@ -10,6 +10,7 @@ stage puts the division inside the ONNX graph, so served probabilities are the c
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -19,6 +20,41 @@ from ..config import Config
 from ..errors import PipelineError
 from .data import load_split
 from .models import SoftmaxRegression, load_weights
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The test set's ECE, NLL, Brier score and accuracy at one temperature."""
+
+    ece: float
+    nll: float
+    brier: float
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """What calibrate@{impl} fitted and measured, as metrics/{impl}/calibration.json holds it."""
+
+    temperature: float
+    validation_images: int
+    validation_nll_before: float
+    validation_nll_after: float
+    before: Scores  # the test set at T = 1
+    after: Scores  # the test set at the fitted T
+
+    def report(self) -> dict:
+        """calibration.json's content: only scalars (the bins are in the picture), so that `dvc metrics diff`
+        can read it."""
+        return {
+            "temperature": self.temperature,
+            "validation": {
+                "images": self.validation_images,
+                "nll_before": self.validation_nll_before,
+                "nll_after": self.validation_nll_after,
+            },
+            "test": {"before": asdict(self.before), "after": asdict(self.after)},
+        }
 
 
 def logits64(W: torch.Tensor, b: torch.Tensor, images: np.ndarray) -> torch.Tensor:
@@ -114,7 +150,7 @@ def read_temperature(cfg: Config, impl: str) -> float:
     return temperature
 
 
-def run(cfg: Config, impl: str) -> dict:
+def run(cfg: Config, impl: str) -> Calibrated:
     """The calibrate@{impl} stage: fit T on validation, score the test set before and after, draw both."""
     from .. import tracking
     from . import plots
@@ -125,22 +161,20 @@ def run(cfg: Config, impl: str) -> dict:
         val_images, val_labels = load_split(paths.val_data)
         test_images, test_labels = load_split(paths.test_data)
         val_logits, test_logits = logits64(W, b, val_images), logits64(W, b, test_images)
+        y_val = torch.from_numpy(val_labels)
         temperature = fit_temperature(val_logits, val_labels, settings.initial_temperature, settings.max_iter)
 
-        y_val = torch.from_numpy(val_labels)
         before, before_bins = scores(test_logits, test_labels, 1.0, settings.bins)
         after, after_bins = scores(test_logits, test_labels, temperature, settings.bins)
-        # only scalars: DVC reads this file as metrics (`dvc metrics show`); the bins are in the picture
-        report = {
-            "temperature": temperature,
-            "validation": {
-                "images": len(val_labels),
-                "nll_before": float(nll(val_logits, y_val)),
-                "nll_after": float(nll(val_logits, y_val, temperature)),
-            },
-            "test": {"before": before, "after": after},
-        }
-        write_json(paths.calibration(impl), report)
+        result = Calibrated(
+            temperature=temperature,
+            validation_images=len(val_labels),
+            validation_nll_before=float(nll(val_logits, y_val)),
+            validation_nll_after=float(nll(val_logits, y_val, temperature)),
+            before=Scores(**before),
+            after=Scores(**after),
+        )
+        write_json(paths.calibration(impl), result.report())
         plots.reliability_diagrams(
             {
                 "before (T = 1)": (before_bins, before["ece"]),
@@ -164,4 +198,4 @@ def run(cfg: Config, impl: str) -> dict:
             }
         )
         tracking.log_files(paths.calibration(impl), paths.reliability(impl))
-    return report
+    return result

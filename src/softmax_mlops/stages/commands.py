@@ -37,11 +37,11 @@ def ingest() -> None:
     from . import data
 
     cfg = _config()
-    summary = data.ingest(cfg.ingest, cfg.paths)
+    ingested = data.ingest(cfg.ingest, cfg.paths)
+    counts = ingested.counts
     typer.echo(
-        f"ingest: {summary['train']['count']} train, {summary['val']['count']} validation, "
-        f"{summary['test']['count']} test images "
-        f"(data md5 {summary['data_md5']})"
+        f"ingest: {counts['train']} train, {counts['val']} validation, {counts['test']} test images "
+        f"(data md5 {ingested.data_md5})"
     )
 
 
@@ -50,10 +50,10 @@ def train(impl: ImplArg) -> None:
     cfg = _torch_config()
     from . import train as training
 
-    summary = training.run(cfg, impl.value)
+    trained = training.run(cfg, impl.value)
     typer.echo(
-        f"train@{impl.value}: test accuracy {summary['test_acc']:.4f} after {summary['epochs']} epochs "
-        f"({summary['seconds_per_epoch']:.3f} s/epoch)"
+        f"train@{impl.value}: test accuracy {trained.test_acc:.4f} after {trained.epochs} epochs "
+        f"({trained.seconds_per_epoch:.3f} s/epoch)"
     )
 
 
@@ -62,10 +62,8 @@ def evaluate(impl: ImplArg) -> None:
     cfg = _torch_config()
     from . import evaluate as evaluation
 
-    metrics = evaluation.run(cfg, impl.value)
-    typer.echo(
-        f"evaluate@{impl.value}: test accuracy {metrics['test_accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}"
-    )
+    evaluated = evaluation.run(cfg, impl.value)
+    typer.echo(f"evaluate@{impl.value}: test accuracy {evaluated.test_accuracy:.4f}, macro-F1 {evaluated.macro_f1:.4f}")
 
 
 def calibrate(impl: ImplArg) -> None:
@@ -74,12 +72,11 @@ def calibrate(impl: ImplArg) -> None:
     cfg = _torch_config()
     from . import calibrate as calibration
 
-    report = calibration.run(cfg, impl.value)
-    before, after = report["test"]["before"], report["test"]["after"]
+    calibrated = calibration.run(cfg, impl.value)
+    before, after = calibrated.before, calibrated.after
     typer.echo(
-        f"calibrate@{impl.value}: T = {report['temperature']:.4f}; test ECE {before['ece']:.4f} -> "
-        f"{after['ece']:.4f}, NLL {before['nll']:.4f} -> {after['nll']:.4f}, "
-        f"Brier {before['brier']:.4f} -> {after['brier']:.4f}"
+        f"calibrate@{impl.value}: T = {calibrated.temperature:.4f}; test ECE {before.ece:.4f} -> "
+        f"{after.ece:.4f}, NLL {before.nll:.4f} -> {after.nll:.4f}, Brier {before.brier:.4f} -> {after.brier:.4f}"
     )
 
 
@@ -88,11 +85,11 @@ def compare() -> None:
     cfg = _torch_config()
     from . import compare as comparison
 
-    report = comparison.run(cfg)
-    diff = report.get("difference")
+    compared = comparison.run(cfg)
+    diff = compared.difference_points
     typer.echo(
         f"compare: {cfg.paths.compare_md}"
-        + (f" (test accuracy differs by {diff['test_accuracy_points']:.3f} points)" if diff else "")
+        + (f" (test accuracy differs by {diff:.3f} points)" if diff is not None else "")
     )
 
 
@@ -103,12 +100,12 @@ def export(impl: ImplArg) -> None:
     cfg = _torch_config()
     from . import export as exporting
 
-    result = exporting.run(cfg, impl.value)
-    parity = result["parity"]
+    exported = exporting.run(cfg, impl.value)
+    registered = exported.registered
     typer.echo(
-        f"export@{impl.value}: max abs diff {parity['max_abs_diff']:.1e}, argmax match "
-        f"{parity['argmax_match']:.2%}; registered {result['registered_model']} v{result['version']}"
-        + f" as @candidate; @champion {result['reason']}"
+        f"export@{impl.value}: max abs diff {exported.max_abs_diff:.1e}, argmax match "
+        f"{exported.argmax_match:.2%}; registered {registered.registered_model} v{registered.version}"
+        + f" as @candidate; @champion {registered.reason}"
     )
 
 

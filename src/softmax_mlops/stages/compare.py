@@ -1,8 +1,8 @@
 """The compare stage: scratch against concise, side by side, including how far apart their weights ended.
 
-It also writes the two views DVC shows: the headline metrics (the only file declared as metrics) and the
-accuracy curves in long form (one row per epoch, implementation and kind of accuracy), so that DVC's plot can
-colour by kind of accuracy and dash by implementation. The report itself goes into both MLflow runs.
+It also writes the accuracy curves in long form (one row per epoch, implementation and kind of accuracy), so that
+DVC's plot can colour by kind of accuracy and dash by implementation. The report itself goes into both MLflow
+runs.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from ..atomic import write_json, write_text
 from ..config import Config
@@ -23,8 +25,15 @@ ROWS = (  # (label, source file, key)
     ("train accuracy (running, last epoch)", "train", "train_acc_running"),
     ("train loss (last epoch)", "train", "loss"),
 )  # no timings and no MLflow run ids: the report is a DVC output, a function of code, data and params
-HEADLINE = ("test_accuracy", "macro_f1")  # per implementation, in metrics/headline.json
 CURVES = {"train_acc_running": "train (running)", "train_acc": "train (end of epoch)", "test_acc": "test"}
+
+
+@dataclass(frozen=True)
+class Compared:
+    """What compare found: each implementation's test accuracy, and how far apart they are."""
+
+    test_accuracy: Mapping[str, float]  # per implementation
+    difference_points: float | None  # |a - b| in percentage points; None unless there are two implementations
 
 
 def _read(path) -> dict:  # noqa: ANN001
@@ -34,7 +43,8 @@ def _read(path) -> dict:  # noqa: ANN001
         raise PipelineError(f"{path} is missing or unreadable: run the train and evaluate stages first") from None
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config) -> Compared:
+    """The compare stage: reports/compare.{json,md} and the curves, logged to every implementation's run."""
     paths = cfg.paths
     results = {}
     for impl in cfg.impls:
@@ -51,7 +61,6 @@ def run(cfg: Config) -> dict:
         }
     write_json(paths.compare_json, report)
     write_text(paths.compare_md, _markdown(cfg, report))
-    write_json(paths.headline, {impl: {key: report["impls"][impl][key] for key in HEADLINE} for impl in cfg.impls})
     write_text(paths.accuracy_curves, accuracy_curves_csv({impl: paths.history(impl) for impl in cfg.impls}))
 
     from .. import tracking
@@ -61,7 +70,11 @@ def run(cfg: Config) -> dict:
     for impl in cfg.impls:
         with tracking.resume_run(cfg, impl, "compare"):
             tracking.log_files(paths.compare_md, paths.compare_json, paths.compare_curves, artifact_path="compare")
-    return report
+    difference = report.get("difference")
+    return Compared(
+        test_accuracy={impl: report["impls"][impl]["test_accuracy"] for impl in cfg.impls},
+        difference_points=difference["test_accuracy_points"] if difference else None,
+    )
 
 
 def accuracy_curves_csv(histories: dict) -> str:

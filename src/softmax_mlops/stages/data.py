@@ -12,7 +12,8 @@ import tempfile
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -197,7 +198,16 @@ def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.int64, copy=False)
 
 
-def ingest(settings: IngestConfig, paths: Paths, resources: Sequence[tuple[str, str]] | None = None) -> dict:
+@dataclass(frozen=True)
+class Ingested:
+    """What the ingest stage wrote."""
+
+    counts: Mapping[str, int]  # images per split: train, val, test
+    data_md5: str  # the hash of the decoded arrays of every split
+    summary: Mapping[str, Any]  # data/prepared/summary.json, as written
+
+
+def ingest(settings: IngestConfig, paths: Paths, resources: Sequence[tuple[str, str]] | None = None) -> Ingested:
     """The ingest stage: fetch and verify everything first, then write, so a failure writes nothing. The
     official training images are split into train (what training sees) and val (for calibration)."""
     resources = source_files(resources)
@@ -210,4 +220,6 @@ def ingest(settings: IngestConfig, paths: Paths, resources: Sequence[tuple[str, 
         save_split(path, *splits[split])
     summary = summarize(splits, resources, val, settings.validation_seed)
     write_json(paths.data_summary, summary)
-    return summary
+    return Ingested(
+        counts={split: summary[split]["count"] for split in splits}, data_md5=summary["data_md5"], summary=summary
+    )

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,6 +18,15 @@ from ..classes import CLASS_NAMES, NUM_CLASSES
 from ..config import Config
 from .data import load_split
 from .models import SoftmaxRegression, load_weights
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What evaluate@{impl} measured on the test set, as metrics/{impl}/eval.json holds it."""
+
+    test_accuracy: float
+    macro_f1: float
+    per_class: Mapping[str, Mapping[str, float]]  # class name -> precision, recall, f1 and one-vs-rest accuracy
 
 
 def predict_classes(W: torch.Tensor, b: torch.Tensor, images: np.ndarray) -> np.ndarray:
@@ -57,7 +68,9 @@ def confusion_csv(labels: np.ndarray, predicted: np.ndarray) -> str:
     return out.getvalue()
 
 
-def run(cfg: Config, impl: str) -> dict:
+def run(cfg: Config, impl: str) -> Evaluation:
+    """The evaluate@{impl} stage: score the saved weights on the test set, write the metrics, the confusion
+    matrix and the pictures, and log them to the implementation's MLflow run."""
     from .. import tracking
     from . import plots
 
@@ -92,4 +105,4 @@ def run(cfg: Config, impl: str) -> dict:
             }
         )
         tracking.log_files(paths.eval_metrics(impl), paths.confusion(impl), *pictures)
-    return metrics
+    return Evaluation(**metrics)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from ..errors import PipelineError
 from ..serving.inference import INPUT_NAME, OUTPUT_NAMES
 from .data import load_split
 from .models import SoftmaxRegression, load_weights
+
+if TYPE_CHECKING:
+    from ..tracking import Registered
 
 INPUT, OUTPUTS = INPUT_NAME, OUTPUT_NAMES
 PARITY_BATCH_SIZES = (1, 7, 10000)
@@ -118,7 +122,19 @@ def check_parity(module: nn.Module, onnx_path, images: np.ndarray) -> dict:  # n
     return report
 
 
-def run(cfg: Config, impl: str) -> dict:
+@dataclass(frozen=True)
+class Exported:
+    """What export@{impl} checked and registered."""
+
+    max_abs_diff: float  # ONNX against torch on the test set, logits and probabilities (models/{impl}/parity.json)
+    argmax_match: float
+    test_accuracy: float
+    registered: Registered
+
+
+def run(cfg: Config, impl: str) -> Exported:
+    """The export@{impl} stage: the calibrated model as ONNX, checked against torch, with its model card and
+    drift reference, then registered in MLflow behind the champion gate."""
     from .. import tracking
     from ..serving import drift
     from ..serving.inference import Predictor
@@ -129,7 +145,8 @@ def run(cfg: Config, impl: str) -> dict:
     with tracking.resume_run(cfg, impl, f"export@{impl}") as run:
         W, b = load_weights(paths.weights(impl))
         images, labels = load_split(paths.test_data)
-        test_accuracy = json.loads(paths.eval_metrics(impl).read_text())["test_accuracy"]
+        evaluation = json.loads(paths.eval_metrics(impl).read_text())
+        test_accuracy = evaluation["test_accuracy"]
         temperature = read_temperature(cfg, impl)
         module = ExportedSoftmaxRegression(W, b, temperature).eval()
         # model.onnx appears only once it has passed the parity check: a model that fails it is never where
@@ -160,6 +177,10 @@ def run(cfg: Config, impl: str) -> dict:
         # The DVC-tracked card is a function of code, data and params; the copy registered with the model in
         # MLflow also names the run that produced it (a run id is new on every run).
         write_json(paths.model_card(impl), card)
+        # what `dvc metrics show` shows, one row per implementation: the shipped model's figures
+        calibrated = json.loads(paths.calibration(impl).read_text())["test"]["after"]
+        headline = {"accuracy": test_accuracy, "macro_f1": evaluation["macro_f1"], "ece": calibrated["ece"]}
+        write_json(paths.headline(impl), headline | {"temperature": temperature})
         # one onnxruntime pass over the test set serves the drift reference and the champion/challenger score
         probabilities = Predictor(paths.onnx(impl)).run(images)[1]
         drift.save_reference(paths.drift_reference(impl), probabilities, images)
@@ -171,7 +192,7 @@ def run(cfg: Config, impl: str) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             registered_card = Path(tmp) / "model.json"
             registered_card.write_text(json.dumps(card | {"mlflow_run_id": run.info.run_id}, indent=2) + "\n")
-            version = tracking.log_and_register_onnx(
+            registered = tracking.log_and_register_onnx(
                 cfg,
                 impl,
                 paths.onnx(impl),
@@ -181,4 +202,9 @@ def run(cfg: Config, impl: str) -> dict:
                 labels,
                 score_of(probabilities, labels),
             )
-    return {"parity": parity, "test_accuracy": test_accuracy, **version}
+    return Exported(
+        max_abs_diff=parity["max_abs_diff"],
+        argmax_match=parity["argmax_match"],
+        test_accuracy=test_accuracy,
+        registered=registered,
+    )

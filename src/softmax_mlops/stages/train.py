@@ -40,6 +40,23 @@ class EpochMetrics:
 TIMING_FIELDS = ("seconds",)
 
 
+@dataclass(frozen=True)
+class Trained:
+    """What train@{impl} reports: the last epoch's figures, as metrics/{impl}/train.json holds them, and the
+    mean epoch time, which goes to MLflow only (a DVC-tracked file must not change from run to run)."""
+
+    test_acc: float
+    train_acc: float
+    train_acc_running: float
+    loss: float
+    epochs: int
+    seconds_per_epoch: float
+
+    def figures(self) -> dict[str, float | int]:
+        """train.json's content: every field but the timing."""
+        return {key: value for key, value in asdict(self).items() if key != "seconds_per_epoch"}
+
+
 def lr_at(hp: TrainConfig, epoch: int) -> float:
     """Per-epoch learning rate; epoch counts from 0. Cosine decays from lr towards 0 over the run."""
     if hp.lr_schedule == "cosine":
@@ -102,7 +119,7 @@ def history_csv(history: list[EpochMetrics]) -> str:
     return out.getvalue()
 
 
-def run(cfg: Config, impl: str) -> dict:
+def run(cfg: Config, impl: str) -> Trained:
     """The train@{impl} stage: fit, save weights and metrics, and open the MLflow run later stages resume."""
     from .. import tracking
 
@@ -113,19 +130,19 @@ def run(cfg: Config, impl: str) -> dict:
         model, history = fit(impl, cfg.train, train, test, on_epoch=tracking.log_epoch)
         W, b = model.weights()
         final = history[-1]
-        summary = {
-            "test_acc": final.test_acc,
-            "train_acc": final.train_acc,
-            "train_acc_running": final.train_acc_running,
-            "loss": final.loss,
-            "epochs": final.epoch,
-        }
-        seconds_per_epoch = sum(m.seconds for m in history) / len(history)
-        tracking.log_timing(seconds_per_epoch=seconds_per_epoch)  # timings go to MLflow, not to DVC outputs
+        result = Trained(
+            test_acc=final.test_acc,
+            train_acc=final.train_acc,
+            train_acc_running=final.train_acc_running,
+            loss=final.loss,
+            epochs=final.epoch,
+            seconds_per_epoch=sum(m.seconds for m in history) / len(history),
+        )
+        tracking.log_timing(seconds_per_epoch=result.seconds_per_epoch)  # timings go to MLflow, not to DVC outputs
         save_weights(paths.weights(impl), W, b)
         write_text(paths.history(impl), history_csv(history))
-        write_json(paths.train_metrics(impl), summary)
+        write_json(paths.train_metrics(impl), result.figures())
         tracking.log_files(paths.history(impl), paths.train_metrics(impl))
         tracking.log_torch_model(SoftmaxRegression(W, b), test[0][:5])
         tracking.save_run_info(paths.run_info(impl), run, paths.weights(impl))
-    return summary | {"seconds_per_epoch": seconds_per_epoch}
+    return result

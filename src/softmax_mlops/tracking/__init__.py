@@ -15,7 +15,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -301,6 +301,17 @@ def version_description(cfg: Config, impl: str, test_accuracy: float) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Registered:
+    """A model version the export registered, and what the champion gate decided for it."""
+
+    registered_model: str
+    version: str
+    champion: bool  # whether @champion moved to this version
+    gate: float  # export.champion_min_accuracy, as it was applied
+    reason: str  # why @champion moved or stayed, in words
+
+
 def log_and_register_onnx(
     cfg: Config,
     impl: str,
@@ -310,7 +321,7 @@ def log_and_register_onnx(
     test_images: np.ndarray,
     test_labels: np.ndarray,
     new: Score,
-) -> dict:
+) -> Registered:
     """Log the ONNX model (with its model card and drift reference) into the current run and register it;
     @candidate always moves to it, @champion only past the gate and when it is at least as good as the current
     champion on the same test data (registry.promote_if_not_worse). The version's description and tags say what
@@ -361,10 +372,6 @@ def log_and_register_onnx(
         }
     )
     mlflow.log_metric("test_nll", new.nll)
-    return {
-        "registered_model": name,
-        "version": version,
-        "champion": decision.promoted,
-        "gate": gate,
-        "reason": decision.reason,
-    }
+    return Registered(
+        registered_model=name, version=version, champion=decision.promoted, gate=gate, reason=decision.reason
+    )
