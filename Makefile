@@ -6,7 +6,6 @@
 #   make mutation-fast   the same on the guard modules with fast tests (CI)
 #   make lint   ruff check, ruff format --check and mypy, all with zero findings
 #   make stack-test   build the images and test docker/compose.yaml as containers (Docker, or podman)
-#   make plots  `dvc plots show`, offline
 #   make docs   the documentation site (mkdocs.yml, docs/) into site/, warnings as errors
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,9 +14,14 @@ STAMP := $(VENV)/.installed-stamp
 # DVC runs each stage's `cmd` through the shell: the venv's console scripts must be on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-fast mutation mutation-fast lint docs stack-test plots bench lock clean
+.PHONY: setup run test test-fast mutation mutation-fast lint docs stack-test bench lock clean
 
-setup: $(STAMP)
+# .dvc/config's plots.html_template: plain `dvc plots show` uses this page, with vega, vega-lite and vega-embed
+# inlined from the npm registry, so it renders offline (DVC's own page loads them from a CDN). Not committed:
+# it is some 800 kB of other projects' minified JavaScript, built once here with npm.
+PLOTS_TEMPLATE := .dvc/plots/offline.html
+
+setup: $(STAMP) $(PLOTS_TEMPLATE)
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -78,13 +82,7 @@ docs: setup
 stack-test: setup
 	python docker/stack_test.py
 
-# `dvc plots show` with vega, vega-lite and vega-embed inlined from npm, so the page renders offline
-# (DVC's own page loads them from a CDN). Needs npm once; the template is cached in .dvc/tmp/.
-PLOTS_TEMPLATE := .dvc/tmp/plots-offline.html
-plots: setup $(PLOTS_TEMPLATE)
-	dvc plots show --html-template $(PLOTS_TEMPLATE)
-
-$(PLOTS_TEMPLATE): tools/offline_plots.py
+$(PLOTS_TEMPLATE): tools/offline_plots.py | $(STAMP)
 	$(BIN)/python tools/offline_plots.py $@
 
 bench: setup

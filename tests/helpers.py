@@ -138,6 +138,44 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def render_offline(page: Path, timeout_s: float = 180) -> str:
+    """``page``'s DOM after headless Chromium (Debian's package) has run its scripts with no network: every
+    request but file:// goes to a proxy that does not exist, and Chromium's own background connections are off.
+    Without Chromium the test skips on a developer's machine and fails in CI (`.ci/run` installs it)."""
+    import tempfile
+
+    import pytest
+
+    if shutil.which("chromium") is None:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("chromium is not installed (apt-get install chromium)")
+
+    with tempfile.TemporaryDirectory() as profile:
+        result = subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-quic",
+                f"--user-data-dir={profile}",
+                "--proxy-server=127.0.0.1:9",
+                "--proxy-bypass-list=<-loopback>",
+                "--virtual-time-budget=20000",
+                "--dump-dom",
+                page.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
 def run_tool(*cmd: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run dvc, git or another installed tool with the test environment (plus ``env``)."""
     return subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})

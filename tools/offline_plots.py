@@ -1,4 +1,5 @@
-"""Write an HTML template for `dvc plots show --html-template` that works offline (`make plots` uses it).
+"""Write the HTML template that `dvc plots show` uses (.dvc/config's plots.html_template): a page that works
+offline. `make setup` builds it into .dvc/plots/offline.html.
 
 DVC's own page loads vega, vega-lite and vega-embed from a CDN, so with no internet it renders a blank page.
 This template carries the same three libraries (the versions DVC's page asks for), taken from the npm registry

@@ -106,7 +106,7 @@ def test_the_readme_exp_show_command_keeps_only_the_headline_and_changed_params(
         "train.epochs",
     ], rows[1]
     assert WORKSPACE in shown.stdout
-    # the README's arithmetic: 117 columns for one experiment named lr05, plus longer names, plus about 15 for
+    # the README's arithmetic: 113 columns for one experiment named lr05, plus longer names, plus about 15 for
     # the second changed param (train.epochs, from the queued experiment)
     label = max(len(re.match(r"\s*(\S.*?)(\s{2,}|$)", row).group(1)) for row in rows[3:-1])
     width = max(len(row.rstrip()) for row in rows)
