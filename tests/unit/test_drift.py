@@ -48,7 +48,7 @@ def test_the_reference_is_byte_reproducible(tmp_path):
 
 
 def test_a_long_batch_is_ks_tested_on_a_bounded_seeded_uniform_sample():
-    """Past `capacity` images the collector keeps a reservoir sample: memory stays fixed, the class histogram
+    """Past `capacity` images the collector keeps a uniform sample: memory stays fixed, the class histogram
     still counts every image, the same input gives the same report, and the sample is uniform over the batch
     (a shift in its second half shows up in about half of the sample)."""
     rng = np.random.default_rng(4)
@@ -64,12 +64,12 @@ def test_a_long_batch_is_ks_tested_on_a_bounded_seeded_uniform_sample():
         return collector
 
     collector = collect()
-    assert collector.probabilities.shape == (1000, 10) and collector.seen == 5000
+    assert collector.sample()[1].shape == (1000, 10) and collector.seen == 5000
     report = collector.report(ref, alpha=0.05, min_images=100)
     assert report["images"] == 5000 and report["tested_images"] == 1000
     assert sum(report["tests"]["chi2_predicted_class"]["batch_counts"]) == 5000
     assert report == collect().report(ref, alpha=0.05, min_images=100)
-    white = (collector.intensities == 1.0).mean()
+    white = (collector.sample()[2] == 1.0).mean()
     # a uniform sample of 1,000 from a batch that is half white holds Binomial(1000, 0.5) white images: a standard
     # deviation of 0.016 in the fraction, so 0.42-0.58 is five of them either side
     assert 0.42 < white < 0.58, white

@@ -146,9 +146,11 @@ def test_the_collector_keeps_float32_samples_and_integer_counts(tmp_path):
     collector = drift.Collector(capacity=50)
     collector.add(pixels_of(rng, 30), rng.dirichlet(np.ones(10), size=30))  # float64 probabilities
     collector.add(pixels_of(rng, 40), rng.dirichlet(np.ones(10), size=40))
-    assert collector.probabilities.dtype == np.float32 and collector.probabilities.shape == (50, 10)
-    assert collector.intensities.dtype == np.float32 and collector.intensities.shape == (50,)
-    assert collector.probabilities.nbytes + collector.intensities.nbytes == 50 * 11 * 4
+    keys, probabilities, intensities = collector.sample()
+    assert probabilities.dtype == np.float32 and probabilities.shape == (50, 10)
+    assert intensities.dtype == np.float32 and intensities.shape == (50,)
+    assert probabilities.nbytes + intensities.nbytes == 50 * 11 * 4
+    assert keys.dtype == np.uint64 and (np.diff(keys.astype(np.float64)) > 0).all()  # in key order
     assert collector.counts.dtype == np.int64 and collector.counts.sum() == 70
     reference = {"probabilities": probabilities_of(rng, 100), "intensity": drift.intensity(pixels_of(rng, 100))}
     report = collector.report(reference, alpha=0.05, min_images=10)
@@ -156,19 +158,77 @@ def test_the_collector_keeps_float32_samples_and_integer_counts(tmp_path):
     assert json.loads(json.dumps(counts)) == counts and all(type(c) is int for c in counts)
 
 
-def test_the_reservoir_keeps_each_image_with_equal_chance():
-    """Algorithm R with room for one image out of four: over 2,000 seeds each image is the one kept a quarter
-    of the time (a standard deviation of 0.01: 0.2-0.3 is five of them either side). An off-by-one in the
-    replacement chance skews this to 0, 1/2 or 2/5 for some image."""
+def test_the_sample_keeps_each_image_with_equal_chance():
+    """Room for one image out of four: over 2,000 seeds each image is the one kept a quarter of the time (a
+    standard deviation of 0.01: 0.2-0.3 is five of them either side). Keys that ignored the seed, or favoured
+    early or late positions, skew this towards one image."""
     images = np.stack([np.full((28, 28), v, np.uint8) for v in (0, 85, 170, 255)])
     probabilities = np.full((4, 10), 0.1, np.float32)
     kept = np.zeros(4, int)
     for seed in range(2000):
         collector = drift.Collector(capacity=1, seed=seed)
-        collector.add(images, probabilities)
+        collector.add(images[:1], probabilities[:1])
+        collector.add(images[1:], probabilities[1:])
         assert collector.seen == 4
-        kept[int(round(float(collector.intensities[0]) * 3))] += 1
+        kept[int(round(float(collector.sample()[2][0]) * 3))] += 1
     assert all(0.2 < share < 0.3 for share in kept / 2000), kept
+
+
+def test_the_keys_of_distinct_positions_are_distinct_and_seeded():
+    positions = np.arange(200_000)
+    keys = drift.sample_keys(positions, seed=0)
+    assert len(np.unique(keys)) == len(positions)
+    assert not np.array_equal(keys, drift.sample_keys(positions, seed=1))
+    assert np.array_equal(keys[1000:2000], drift.sample_keys(np.arange(1000, 2000), seed=0))
+
+
+def shard_collectors(images, probabilities, cuts, capacity, seed=0) -> list:
+    """One collector per shard of the batch, each told where its shard starts, batched within the shard."""
+    collectors = []
+    for start, stop in zip(cuts[:-1], cuts[1:], strict=True):
+        collector = drift.Collector(capacity=capacity, seed=seed)
+        for first in range(start, stop, 37):
+            last = min(first + 37, stop)
+            collector.add(images[first:last], probabilities[first:last], start=first)
+        collectors.append(collector)
+    return collectors
+
+
+@pytest.mark.parametrize("capacity", [1, 64, 500, 5000])
+def test_merged_shards_give_exactly_the_single_process_report(capacity):
+    """Shards cut anywhere (one of them empty), collected apart and merged in any order: the same sample, in the
+    same order, the same counts, and so the same report to the last bit as one collector over the whole batch."""
+    rng = np.random.default_rng(9)
+    images, probabilities = pixels_of(rng, 1200), probabilities_of(rng, 1200)
+    reference = {"probabilities": probabilities_of(rng, 300), "intensity": drift.intensity(pixels_of(rng, 300))}
+    (single,) = shard_collectors(images, probabilities, [0, 1200], capacity)
+    shards = shard_collectors(images, probabilities, [0, 5, 5, 400, 1101, 1200], capacity)
+    merged = drift.Collector(capacity=capacity)
+    for i in (3, 0, 4, 1, 2):
+        merged.merge(shards[i])
+    assert merged.seen == single.seen == 1200 and np.array_equal(merged.counts, single.counts)
+    for ours, theirs in zip(merged.sample(), single.sample(), strict=True):
+        assert np.array_equal(ours, theirs)
+    assert merged.report(reference, 0.05, 10) == single.report(reference, 0.05, 10)
+
+
+def test_a_collector_of_another_seed_or_size_is_refused():
+    rng = np.random.default_rng(1)
+    other = drift.Collector(capacity=10, seed=1)
+    other.add(pixels_of(rng, 3), probabilities_of(rng, 3))
+    with pytest.raises(ValueError, match="seed 1, capacity 10 into one of seed 0, capacity 10"):
+        drift.Collector(capacity=10).merge(other)
+    with pytest.raises(ValueError, match="seed 0, capacity 9 into one of seed 0, capacity 10"):
+        drift.Collector(capacity=10).merge(drift.Collector(capacity=9))
+
+
+def test_the_collector_holds_at_most_twice_its_capacity_between_compactions():
+    rng = np.random.default_rng(2)
+    collector = drift.Collector(capacity=100)
+    for _ in range(300):
+        collector.add(pixels_of(rng, 7), probabilities_of(rng, 7))
+        assert collector._held <= 2 * 100 + 7
+    assert collector.sample()[0].shape == (100,)
 
 
 def test_a_collector_that_saw_nothing_reports_not_tested():
@@ -380,5 +440,5 @@ def test_batches_that_win_no_reservoir_slot_are_counted_and_sampled_from_nothing
     collector = drift.Collector(capacity=2, seed=0)
     for _ in range(200):
         collector.add(pixels_of(rng, 1), probabilities_of(rng, 1))
-    assert collector.seen == 200 and int(collector.counts.sum()) == 200
+    assert collector.seen == 200 and int(collector.counts.sum()) == 200 and len(collector.sample()[0]) == 2
     assert drift.intensity(np.zeros((0, 28, 28), np.uint8)).shape == (0,)
