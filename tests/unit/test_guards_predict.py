@@ -89,7 +89,7 @@ def test_predict_refuses_to_write_inside_its_input_folder(onnx_model, png_folder
 def test_an_output_name_without_a_known_suffix_is_one_line(onnx_model, npy_input, tmp_path):
     out = tmp_path / "out.txt"
     line = one_error_line(predict(npy_input, out, onnx_model[0]))
-    assert line.endswith("cannot tell the output format from 'out.txt': use .csv or .jsonl, or pass --format")
+    assert line.endswith("cannot tell the output format from 'out.txt': use .csv, .jsonl or .parquet, or pass --format")
     assert not out.exists()
 
 
@@ -97,5 +97,5 @@ def test_an_output_name_without_a_known_suffix_is_one_line(onnx_model, npy_input
 def test_a_bad_format_is_one_line(onnx_model, npy_input, tmp_path, value):
     out = tmp_path / "out.csv"
     line = one_error_line(predict(npy_input, out, onnx_model[0], "--format", value))
-    assert line == f"softmax-mlops: error: --format must be csv or jsonl, not {value!r}"
+    assert line == f"softmax-mlops: error: --format must be csv, jsonl or parquet, not {value!r}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]

@@ -50,8 +50,8 @@ def test_output_format_from_the_suffix_or_the_request(name, requested, fmt):
 
 
 def test_an_unknown_suffix_is_named():
-    message = refusal(predict.output_format, Path("/x/out.parquet"), None)
-    assert message == "cannot tell the output format from 'out.parquet': use .csv or .jsonl, or pass --format"
+    message = refusal(predict.output_format, Path("/x/out.avro"), None)
+    assert message == "cannot tell the output format from 'out.avro': use .csv, .jsonl or .parquet, or pass --format"
 
 
 def test_refusing_to_overwrite_the_input(npy, tmp_path):

@@ -37,14 +37,15 @@ ThreadsOpt = Annotated[
 
 
 def _predictor(model: str | None, threads: int | None, wait_s: float = 0.0) -> tuple[Config, Predictor]:
-    from .inference import Predictor, is_mlflow_uri, model_source, wait_for_model
+    from .inference import Predictor, is_mlflow_uri, model_source, registered_version, wait_for_model
 
     cfg = _config(standalone=model is not None)
     source = model or model_source(cfg.serve.model, cfg.root)  # --model is relative to where you are
     if is_mlflow_uri(source):  # the registry may be slow to answer (or retrying): say what we wait for
         typer.echo(f"softmax-mlops: loading {source} from {cfg.mlflow.tracking_uri}", err=True)
     path = wait_for_model(source, cfg.mlflow.tracking_uri, wait_s, lambda line: typer.echo(line, err=True))
-    return cfg, Predictor(path, threads)
+    version = registered_version(source, cfg.mlflow.tracking_uri)
+    return cfg, Predictor(path, threads, source=source, version=version)
 
 
 def predict(
@@ -55,10 +56,12 @@ def predict(
             "or a folder of PNG/JPEG images (searched recursively)."
         ),
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write predictions: .csv or .jsonl.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Where to write predictions: .csv, .jsonl or .parquet.")
+    ],
     model: ModelOpt = None,
     output_format: Annotated[
-        str | None, typer.Option("--format", help="csv or jsonl (default: from --output's suffix).")
+        str | None, typer.Option("--format", help="csv, jsonl or parquet (default: from --output's suffix).")
     ] = None,
     batch_size: Annotated[
         int | None, typer.Option(min=1, help="Images per onnxruntime call. Default: predict.batch_size.")
@@ -74,25 +77,30 @@ def predict(
             help="For folders: skip unreadable images with a warning, or stop at the first one (default).",
         ),
     ] = False,
+    all_probabilities: Annotated[
+        bool, typer.Option(help="Parquet only: also a `probabilities` column with every class's probability.")
+    ] = False,
 ) -> None:
     """Batch inference with onnxruntime: one output row per image (id, class, probability, top-k), streamed in
-    batches with bounded memory and written atomically. With a model that carries a drift reference, the batch
-    is also tested for drift against the test set, and the report is written beside the output."""
+    batches with bounded memory and written atomically. Parquet output has typed columns and names the model in
+    its metadata. With a model that carries a drift reference, the batch is also tested for drift against the
+    test set, and the report is written beside the output."""
     from . import predict as batch
 
-    if output_format not in (None, "csv", "jsonl"):
-        raise PipelineError(f"--format must be csv or jsonl, not {output_format!r}")
+    if output_format not in (None, *sorted(set(batch.FORMATS.values()))):
+        raise PipelineError(f"--format must be csv, jsonl or parquet, not {output_format!r}")
     cfg, predictor = _predictor(model, threads)
     result = batch.run(
-        input,
-        output,
-        predictor,
-        batch_size or cfg.predict.batch_size,
-        top_k or cfg.predict.top_k,
-        output_format,
-        skip_bad,
+        input_path=input,
+        output=output,
+        predictor=predictor,
+        batch_size=batch_size or cfg.predict.batch_size,
+        top_k=top_k or cfg.predict.top_k,
+        fmt=output_format,
+        skip_bad=skip_bad,
         progress=sys.stderr.isatty(),
         drift_cfg=cfg.drift,
+        all_probabilities=all_probabilities,
     )
     typer.echo(f"predict: {result.images} images -> {output}")
     if result.drift is not None:

@@ -75,6 +75,25 @@ def resolve_model(source: str, tracking_uri: str | None = None) -> Path:
     return path
 
 
+def registered_version(source: str, tracking_uri: str | None) -> str | None:
+    """The version number behind models:/name/version or models:/name@alias; None for anything else. Asked
+    once the model has loaded, so the registry has just answered."""
+    if not source.startswith("models:/"):
+        return None
+    name, _, version = source.removeprefix("models:/").partition("/")
+    if version:
+        return version
+    name, _, alias = name.partition("@")
+    if not alias:
+        return None
+    from mlflow import MlflowClient
+
+    try:
+        return str(MlflowClient(tracking_uri).get_model_version_by_alias(name, alias).version)
+    except Exception as exc:  # noqa: BLE001 - mlflow raises many types; all mean "cannot tell"
+        raise PipelineError(f"cannot resolve {source} at {tracking_uri or 'MLflow'}: {first_line(exc)}") from None
+
+
 def wait_for_model(source: str, tracking_uri: str | None, wait_s: float, say: Callable[[str], None] = print) -> Path:
     """resolve_model, retried with a capped exponential back-off for up to ``wait_s`` seconds.
 
@@ -163,7 +182,9 @@ def _check_signature(session, path: str | Path, classes: int) -> None:  # noqa: 
 class Predictor:
     """An onnxruntime session over the exported model: uint8 [N, 28, 28] in, logits and probabilities out."""
 
-    def __init__(self, model_path: str | Path, threads: int | None = None) -> None:
+    def __init__(
+        self, model_path: str | Path, threads: int | None = None, source: str | None = None, version: str | None = None
+    ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -179,6 +200,22 @@ class Predictor:
         self.class_names = list(self.metadata.get("class_names", CLASS_NAMES))
         _check_signature(self.session, model_path, len(self.class_names))
         self.threads = options.intra_op_num_threads
+        self.source = source or str(model_path)  # what the user named: a path, or models:/name@alias
+        self.version = version  # the registered version, when the model came from the registry
+
+    def provenance(self) -> dict[str, str]:
+        """What made a file of predictions, for its metadata: the model as named, its registered name and
+        version, the md5 of the ONNX file, and the md5 of the data it was trained on (from its model card)."""
+        import hashlib
+
+        card = self.metadata
+        return {
+            "model": self.source,
+            "model_name": str(card.get("registered_model", "")),
+            "model_version": self.version or "",
+            "model_md5": hashlib.md5(self.path.read_bytes()).hexdigest(),
+            "data_md5": str(card.get("data_md5", "")),
+        }
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits, probabilities = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})

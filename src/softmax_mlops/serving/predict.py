@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import json
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +22,9 @@ from ..config import DriftConfig
 from ..errors import PipelineError
 from . import drift
 from .inference import Predictor, sidecar
-from .inputs import open_source
+from .inputs import Source, open_source
 
-FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 
 
 def output_format(path: Path, requested: str | None) -> str:
@@ -32,7 +34,7 @@ def output_format(path: Path, requested: str | None) -> str:
         return FORMATS[path.suffix.lower()]
     except KeyError:
         raise PipelineError(
-            f"cannot tell the output format from {path.name!r}: use .csv or .jsonl, or pass --format"
+            f"cannot tell the output format from {path.name!r}: use .csv, .jsonl or .parquet, or pass --format"
         ) from None
 
 
@@ -81,6 +83,51 @@ def csv_text(ids, top_ids: np.ndarray, top_probs: np.ndarray, names: list[str]) 
     return "".join(lines)
 
 
+Sink = Callable[[list[str] | np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
+"""Writes one batch: ids, top-k class ids, their probabilities, and every class's probability."""
+
+
+@contextmanager
+def open_sink(fmt: str, path: Path, predictor: Predictor, all_probabilities: bool = False) -> Iterator[Sink]:
+    """The writer of one output format, on ``path`` (the atomic temporary file)."""
+    names = predictor.class_names
+    if fmt == "parquet":
+        from .parquet import PredictionsWriter
+
+        writer = PredictionsWriter(path, names, all_probabilities, predictor.provenance())
+        try:
+            yield writer.write
+        finally:
+            writer.close()
+        return
+    if all_probabilities:
+        raise PipelineError(f"--all-probabilities needs a .parquet output, not {fmt}")
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        if fmt == "csv":
+            fh.write(",".join(CSV_HEADER) + "\n")
+
+            def csv(ids: list[str] | np.ndarray, top_ids: np.ndarray, top_probs: np.ndarray, _: np.ndarray) -> None:
+                fh.write(csv_text(ids, top_ids, top_probs, names))
+
+            yield csv
+            return
+
+        def jsonl(ids: list[str] | np.ndarray, top_ids: np.ndarray, top_probs: np.ndarray, _: np.ndarray) -> None:
+            for i, item in zip(ids, predictor.describe(top_ids, top_probs), strict=True):
+                fh.write(json.dumps({"id": i if isinstance(i, str) else int(i), **item}) + "\n")
+
+        yield jsonl
+
+
+def _open_input(path: Path, batch_size: int, skip_bad: bool) -> Source:
+    """A Parquet file or dataset (parquet.py), else what inputs.py reads."""
+    from . import parquet
+
+    if path.exists() and parquet.is_dataset(path):
+        return parquet.open_dataset(path, batch_size, skip_bad)
+    return open_source(path, batch_size, skip_bad)
+
+
 @dataclass(frozen=True)
 class Result:
     images: int
@@ -97,6 +144,7 @@ def run(
     skip_bad: bool = False,
     progress: bool = True,
     drift_cfg: DriftConfig | None = None,
+    all_probabilities: bool = False,
 ) -> Result:
     """Predict every image of ``input_path`` into ``output``; with ``drift_cfg`` and a model that carries a drift
     reference, also test the batch for drift and write the report beside the output (drift.report_path)."""
@@ -114,26 +162,19 @@ def run(
     if reference is not None:  # scipy.stats takes 1.5 s to import: let it load while the batches run
         threading.Thread(target=importlib.import_module, args=("scipy.stats",), daemon=True).start()
     collector = drift.Collector(drift_cfg.max_images) if reference is not None and drift_cfg else None
-    source = open_source(input_path, batch_size, skip_bad)
-    names = predictor.class_names
+    source = _open_input(input_path, batch_size, skip_bad)
     written = 0
     with (
         atomic_path(output) as tmp,
-        open(tmp, "w", newline="", encoding="utf-8") as fh,
+        open_sink(fmt, tmp, predictor, all_probabilities) as write,
         tqdm(total=source.count, unit="img", unit_scale=True, desc="predict", disable=not progress) as bar,
     ):
-        if fmt == "csv":
-            fh.write(",".join(CSV_HEADER) + "\n")
         for ids, images in source.batches:
             probabilities = predictor.run(images)[1]
             top_ids, top_probs = predictor.top_k_of(probabilities, top_k)
             if collector:
                 collector.add(images, probabilities)
-            if fmt == "csv":
-                fh.write(csv_text(ids, top_ids, top_probs, names))
-            else:
-                for i, item in zip(ids, predictor.describe(top_ids, top_probs), strict=True):
-                    fh.write(json.dumps({"id": i if isinstance(i, str) else int(i), **item}) + "\n")
+            write(ids, top_ids, top_probs, probabilities)
             written += len(images)
             bar.update(len(images))
     report = None
