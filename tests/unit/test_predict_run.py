@@ -43,6 +43,9 @@ def refusal(call, *args, **kwargs) -> str:
         ("o.ndjson", None, "jsonl"),
         ("o.txt", "csv", "csv"),
         ("o.csv", "jsonl", "jsonl"),
+        ("o.parquet", None, "parquet"),
+        ("o.PARQUET", None, "parquet"),
+        ("o.csv", "parquet", "parquet"),
     ],
 )
 def test_output_format_from_the_suffix_or_the_request(name, requested, fmt):
@@ -105,6 +108,57 @@ def test_string_ids_of_a_folder_stay_strings_in_jsonl(tmp_path, predictor):
     out = tmp_path / "out.jsonl"
     predict.run(folder, out, predictor, batch_size=8, top_k=1, progress=False)
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["0.png", "1.png"]
+
+
+def test_parquet_has_the_predictions_and_the_models_provenance(npy, tmp_path, predictor):
+    import pyarrow.parquet as pq
+
+    from softmax_mlops.serving.parquet import file_metadata
+
+    out = tmp_path / "out.parquet"
+    result = predict.run(npy, out, predictor, batch_size=4, top_k=2, progress=False, all_probabilities=True)
+    assert result == predict.Result(images=9, drift=None)
+    rows = pq.read_table(out).to_pylist()
+    probabilities = predictor.run(PIXELS)[1]
+    top_ids, top_probs = predictor.top_k_of(probabilities, 2)
+    assert [r["id"] for r in rows] == list(range(9))
+    assert [r["class_id"] for r in rows] == top_ids[:, 0].tolist()
+    assert [r["class_name"] for r in rows] == [predictor.class_names[c] for c in top_ids[:, 0]]
+    assert np.array_equal(np.array([r["probability"] for r in rows], np.float32), top_probs[:, 0])
+    assert [[e["class_id"] for e in r["top_k"]] for r in rows] == top_ids.tolist()
+    assert [[e["class_name"] for e in r["top_k"]] for r in rows][0] == [predictor.class_names[c] for c in top_ids[0]]
+    assert np.array_equal(np.array([[e["probability"] for e in r["top_k"]] for r in rows], np.float32), top_probs)
+    assert np.array_equal(np.array([r["probabilities"] for r in rows], np.float32), probabilities)
+    assert file_metadata(out) == predictor.provenance() | {"class_names": json.dumps(predictor.class_names)}
+    assert predictor.provenance()["model_name"] == "" and len(predictor.provenance()["model_md5"]) == 32
+
+
+def test_parquet_without_all_probabilities_has_five_columns(npy, tmp_path, predictor):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out.parquet"
+    predict.run(npy, out, predictor, batch_size=4, top_k=1, progress=False)
+    assert pq.read_table(out).column_names == ["id", "class_id", "class_name", "probability", "top_k"]
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+def test_all_probabilities_is_refused_for_text(npy, tmp_path, predictor, suffix):
+    out = tmp_path / f"out.{suffix}"
+    message = refusal(predict.run, npy, out, predictor, batch_size=4, top_k=1, progress=False, all_probabilities=True)
+    assert message == f"--all-probabilities needs a .parquet output, not {suffix}"
+    assert not out.exists()
+
+
+def test_a_parquet_input_is_read_as_images(tmp_path, predictor):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"image": pa.array([p.tobytes() for p in PIXELS], pa.binary())}), source)
+    out = tmp_path / "out.jsonl"
+    assert predict.run(source, out, predictor, batch_size=4, top_k=1, progress=False).images == 9
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["class_id"] for r in rows] == predictor.run(PIXELS)[1].argmax(1).tolist()
 
 
 def test_a_failure_leaves_no_output(tmp_path, predictor):
