@@ -161,6 +161,25 @@ def test_a_parquet_input_is_read_as_images(tmp_path, predictor):
     assert [r["class_id"] for r in rows] == predictor.run(PIXELS)[1].argmax(1).tolist()
 
 
+def test_skip_bad_reaches_the_folder_and_the_parquet_readers(tmp_path, predictor):
+    """A bad image in a folder and a bad row in a Parquet file: skipped with skip_bad, fatal without."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(PIXELS[0], "L").save(folder / "0.png")
+    (folder / "1.png").write_bytes(b"not a png")
+    table = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"image": pa.array([PIXELS[0].tobytes(), b"short"], pa.binary())}), table)
+    for source in (folder, table):
+        out = tmp_path / f"{source.stem}-out.jsonl"
+        assert predict.run(source, out, predictor, batch_size=4, top_k=1, progress=False, skip_bad=True).images == 1
+        with pytest.raises(PipelineError):
+            predict.run(source, out.with_suffix(".csv"), predictor, batch_size=4, top_k=1, progress=False)
+
+
 def test_a_failure_leaves_no_output(tmp_path, predictor):
     np.save(tmp_path / "bad.npy", PIXELS.astype(np.float32))
     out = tmp_path / "out.csv"

@@ -100,8 +100,6 @@ def open_sink(fmt: str, path: Path, predictor: Predictor, all_probabilities: boo
         finally:
             writer.close()
         return
-    if all_probabilities:
-        raise PipelineError(f"--all-probabilities needs a .parquet output, not {fmt}")
     with open(path, "w", newline="", encoding="utf-8") as fh:
         if fmt == "csv":
             fh.write(",".join(CSV_HEADER) + "\n")
@@ -150,6 +148,8 @@ def run(
     reference, also test the batch for drift and write the report beside the output (drift.report_path)."""
     refuse_overwriting_input(input_path, output)
     fmt = output_format(output, fmt)
+    if all_probabilities and fmt != "parquet":
+        raise PipelineError(f"--all-probabilities needs a .parquet output, not {fmt}")
     reference_path = sidecar(predictor.path, drift.REFERENCE_FILE) if drift_cfg else None
     if reference_path:
         refuse_overwriting_input(input_path, drift.report_path(output))
