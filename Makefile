@@ -85,9 +85,13 @@ stack-test: setup
 $(PLOTS_TEMPLATE): tools/offline_plots.py | $(STAMP)
 	$(BIN)/python tools/offline_plots.py $@
 
+# Each benchmark prints its table and writes it to benchmarks/results/<script>.json (commit those: docs/benchmarks.md
+# shows them). One at a time, since they share the cores. Set FASHION_MNIST_MIRROR as for `dvc repro`;
+# inference_speed and vs_mlflow need `dvc repro` first. sweep_concurrency alone takes some 13 minutes.
 bench: setup
 	python benchmarks/train_speed.py
 	python benchmarks/pipeline_time.py
+	python benchmarks/prefect_overhead.py
 	python benchmarks/inference_speed.py
 	python benchmarks/vs_mlflow.py
 	python benchmarks/sweep_concurrency.py

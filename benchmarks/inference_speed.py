@@ -8,6 +8,7 @@
 
 Usage: python benchmarks/inference_speed.py [--impl scratch] [--images 1000000] [--requests 2000] [--concurrency 8]
 Goals: predict >= 100,000 images/s; HTTP p99 <= 20 ms with 0 errors.
+Prints the figures and writes them to benchmarks/results/inference_speed.json (benchmarks/record.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import record
 
 from softmax_mlops import config
 from softmax_mlops.stages.data import load_split
@@ -38,7 +40,7 @@ def median_seconds(fn, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
-def ort_vs_torch(cfg: config.Config, impl: str, images: np.ndarray) -> None:
+def ort_vs_torch(cfg: config.Config, impl: str, images: np.ndarray) -> tuple[float, float]:
     import torch
 
     from softmax_mlops.serving.inference import Predictor
@@ -55,9 +57,10 @@ def ort_vs_torch(cfg: config.Config, impl: str, images: np.ndarray) -> None:
         f"10,000 test images : onnxruntime {ort_s * 1e3:6.2f} ms, torch eager {torch_s * 1e3:6.2f} ms "
         f"-> onnxruntime {torch_s / ort_s:.1f}x faster"
     )
+    return ort_s, torch_s
 
 
-def predict_throughput(cfg: config.Config, impl: str, images: np.ndarray, count: int) -> None:
+def predict_throughput(cfg: config.Config, impl: str, images: np.ndarray, count: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         npy = Path(tmp) / "images.npy"
         big = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(count, 28, 28))
@@ -84,6 +87,13 @@ def predict_throughput(cfg: config.Config, impl: str, images: np.ndarray, count:
         f"predict from .npy  : {count:,} images in {seconds:.2f} s = {count / seconds:,.0f} images/s "
         f"(goal >= 100,000); peak RSS {peak_mb:.0f} MB for a {size_mb:.0f} MB input"
     )
+    return {
+        "images": count,
+        "seconds": seconds,
+        "images_per_second": count / seconds,
+        "peak_rss_mb": peak_mb,
+        "input_mb": size_mb,
+    }
 
 
 def _high_water_mb(pid: int) -> float:
@@ -127,7 +137,7 @@ async def _load(url: str, body: bytes, requests: int, concurrency: int) -> tuple
         return latencies, errors, time.perf_counter() - start
 
 
-def http_load(cfg: config.Config, impl: str, images: np.ndarray, requests: int, concurrency: int) -> None:
+def http_load(cfg: config.Config, impl: str, images: np.ndarray, requests: int, concurrency: int) -> dict:
     import httpx
 
     with socket.socket() as s:
@@ -159,9 +169,17 @@ def http_load(cfg: config.Config, impl: str, images: np.ndarray, requests: int, 
         f"HTTP /predict      : {requests} requests, concurrency {concurrency}: {requests / seconds:,.0f} req/s, "
         f"p50 {q[49] * 1e3:.1f} ms, p99 {q[98] * 1e3:.1f} ms (goal <= 20 ms), errors {errors}"
     )
+    return {
+        "requests": requests,
+        "concurrency": concurrency,
+        "requests_per_second": requests / seconds,
+        "p50_ms": q[49] * 1e3,
+        "p99_ms": q[98] * 1e3,
+        "errors": errors,
+    }
 
 
-def main() -> None:
+def main() -> tuple[dict, dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--impl", default="scratch", choices=config.IMPLS)
     parser.add_argument("--images", type=int, default=1_000_000, help="images in the .npy for predict")
@@ -172,10 +190,15 @@ def main() -> None:
     if not cfg.paths.onnx(args.impl).is_file():
         raise SystemExit(f"{cfg.paths.onnx(args.impl)} is missing: run `dvc repro` first")
     images, _ = load_split(cfg.paths.test_data)
-    ort_vs_torch(cfg, args.impl, images)
-    predict_throughput(cfg, args.impl, images, args.images)
-    http_load(cfg, args.impl, images, args.requests, args.concurrency)
+    ort_s, torch_s = ort_vs_torch(cfg, args.impl, images)
+    figures = {
+        "test_images_ms": {"onnxruntime": ort_s * 1e3, "torch eager": torch_s * 1e3},
+        "predict": predict_throughput(cfg, args.impl, images, args.images),
+        "http_predict": http_load(cfg, args.impl, images, args.requests, args.concurrency),
+    }
+    return figures, {"torch eager / onnxruntime": torch_s / ort_s}
 
 
 if __name__ == "__main__":
-    main()
+    with record.Run(__file__, packages=("onnxruntime", "torch", "uvicorn", "fastapi")) as run:
+        run.figures, run.ratios = main()

@@ -6,6 +6,7 @@ every stage process pays (interpreter start and imports) are measured alone besi
 
 Goals: full run <= 30 s, no-op <= 3 s. Uses the data mirror from FASHION_MNIST_MIRROR like the pipeline does.
 Usage: FASHION_MNIST_MIRROR=../shared/fashion-mnist python benchmarks/pipeline_time.py
+Prints the figures and writes them to benchmarks/results/pipeline_time.json (benchmarks/record.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +66,7 @@ def fixed_costs() -> dict[str, float]:
     }
 
 
-def main() -> None:
+def main() -> tuple[dict, dict]:
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # the embedded SQLite default, fresh in the clone
     mirror = os.environ.get("FASHION_MNIST_MIRROR", "")
     if mirror and "://" not in mirror:  # relative to where you ran this, not to the clone the stages run in
@@ -82,7 +85,16 @@ def main() -> None:
     print("fixed costs of one process, measured alone:")
     for what, seconds in costs.items():
         print(f"  {what:40s} {seconds:5.2f} s")
+    figures = {
+        "clean_clone_seconds": full,
+        "stages": len(stages),
+        "stage_seconds": {**stages, "before the first stage": full - sum(stages.values())},
+        "noop_seconds": noop,
+        "fixed_cost_seconds": costs,
+    }
+    return figures, {}  # no ratio: each figure stands against its goal
 
 
 if __name__ == "__main__":
-    main()
+    with record.Run(__file__, env=("FASHION_MNIST_MIRROR",), packages=("dvc", "torch", "mlflow")) as run:
+        run.figures, run.ratios = main()

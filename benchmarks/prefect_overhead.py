@@ -4,6 +4,7 @@ Two clean clones of HEAD: one runs `dvc repro`, the other `softmax-mlops pipelin
 no server). Each is then run again with everything cached. To say where the overhead goes, it also times
 importing Prefect and a flow that does nothing (the ephemeral API server's start and stop).
 Usage: FASHION_MNIST_MIRROR=../shared/fashion-mnist python benchmarks/prefect_overhead.py
+Prints the figures and writes them to benchmarks/results/prefect_overhead.json (benchmarks/record.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import record
+
+from softmax_mlops.config import IMPLS
 
 REPO = Path(__file__).resolve().parents[1]
 EMPTY_FLOW = "from prefect import flow\n@flow\ndef nothing():\n    pass\nnothing()\n"
@@ -27,7 +32,7 @@ def timed(cmd: list[str], cwd: Path, env: dict) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main() -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "MLFLOW_TRACKING_URI"}
         env["PREFECT_HOME"] = str(Path(tmp) / "prefect-home")
@@ -47,7 +52,9 @@ def main() -> None:
             f"{label:24}{t['dvc']:11.1f}s{t['prefect']:13.1f}s{t['prefect'] / t['dvc']:7.1f}x"
             f"{t['prefect'] - t['dvc']:10.1f}s"
         )
-    stages = 8
+    from pipelines.flows import stage_names  # imports Prefect: only after the measurements
+
+    stages = len(stage_names(list(IMPLS)))  # one task per DVC stage
     per_task = (cached["prefect"] - empty_flow_s - cached["dvc"]) / stages
     print(
         f"\nwhere the cached overhead goes: import prefect {import_s:.1f}s (within the next figure); an empty flow "
@@ -55,7 +62,20 @@ def main() -> None:
         f"{cached['prefect'] - empty_flow_s - cached['dvc']:.1f}s, is about {per_task:.2f}s per stage task "
         f"(task bookkeeping and opening the DVC repo per stage)"
     )
+    figures = {
+        "dvc_repro_seconds": {"clean clone": clean["dvc"], "everything cached": cached["dvc"]},
+        "prefect_flow_seconds": {"clean clone": clean["prefect"], "everything cached": cached["prefect"]},
+        "import_prefect_seconds": import_s,
+        "empty_flow_seconds": empty_flow_s,
+        "seconds_per_stage_task": per_task,
+    }
+    ratios = {
+        "prefect / dvc, clean clone": clean["prefect"] / clean["dvc"],
+        "prefect / dvc, everything cached": cached["prefect"] / cached["dvc"],
+    }
+    return figures, ratios
 
 
 if __name__ == "__main__":
-    main()
+    with record.Run(__file__, env=("FASHION_MNIST_MIRROR",), packages=("dvc", "prefect", "mlflow")) as run:
+        run.figures, run.ratios = main()

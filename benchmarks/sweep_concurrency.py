@@ -8,7 +8,7 @@ deployment then runs the 4 sets; the time is from triggering it to its final sta
 the machine's cores, and what the sweep costs around them (its start, the worker's polling, the collection).
 
 Usage: FASHION_MNIST_MIRROR=../shared/fashion-mnist python benchmarks/sweep_concurrency.py
-Prints the figures; writes nothing in the repository.
+Prints the figures and writes them to benchmarks/results/sweep_concurrency.json (benchmarks/record.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import record
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the servers' start-up, shared with the integration tests
@@ -63,7 +65,7 @@ def sweep(concurrency: int, tmp: Path) -> dict:
     return {"wall": wall, "trials": busy, "each": busy / len(times), "overlap": busy / span, "span": span}
 
 
-def main() -> None:
+def main() -> tuple[dict, dict]:
     if not os.environ.get("FASHION_MNIST_MIRROR"):
         sys.exit("set FASHION_MNIST_MIRROR to a folder with the four Fashion-MNIST .gz files")
     os.environ["FASHION_MNIST_MIRROR"] = str(Path(os.environ["FASHION_MNIST_MIRROR"]).resolve())
@@ -80,7 +82,22 @@ def main() -> None:
     print(f"  a trial takes {two['each'] / one['each']:.2f}x as long when two share the cores")
     outside = {c: r["wall"] - r["span"] for c, r in results.items()}
     print(f"  outside the trials (start, polling, collection): {outside[1]:.1f} s at 1, {outside[2]:.1f} s at 2")
+    at = {c: f"concurrency {c}" for c in results}
+    figures = {
+        "wall_seconds": {at[c]: r["wall"] for c, r in results.items()},
+        "trials_seconds": {at[c]: r["trials"] for c, r in results.items()},
+        "seconds_per_trial": {at[c]: r["each"] for c, r in results.items()},
+        "trials_running_at_once": {at[c]: r["overlap"] for c, r in results.items()},
+        "outside_the_trials_seconds": {at[c]: outside[c] for c in results},
+        "parameter_sets": len(SETS),
+    }
+    ratios = {
+        "wall, concurrency 1 / concurrency 2": one["wall"] / two["wall"],
+        "trial time, concurrency 2 / concurrency 1": two["each"] / one["each"],
+    }
+    return figures, ratios
 
 
 if __name__ == "__main__":
-    main()
+    with record.Run(__file__, env=("FASHION_MNIST_MIRROR",), packages=("prefect", "dvc", "torch", "mlflow")) as run:
+        run.figures, run.ratios = main()

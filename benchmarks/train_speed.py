@@ -18,6 +18,7 @@ import statistics
 import tempfile
 import time
 
+import record
 import torch
 
 from softmax_mlops.config import MIRROR_ENV, TrainConfig
@@ -60,7 +61,7 @@ def matmul_bound(X: torch.Tensor, repeats: int = 7) -> float:
     return min(times)
 
 
-def main() -> None:
+def main() -> tuple[dict, dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs per implementation (median is reported)")
     args = parser.parse_args()
@@ -82,7 +83,19 @@ def main() -> None:
         print(f"{impl:28}{seconds:10.3f}{textbook / seconds:18.1f}{seconds / bound:22.2f}")
     print(f"{'matmul bound (3 GEMMs)':28}{bound:10.3f}{textbook / bound:18.1f}{1.0:22.2f}")
     print("goals: textbook / this >= 20, this / matmul bound <= 3")
+    figures = {
+        "seconds_per_epoch": {"textbook": textbook, **ours, "matmul_bound": bound},
+        "epochs": args.epochs,
+        "torch_threads": torch.get_num_threads(),
+    }
+    ratios = {
+        **{f"textbook / {impl}": textbook / seconds for impl, seconds in ours.items()},
+        **{f"{impl} / matmul_bound": seconds / bound for impl, seconds in ours.items()},
+        "textbook / matmul_bound": textbook / bound,
+    }
+    return figures, ratios
 
 
 if __name__ == "__main__":
-    main()
+    with record.Run(__file__, env=(MIRROR_ENV,), packages=("torch", "torchvision")) as run:
+        run.figures, run.ratios = main()

@@ -17,6 +17,7 @@ Needs a `dvc repro` first (the registered model). Usage:
   python benchmarks/vs_mlflow.py [--impl scratch] [--requests 3000] [--seconds 30] [--images 1000000]
 Goals: at least 3x MLflow's throughput at no more than 1/3 of its p99, both HTTP cases; predict within 2x of
 the bound, and faster than the pyfunc job.
+Prints the figures and writes them to benchmarks/results/vs_mlflow.json (benchmarks/record.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import record
 
 from softmax_mlops import config
 from softmax_mlops.stages.data import load_split
@@ -120,7 +122,7 @@ def v2_binary(images: np.ndarray) -> tuple[bytes, dict]:
     }
 
 
-def http(cfg: config.Config, model: str, images: np.ndarray, requests: int, seconds: float) -> None:
+def http(cfg: config.Config, model: str, images: np.ndarray, requests: int, seconds: float) -> tuple[dict, dict]:
     ours_url, theirs_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
     ours = start(["softmax-mlops", "serve", "-m", model, "--port", ours_url.rsplit(":", 1)[1]], cfg, ours_url)
     try:
@@ -146,6 +148,8 @@ def http(cfg: config.Config, model: str, images: np.ndarray, requests: int, seco
         raise
     json_headers = {"content-type": "application/json"}
     name = model.removeprefix("models:/").split("@")[0]  # the v2 model name: the registered model's
+    figures: dict = {}
+    ratios: dict = {}
     try:
         for batch, concurrency in ((1, 8), (64, 4)):
             body = json.dumps({"inputs": images[:batch].tolist()}).encode()
@@ -179,13 +183,21 @@ def http(cfg: config.Config, model: str, images: np.ndarray, requests: int, seco
                         f"  {label}: {rate / base[0]:.2f}x MLflow's throughput, p99 {p99 / base[2]:.2f}x MLflow's "
                         f"(goal >= 3x and <= 0.33x)"
                     )
+            case = f"{batch} image(s), concurrency {concurrency}"
+            for i, measure in enumerate(("requests_per_second", "p50_ms", "p99_ms", "errors")):
+                scale = 1e3 if measure.endswith("_ms") else 1
+                figures[f"{measure}, {case}"] = {label: r[i] * scale for label, r in results.items()}
+            ours_only = {label: r for label, r in results.items() if not label.startswith("mlflow")}
+            ratios[f"throughput / MLflow's, {case}"] = {label: r[0] / base[0] for label, r in ours_only.items()}
+            ratios[f"p99 / MLflow's, {case}"] = {label: r[2] / base[2] for label, r in ours_only.items()}
     finally:
         for proc in (ours, theirs):
             proc.terminate()
             proc.wait()
+    return figures, ratios
 
 
-def batch(cfg: config.Config, model: str, images: np.ndarray, count: int) -> None:
+def batch(cfg: config.Config, model: str, images: np.ndarray, count: int) -> tuple[dict, dict]:
     from softmax_mlops.serving.inference import Predictor, resolve_model
 
     batch_size = cfg.predict.batch_size
@@ -240,6 +252,15 @@ def batch(cfg: config.Config, model: str, images: np.ndarray, count: int) -> Non
         f"predict / bound = {predict_s / bound:.2f} (goal <= 2); pyfunc / predict = {pyfunc_s / predict_s:.2f} "
         f"(goal > 1); the two CSVs are {'identical' if same else 'DIFFERENT'}"
     )
+    figures = {
+        "batch_images": count,
+        "batch_seconds": {
+            "onnxruntime alone (bound)": bound,
+            "mlflow.pyfunc job": pyfunc_s,
+            "softmax-mlops predict": predict_s,
+        },
+    }
+    return figures, {"predict / bound": predict_s / bound, "pyfunc / predict": pyfunc_s / predict_s}
 
 
 def pyfunc_job(npy: str, out: str, model: str, batch_size: int, top_k: int) -> None:
@@ -261,11 +282,7 @@ def pyfunc_job(npy: str, out: str, model: str, batch_size: int, top_k: int) -> N
             )
 
 
-def main() -> None:
-    if sys.argv[1:2] == ["--pyfunc-job"]:
-        cfg = config.load(Path(__file__).resolve().parents[1])
-        pyfunc_job(*sys.argv[2:5], cfg.predict.batch_size, cfg.predict.top_k)
-        return
+def main() -> tuple[dict, dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--impl", default="scratch", choices=config.IMPLS)
     parser.add_argument("--requests", type=int, default=3000, help="at most this many requests per measurement")
@@ -276,11 +293,22 @@ def main() -> None:
     cfg = config.load(Path(__file__).resolve().parents[1])
     model = f"models:/{cfg.mlflow.registered_model(args.impl)}@champion"
     images = load_split(cfg.paths.test_data)[0]
+    figures: dict = {}
+    ratios: dict = {}
     if args.only != "batch":
-        http(cfg, model, images, args.requests, args.seconds)
+        for into, part in zip((figures, ratios), http(cfg, model, images, args.requests, args.seconds), strict=True):
+            into.update(part)
     if args.only != "http":
-        batch(cfg, model, images, args.images)
+        for into, part in zip((figures, ratios), batch(cfg, model, images, args.images), strict=True):
+            into.update(part)
+    return figures, ratios
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--pyfunc-job"]:  # the batch job's own process, started by batch()
+        cfg = config.load(Path(__file__).resolve().parents[1])
+        pyfunc_job(*sys.argv[2:5], cfg.predict.batch_size, cfg.predict.top_k)
+    else:
+        packages = ("onnxruntime", "mlflow", "uvicorn", "fastapi", "aiohttp")
+        with record.Run(__file__, env=("MLFLOW_TRACKING_URI",), packages=packages) as run:
+            run.figures, run.ratios = main()
