@@ -23,9 +23,10 @@ PLOTS_TEMPLATE := .dvc/plots/offline.html
 
 setup: $(STAMP) $(PLOTS_TEMPLATE)
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock build-tools.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c requirements.lock -e '.[pipeline,dev]'
+	$(BIN)/pip install --quiet --timeout 120 --retries 10 -r build-tools.txt
+	$(BIN)/pip install --quiet --timeout 120 --retries 10 --resume-retries 20 -c requirements.lock -e '.[pipeline,dev]'
 	touch $@
 
 run: setup

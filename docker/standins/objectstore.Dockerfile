@@ -13,12 +13,14 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
     && groupadd --system --gid 10001 objectstore \
     && useradd --system --uid 10001 --gid objectstore --home-dir /data objectstore \
     && mkdir -p /data && chown objectstore:objectstore /data
-COPY requirements.lock /tmp/requirements.lock
+COPY requirements.lock build-tools.txt /tmp/
 RUN --mount=type=secret,id=ca_bundle,required=false \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi; \
     python3 -m venv /opt/moto \
-    && /opt/moto/bin/pip install --no-cache-dir -c /tmp/requirements.lock 'moto[server]' \
-    && rm /tmp/requirements.lock
+    && /opt/moto/bin/pip install --no-cache-dir --timeout 120 --retries 10 -r /tmp/build-tools.txt \
+    && /opt/moto/bin/pip install --no-cache-dir --timeout 120 --retries 10 --resume-retries 20 \
+         -c /tmp/requirements.lock 'moto[server]' \
+    && rm /tmp/requirements.lock /tmp/build-tools.txt
 COPY docker/standins/objectstore.py /usr/local/bin/objectstore.py
 ENV MOTO_ENABLE_RECORDING=1 MOTO_RECORDER_FILEPATH=/data/recording.jsonl
 USER 10001
