@@ -199,7 +199,11 @@ def batch_inference(
     cfg = configure_process(config.load(root))
     source_ref = input_path or cfg.batch_inference.input
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
-    name = f"{object_store.stem(source_ref) if object_store.is_url(source_ref) else Path(source_ref).stem}-{stamp}.csv"
+    sharded = bool(cfg.batch_inference.workers or cfg.batch_inference.dask_address)
+    suffix = ".parquet" if sharded else ".csv"  # sharded: a folder of Parquet parts with a manifest
+    name = (
+        f"{object_store.stem(source_ref) if object_store.is_url(source_ref) else Path(source_ref).stem}-{stamp}{suffix}"
+    )
     output_ref = output_path or (
         object_store.join(cfg.batch_inference.output_dir, name)
         if object_store.is_url(cfg.batch_inference.output_dir)
@@ -234,6 +238,8 @@ def _predict_batch(
     from softmax_mlops.serving.inference import model_source
 
     model = model_source(model or cfg.batch_inference.model, root)
+    if cfg.batch_inference.workers or cfg.batch_inference.dask_address:
+        return _predict_sharded(cfg, source, source_ref, output, output_ref, model, skip_bad)
     predictor = load_predictor(model, cfg.mlflow.tracking_uri)
     result = task(name="predict", cache_policy=NO_CACHE)(predict.run)(
         input_path=source,
@@ -261,6 +267,48 @@ def _predict_batch(
         "output": output_ref if object_store.is_url(output_ref) else str(output),
         "model": model,
         "drift": result.drift["result"] if result.drift else None,
+    }
+
+
+def _predict_sharded(
+    cfg: config.Config, source: Path, source_ref: str, output: Path, output_ref: str, model: str, skip_bad: bool
+) -> dict:
+    """The input in shards on Dask (pipelines/sharded.py), into a folder of Parquet parts; on object storage, its
+    files are uploaded with the manifest last, so that a reader who finds the manifest finds every part."""
+    from softmax_mlops.serving import drift
+
+    from . import sharded
+
+    manifest = sharded.run(
+        cfg,
+        source,
+        output,
+        model,
+        batch_size=cfg.predict.batch_size,
+        top_k=cfg.predict.top_k,
+        skip_bad=skip_bad,
+        workers=cfg.batch_inference.workers,
+        address=cfg.batch_inference.dask_address,
+    )
+    if object_store.is_url(output_ref):
+        if (report := drift.report_path(output)).exists():
+            object_store.upload(report, object_store.join(output_ref.rsplit("/", 1)[0], report.name))
+        files = sorted(output.iterdir(), key=lambda f: f.name == "_manifest.json")
+        for file in files:
+            object_store.upload(file, object_store.join(output_ref, file.name))
+    print(
+        f"predicted {manifest['images']} images in {len(manifest['parts'])} shards from {source_ref} into {output_ref}"
+    )
+    create_markdown_artifact(
+        key="batch-inference",
+        markdown=f"Predicted **{manifest['images']}** images in {len(manifest['parts'])} shards from `{source_ref}` "
+        f"with `{manifest['model']}` into `{output_ref}`.\n",
+    )
+    return {
+        "images": manifest["images"],
+        "output": output_ref if object_store.is_url(output_ref) else str(output),
+        "model": manifest["model"],
+        "drift": manifest["drift"],
     }
 
 

@@ -31,6 +31,8 @@ UI_URL_ENV = "SOFTMAX_MLOPS_MLFLOW_UI_URL"
 # store, since a flow-run container has no volume); params.yaml's batch_inference.input and output_dir otherwise.
 BATCH_INPUT_ENV = "SOFTMAX_MLOPS_BATCH_INPUT"
 BATCH_OUTPUT_ENV = "SOFTMAX_MLOPS_BATCH_OUTPUT_DIR"
+# An existing Dask scheduler for sharded batch inference (tcp://host:8786); batch_inference.dask_address otherwise.
+DASK_ADDRESS_ENV = "SOFTMAX_MLOPS_DASK_ADDRESS"
 
 
 @dataclass(frozen=True)
@@ -217,9 +219,16 @@ class ServeConfig(Section):
 
 
 class BatchInferenceConfig(Section):
+    """The nightly deployment's inbox, output folder and model, and how a large input is sharded: with
+    ``workers`` or ``dask_address`` set, the input is cut into shards of ``shard_size`` images, predicted as
+    Prefect tasks on a Dask cluster (pipelines/sharded.py) into a folder of parts with a manifest."""
+
     input: str = "data/incoming"
     output_dir: str = "predictions"
     model: str = "models:/softmax-mlops-scratch@champion"
+    workers: int = Field(0, ge=0)  # 0: one process (no Dask); N: a temporary local cluster of N worker processes
+    dask_address: str | None = None  # an existing scheduler instead (tcp://host:8786)
+    shard_size: int = Field(100_000, ge=1)  # images (rows, files) per shard
 
 
 class SweepConfig(Section):
@@ -379,12 +388,12 @@ DEFAULT_PATHS = {"prepared": "data/prepared", "models": "models", "metrics": "me
 
 
 def _batch_raw(raw: Any) -> Any:
-    """batch_inference from params.yaml, with the inbox and output folder overridden by the environment
+    """batch_inference from params.yaml, with the inbox, output folder and Dask scheduler overridden by the environment
     (a section that is not a mapping is left for _section to refuse)."""
     if raw is not None and not isinstance(raw, dict):
         return raw
     values = dict(raw or {})
-    for env, key in ((BATCH_INPUT_ENV, "input"), (BATCH_OUTPUT_ENV, "output_dir")):
+    for env, key in ((BATCH_INPUT_ENV, "input"), (BATCH_OUTPUT_ENV, "output_dir"), (DASK_ADDRESS_ENV, "dask_address")):
         if override := os.environ.get(env):
             values[key] = override
     return values

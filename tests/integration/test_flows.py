@@ -283,3 +283,52 @@ def real_test_images(root):
     from softmax_mlops.stages.data import load_split
 
     return load_split(root / "data/prepared/test.npz")
+
+
+def test_sharded_batch_inference_on_a_local_dask_cluster_to_object_storage(project, monkeypatch):
+    """batch_inference.workers set: the nightly flow cuts its input into shards, predicted as tasks on a
+    temporary local cluster of two Dask workers, and uploads the folder of parts with its manifest last."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from pipelines.flows import batch_inference
+    from softmax_mlops.serving import predict
+    from softmax_mlops.serving.inference import Predictor
+    from stack import S3Server
+
+    root, _ = project
+    images, _ = real_test_images(root)
+    np.save(root / "nightly.npy", images[:300])
+    params = root / "params.yaml"
+    original = params.read_text()
+    settings = yaml.safe_load(original)
+    settings["batch_inference"].update(workers=2, shard_size=100)
+    params.write_text(yaml.safe_dump(settings))
+    try:
+        with S3Server("batch") as s3:
+            for key, value in {**S3Server.KEYS, "AWS_ENDPOINT_URL": s3.url}.items():
+                monkeypatch.setenv(key, value)
+            monkeypatch.setenv(config.BATCH_OUTPUT_ENV, "s3://batch/predictions")
+            result = batch_inference(input_path="nightly.npy", model="models/scratch", project_dir=str(root))
+            keys = s3.keys("batch", "predictions/")
+            (folder,) = {k.split("/")[1] for k in keys if k.endswith(".parquet/_manifest.json")}
+            assert folder.startswith("nightly-") and result["output"] == f"s3://batch/predictions/{folder}"
+            parts = sorted(k for k in keys if k.startswith(f"predictions/{folder}/part-"))
+            assert parts == [f"predictions/{folder}/part-0000{i}.parquet" for i in range(3)]
+            tables = [
+                pq.read_table(io.BytesIO(s3.client().get_object(Bucket="batch", Key=k)["Body"].read())) for k in parts
+            ]
+            manifest = json.loads(
+                s3.client().get_object(Bucket="batch", Key=f"predictions/{folder}/_manifest.json")["Body"].read()
+            )
+            assert f"predictions/{folder.removesuffix('.parquet')}.drift.json" in keys
+    finally:
+        params.write_text(original)
+    assert result["images"] == manifest["images"] == 300 and [p["rows"] for p in manifest["parts"]] == [100] * 3
+    single = root / "single-nightly.parquet"
+    predict.run(root / "nightly.npy", single, Predictor(root / "models/scratch/model.onnx"), 64, 3, progress=False)
+    assert pa.concat_tables(tables).sort_by("id").equals(pq.read_table(single).sort_by("id"))

@@ -5,13 +5,14 @@ They need neither torch nor a stage, which is what lets the serving image leave 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ..cli import project_config as _config
-from ..errors import PipelineError
+from ..errors import PipelineError, first_line
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -80,6 +81,25 @@ def predict(
     all_probabilities: Annotated[
         bool, typer.Option(help="Parquet only: also a `probabilities` column with every class's probability.")
     ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Predict in shards (batch_inference.shard_size images), as Prefect tasks on a temporary local Dask "
+            "cluster of N worker processes. The output is then a folder of parts with a _manifest.json; a rerun "
+            "finishes only the shards that did not. Needs the pipeline extra.",
+        ),
+    ] = None,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(help="The same sharded path on an existing Dask scheduler (tcp://host:8786) instead."),
+    ] = None,
+    shard_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="With --workers or --dask-address: images per shard. Default: batch_inference.shard_size."
+        ),
+    ] = None,
 ) -> None:
     """Batch inference with onnxruntime: one output row per image (id, class, probability, top-k), streamed in
     batches with bounded memory and written atomically. Parquet output has typed columns and names the model in
@@ -89,6 +109,21 @@ def predict(
 
     if output_format not in (None, *sorted(set(batch.FORMATS.values()))):
         raise PipelineError(f"--format must be csv, jsonl or parquet, not {output_format!r}")
+    if workers or dask_address:
+        _predict_sharded(
+            input,
+            output,
+            model,
+            output_format,
+            batch_size,
+            top_k,
+            skip_bad,
+            all_probabilities,
+            workers,
+            dask_address,
+            shard_size,
+        )
+        return
     cfg, predictor = _predictor(model, threads)
     result = batch.run(
         input_path=input,
@@ -107,6 +142,62 @@ def predict(
         from .drift import report_path, summary
 
         typer.echo(f"{summary(result.drift)} -> {report_path(output)}")
+
+
+SHARDED_ENTRY_POINTS = "softmax_mlops.sharded"  # pyproject.toml: the orchestration layer's sharded runner
+
+
+def sharded_runner() -> Callable[..., dict]:
+    """The sharded path (pipelines/sharded.py: Prefect and Dask), found through its entry point, so that this
+    package never imports the orchestration layer; one clear line where it is not installed (the serving image)."""
+    from importlib.metadata import entry_points
+
+    try:
+        return next(iter(entry_points(group=SHARDED_ENTRY_POINTS, name="dask"))).load()
+    except (StopIteration, ImportError) as exc:
+        raise PipelineError(
+            "--workers and --dask-address need the pipeline extra (Prefect, prefect-dask): "
+            f"{first_line(exc) or 'not installed'}"
+        ) from None
+
+
+def _predict_sharded(
+    input: Path,
+    output: Path,
+    model: str | None,
+    fmt: str | None,
+    batch_size: int | None,
+    top_k: int | None,
+    skip_bad: bool,
+    all_probabilities: bool,
+    workers: int | None,
+    address: str | None,
+    shard_size: int | None,
+) -> None:
+    from .inference import model_source
+
+    run = sharded_runner()
+    cfg = _config(standalone=model is not None)
+    manifest = run(
+        cfg,
+        input,
+        output,
+        model or model_source(cfg.serve.model, cfg.root),
+        batch_size=batch_size or cfg.predict.batch_size,
+        top_k=top_k or cfg.predict.top_k,
+        fmt=fmt,
+        skip_bad=skip_bad,
+        all_probabilities=all_probabilities,
+        workers=workers or 0,
+        address=address,
+        shard_size=shard_size,
+    )
+    skipped = f", {manifest['skipped']} unreadable skipped" if manifest["skipped"] else ""
+    typer.echo(f"predict: {manifest['images']} images in {len(manifest['parts'])} parts{skipped} -> {output}")
+    if manifest["drift"] is not None:
+        from .drift import report_path
+
+        typer.echo(f"drift: {manifest['drift']} -> {report_path(output)}")
 
 
 def serve(

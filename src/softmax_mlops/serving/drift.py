@@ -149,6 +149,49 @@ class Collector:
         if other.counts is not None:
             self._take(other.counts, other.sample(), seen=other.seen)
 
+    def save(self, path: Path) -> None:
+        """The collector as an .npz archive (atomically), for a shard predicted in another process: ``load``
+        gives back a collector that merges exactly as this one would."""
+        keys, probabilities, intensities = self.sample()
+        counts = np.zeros(0, np.int64) if self.counts is None else self.counts
+        write_npz(
+            path,
+            header=np.array([self.capacity, self.seed, self.seen], np.int64),
+            counts=counts,
+            keys=keys,
+            probabilities=probabilities,
+            intensities=intensities,
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> Collector:
+        """What ``save`` wrote. Never unpickles; a foreign or damaged archive is one error that names the file."""
+        import zipfile
+        import zlib
+
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {key: npz[key] for key in ("header", "counts", "keys", "probabilities", "intensities")}
+            capacity, seed, seen = (int(v) for v in arrays["header"])
+            keys = arrays["keys"].astype(np.uint64, casting="equiv")
+            if not len(keys) == len(arrays["probabilities"]) == len(arrays["intensities"]) <= capacity:
+                raise ValueError("its sample's columns differ in length, or exceed its capacity")
+        except (
+            OSError,
+            ValueError,
+            TypeError,
+            KeyError,
+            AttributeError,
+            EOFError,
+            zipfile.BadZipFile,
+            zlib.error,
+        ) as exc:
+            raise PipelineError(f"{path} is not a saved drift collector: {first_line(exc)}") from None
+        collector = cls(capacity, seed)
+        if len(arrays["counts"]):
+            collector._take(arrays["counts"], (keys, arrays["probabilities"], arrays["intensities"]), seen)
+        return collector
+
     def report(self, reference: dict[str, np.ndarray], alpha: float, min_images: int) -> dict:
         if self.counts is None:
             return check(reference, np.zeros((0, 10), np.float32), np.zeros(0, np.float32), alpha, min_images)

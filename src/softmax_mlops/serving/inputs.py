@@ -89,19 +89,26 @@ def _read_gzip(gz: gzip.GzipFile, size: int, path: Path) -> bytes:
         raise PipelineError(f"{path} is corrupted: {exc}") from None
 
 
-def _open_idx(path: Path, batch_size: int) -> Source:
+def _is_gzip(path: Path) -> bool:
     with open(path, "rb") as fh:
-        gzipped = fh.read(2) == b"\x1f\x8b"
-    if not gzipped:
-        with open(path, "rb") as fh:
-            dims, offset = _read_idx_header(fh, path)
-        expected = offset + int(np.prod(dims))
-        if path.stat().st_size < expected:
-            raise PipelineError(f"{path} is truncated: {path.stat().st_size} bytes, header promises {expected}")
-        if path.stat().st_size > expected:
-            raise PipelineError(f"{path} holds more than the {dims[0]} images its header promises")
-        return Source(dims[0], _mapped_batches(path, offset, dims[0], batch_size))
+        return fh.read(2) == b"\x1f\x8b"
 
+
+def _raw_idx_extent(path: Path) -> tuple[int, int]:
+    """The image count and the byte offset of the first image of a raw IDX file, whose size must match its header."""
+    with open(path, "rb") as fh:
+        dims, offset = _read_idx_header(fh, path)
+    expected = offset + int(np.prod(dims))
+    if path.stat().st_size < expected:
+        raise PipelineError(f"{path} is truncated: {path.stat().st_size} bytes, header promises {expected}")
+    if path.stat().st_size > expected:
+        raise PipelineError(f"{path} holds more than the {dims[0]} images its header promises")
+    return dims[0], offset
+
+
+def _gzip_stream(path: Path, batch_size: int, start: int = 0, stop: int | None = None) -> Source:
+    """Images ``start`` to ``stop`` of a gzipped IDX file, decompressed as a stream (the ones before ``start``
+    are decompressed and dropped: gzip has no random access). Read to the end, it checks the CRC and length."""
     # not a `with`: the stream below owns the handle and closes it when the batches are done
     gz = gzip.open(path, "rb")  # noqa: SIM115
     try:
@@ -109,26 +116,38 @@ def _open_idx(path: Path, batch_size: int) -> Source:
     except (OSError, EOFError, zlib.error) as exc:
         gz.close()
         raise PipelineError(f"{path} is not a readable gzip file: {exc}") from None
+    end = dims[0] if stop is None else min(stop, dims[0])
 
     def stream() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         with gz:
-            for start in range(0, dims[0], batch_size):
-                n = min(batch_size, dims[0] - start)
+            for skipped in range(0, start, batch_size):
+                n = min(batch_size, start - skipped)
+                if len(_read_gzip(gz, n * PIXELS, path)) < n * PIXELS:
+                    raise PipelineError(f"{path} is truncated: it ends before image {start} of {dims[0]}")
+            for first in range(start, end, batch_size):
+                n = min(batch_size, end - first)
                 raw = _read_gzip(gz, n * PIXELS, path)
                 if len(raw) < n * PIXELS:
                     raise PipelineError(
-                        f"{path} is truncated: image {start + len(raw) // PIXELS} of {dims[0]} is incomplete"
+                        f"{path} is truncated: image {first + len(raw) // PIXELS} of {dims[0]} is incomplete"
                     )
-                yield np.arange(start, start + n), np.frombuffer(raw, dtype=np.uint8).reshape(n, 28, 28)
+                yield np.arange(first, first + n), np.frombuffer(raw, dtype=np.uint8).reshape(n, 28, 28)
             # reading on to the end is what makes gzip check its CRC and length trailer
-            if _read_gzip(gz, 1, path):
+            if end == dims[0] and _read_gzip(gz, 1, path):
                 raise PipelineError(f"{path} holds more than the {dims[0]} images its header promises")
 
-    return Source(dims[0], stream())
+    return Source(end - start, stream())
 
 
-def _open_npy(path: Path, batch_size: int) -> Source:
-    """numpy reads and checks the header (no pickle); the pixels are then streamed from a memory map."""
+def _open_idx(path: Path, batch_size: int) -> Source:
+    if _is_gzip(path):
+        return _gzip_stream(path, batch_size)
+    count, offset = _raw_idx_extent(path)
+    return Source(count, _mapped_batches(path, offset, count, batch_size))
+
+
+def _npy_extent(path: Path) -> tuple[int, int]:
+    """numpy reads and checks the header (no pickle): the image count and the byte offset of the first image."""
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty or cut-short file
@@ -140,7 +159,45 @@ def _open_npy(path: Path, batch_size: int) -> Source:
         )
     count, offset = len(images), array.offset
     del array, images
+    return count, offset
+
+
+def _open_npy(path: Path, batch_size: int) -> Source:
+    """The pixels are streamed from a memory map."""
+    count, offset = _npy_extent(path)
     return Source(count, _mapped_batches(path, offset, count, batch_size))
+
+
+def array_count(path: Path) -> int:
+    """How many images an IDX or .npy file holds, from its header (a gzipped IDX file is not read through)."""
+    if path.suffix.lower() == ".npy":
+        return _npy_extent(path)[0]
+    if _is_gzip(path):
+        return _gzip_count(path)
+    return _raw_idx_extent(path)[0]
+
+
+def _gzip_count(path: Path) -> int:
+    with gzip.open(path, "rb") as gz:
+        try:
+            return _read_idx_header(gz, path)[0][0]
+        except (OSError, EOFError, zlib.error) as exc:
+            raise PipelineError(f"{path} is not a readable gzip file: {exc}") from None
+
+
+def open_range(path: Path, start: int, stop: int, batch_size: int) -> Source:
+    """Images ``start`` to ``stop`` of an IDX or .npy file, each with its position in the whole file as its id:
+    one shard of a sharded run (serving/shards.py)."""
+    if path.suffix.lower() != ".npy" and _is_gzip(path):
+        return _gzip_stream(path, batch_size, start, stop)
+    count, offset = _npy_extent(path) if path.suffix.lower() == ".npy" else _raw_idx_extent(path)
+    stop = min(stop, count)
+
+    def shifted() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for ids, images in _mapped_batches(path, offset + start * PIXELS, stop - start, batch_size):
+            yield ids + start, images
+
+    return Source(stop - start, shifted())
 
 
 def load_image(path: Path) -> np.ndarray:

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -231,24 +231,61 @@ def _images_of(column, path: Path, first_row: int, skip_bad: bool) -> tuple[np.n
     return stacked, np.array(kept, dtype=np.int64)
 
 
+def dataset_files(path: Path) -> list[Path]:
+    """The dataset's files in the order their rows are numbered: file-name order."""
+    return sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+
+
+def row_groups(path: Path) -> list[tuple[Path, int, int, int]]:
+    """Every row group of the dataset as (file, row group, its first row's position in the dataset, rows): what a
+    sharded run cuts its shards from (serving/shards.py). A file whose footer or schema is bad is one entry of
+    row group -1 and no rows: the shard that holds it fails with the file's own error, the others run."""
+    groups, position = [], 0
+    for file in dataset_files(path):
+        try:
+            metadata = _open_file(file).metadata
+        except PipelineError:
+            groups.append((file, -1, position, 0))
+            continue
+        for group in range(metadata.num_row_groups):
+            rows = metadata.row_group(group).num_rows
+            groups.append((file, group, position, rows))
+            position += rows
+    return groups
+
+
+def _stream(parts: Sequence[tuple[Path, Any, list[int] | None, int]], batch_size: int, skip_bad: bool):  # noqa: ANN202
+    """(ids, images) batches of these (file, opened file, row groups or None for all, first row) parts."""
+    for file, parquet, groups, position in parts:
+        names = parquet.schema_arrow.names
+        columns = [IMAGE_COLUMN] + ([ID_COLUMN] if ID_COLUMN in names else [])
+        for batch in parquet.iter_batches(batch_size=batch_size, columns=columns, row_groups=groups):
+            images, kept = _images_of(batch.column(IMAGE_COLUMN), file, position, skip_bad)
+            if ID_COLUMN in columns:
+                ids = batch.column(ID_COLUMN).take(kept).to_numpy(zero_copy_only=False)
+                yield (ids.tolist() if ids.dtype == object else ids.astype(np.int64)), images
+            else:
+                yield position + kept, images
+            position += batch.num_rows
+
+
 def open_dataset(path: Path, batch_size: int, skip_bad: bool = False) -> Source:
     """Images from a Parquet file or a folder of them, in file-name order: the ``image`` column, and the ``id``
     column when there is one (else each row's position across the whole dataset). Bad rows follow
     ``skip_bad`` as bad files in a folder do."""
-    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-    opened = [(file, _open_file(file)) for file in files]
+    parts, position = [], 0
+    for file in dataset_files(path):
+        parquet = _open_file(file)
+        parts.append((file, parquet, None, position))
+        position += parquet.metadata.num_rows
+    return Source(position, _stream(parts, batch_size, skip_bad))
 
-    def stream() -> Iterator[tuple[list[str] | np.ndarray, np.ndarray]]:
-        position = 0
-        for file, parquet in opened:
-            columns = [IMAGE_COLUMN] + ([ID_COLUMN] if ID_COLUMN in parquet.schema_arrow.names else [])
-            for batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
-                images, kept = _images_of(batch.column(IMAGE_COLUMN), file, position, skip_bad)
-                if ID_COLUMN in columns:
-                    ids = batch.column(ID_COLUMN).take(kept).to_numpy(zero_copy_only=False)
-                    yield (ids.tolist() if ids.dtype == object else ids.astype(np.int64)), images
-                else:
-                    yield position + kept, images
-                position += batch.num_rows
 
-    return Source(sum(parquet.metadata.num_rows for _, parquet in opened), stream())
+def open_row_groups(groups: list[tuple[Path, int, int]], batch_size: int, skip_bad: bool = False) -> Source:
+    """Images from these (file, row group, first row) groups of a dataset, with the dataset's ids: one shard."""
+    parts, count = [], 0
+    for file, group, first_row in groups:
+        parquet = _open_file(file)
+        parts.append((file, parquet, [group], first_row))
+        count += parquet.metadata.row_group(group).num_rows
+    return Source(count, _stream(parts, batch_size, skip_bad))

@@ -126,6 +126,30 @@ def _open_input(path: Path, batch_size: int, skip_bad: bool) -> Source:
     return open_source(path, batch_size, skip_bad)
 
 
+def predict_into(
+    source: Source,
+    predictor: Predictor,
+    top_k: int,
+    write: Sink,
+    collector: drift.Collector | None = None,
+    first: int = 0,
+    progress: Callable[[int], object] | None = None,
+) -> int:
+    """Predict every batch of ``source`` into ``write``, and into ``collector`` as images ``first`` onwards of the
+    whole batch; the number of images predicted. The loop of predict and of each shard of a sharded run."""
+    written = 0
+    for ids, images in source.batches:
+        probabilities = predictor.run(images)[1]
+        top_ids, top_probs = predictor.top_k_of(probabilities, top_k)
+        if collector:
+            collector.add(images, probabilities, start=first + written)
+        write(ids, top_ids, top_probs, probabilities)
+        written += len(images)
+        if progress:
+            progress(len(images))
+    return written
+
+
 @dataclass(frozen=True)
 class Result:
     images: int
@@ -163,20 +187,12 @@ def run(
         threading.Thread(target=importlib.import_module, args=("scipy.stats",), daemon=True).start()
     collector = drift.Collector(drift_cfg.max_images) if reference is not None and drift_cfg else None
     source = _open_input(input_path, batch_size, skip_bad)
-    written = 0
     with (
         atomic_path(output) as tmp,
         open_sink(fmt, tmp, predictor, all_probabilities) as write,
         tqdm(total=source.count, unit="img", unit_scale=True, desc="predict", disable=not progress) as bar,
     ):
-        for ids, images in source.batches:
-            probabilities = predictor.run(images)[1]
-            top_ids, top_probs = predictor.top_k_of(probabilities, top_k)
-            if collector:
-                collector.add(images, probabilities)
-            write(ids, top_ids, top_probs, probabilities)
-            written += len(images)
-            bar.update(len(images))
+        written = predict_into(source, predictor, top_k, write, collector, progress=bar.update)
     report = None
     if collector and reference is not None and drift_cfg:
         report = collector.report(reference, drift_cfg.alpha, drift_cfg.min_images)
