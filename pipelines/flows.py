@@ -20,11 +20,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
-from softmax_mlops import config
+from softmax_mlops import config, object_store
 from softmax_mlops.cli import configure_process
 from softmax_mlops.tracking import PREFECT_FLOW_RUN_ENV
 
-from . import object_store
 from .dvc_stages import (
     Outcome,
     default_remote,
@@ -193,7 +192,7 @@ def batch_inference(
 ) -> dict:
     """Predict every image of a folder, IDX or .npy file with an exported model; the output is atomic.
     Defaults come from params.yaml (batch_inference, or its environment overrides). The inbox and the output
-    may be s3:// URLs (pipelines/object_store.py). An empty or missing inbox is a normal night: the run
+    may be s3:// URLs (softmax_mlops/object_store.py). An empty or missing inbox is a normal night: the run
     completes with "nothing to predict" and writes nothing."""
     root = Path(project_dir or os.getcwd()).resolve()
     cfg = configure_process(config.load(root))
@@ -251,10 +250,8 @@ def _predict_batch(
         progress=False,  # a flow run's log is no terminal
         drift_cfg=cfg.drift,
     )
-    if object_store.is_url(output_ref):  # the finished files, uploaded whole: the drift report, then the output
-        if (report := drift.report_path(output)).exists():
-            object_store.upload(report, object_store.join(output_ref.rsplit("/", 1)[0], report.name))
-        object_store.upload(output, output_ref)
+    # the finished files, uploaded whole: the drift report, then the output
+    object_store.upload_outputs(output, output_ref, (drift.report_path(output),))
     print(f"predicted {result.images} images from {source_ref} with {model} into {output_ref}")
     markdown = f"Predicted **{result.images}** images from `{source_ref}` with `{model}` into `{output_ref}`.\n"
     if result.drift is not None:
@@ -275,7 +272,7 @@ def _predict_sharded(
 ) -> dict:
     """The input in shards on Dask (pipelines/sharded.py), into a folder of Parquet parts; on object storage, its
     files are uploaded with the manifest last, so that a reader who finds the manifest finds every part."""
-    from softmax_mlops.serving import drift
+    from softmax_mlops.serving import drift, shards
 
     from . import sharded
 
@@ -290,12 +287,7 @@ def _predict_sharded(
         workers=cfg.batch_inference.workers,
         address=cfg.batch_inference.dask_address,
     )
-    if object_store.is_url(output_ref):
-        if (report := drift.report_path(output)).exists():
-            object_store.upload(report, object_store.join(output_ref.rsplit("/", 1)[0], report.name))
-        files = sorted(output.iterdir(), key=lambda f: f.name == "_manifest.json")
-        for file in files:
-            object_store.upload(file, object_store.join(output_ref, file.name))
+    object_store.upload_outputs(output, output_ref, (drift.report_path(output),), last=shards.MANIFEST_FILE)
     print(
         f"predicted {manifest['images']} images in {len(manifest['parts'])} shards from {source_ref} into {output_ref}"
     )

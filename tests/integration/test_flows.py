@@ -263,8 +263,8 @@ def test_batch_inference_from_and_to_object_storage(project, monkeypatch):
 
 
 def test_batch_inference_names_an_empty_prefix_by_its_url(project, monkeypatch, tmp_path):
-    from pipelines import object_store
     from pipelines.flows import _nothing_to_predict, batch_inference
+    from softmax_mlops import object_store
     from stack import S3Server
 
     root, _ = project

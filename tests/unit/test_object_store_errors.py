@@ -1,12 +1,12 @@
 """The batch inference's object store, failing: an unreachable store and a missing bucket each end in one line
-that names the URL (pipelines/object_store.py), never in botocore's traceback. Real failures: a port nothing
+that names the URL (src/softmax_mlops/object_store.py), never in botocore's traceback. Real failures: a port nothing
 listens on, and a real S3 server (moto's, on 127.0.0.1) without the bucket."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipelines import object_store
+from softmax_mlops import object_store
 from stack import S3Server, free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(180)]

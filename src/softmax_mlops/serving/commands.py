@@ -51,14 +51,17 @@ def _predictor(model: str | None, threads: int | None, wait_s: float = 0.0) -> t
 
 def predict(
     input: Annotated[
-        Path,
+        str,
         typer.Argument(
-            help="IDX file (.gz or raw), .npy (uint8 [N,28,28] or [N,784]), a PNG/JPEG, "
-            "or a folder of PNG/JPEG images (searched recursively)."
+            help="IDX file (.gz or raw), .npy (uint8 [N,28,28] or [N,784]), a PNG/JPEG, a folder of PNG/JPEG "
+            "images (searched recursively), or a Parquet file or folder; a path, or an s3:// URL."
         ),
     ],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="Where to write predictions: .csv, .jsonl or .parquet.")
+        str,
+        typer.Option(
+            "--output", "-o", help="Where to write predictions: .csv, .jsonl or .parquet; a path, or an s3:// URL."
+        ),
     ],
     model: ModelOpt = None,
     output_format: Annotated[
@@ -109,39 +112,52 @@ def predict(
 
     if output_format not in (None, *sorted(set(batch.FORMATS.values()))):
         raise PipelineError(f"--format must be csv, jsonl or parquet, not {output_format!r}")
-    if workers or dask_address:
-        _predict_sharded(
-            input,
-            output,
-            model,
-            output_format,
-            batch_size,
-            top_k,
-            skip_bad,
-            all_probabilities,
-            workers,
-            dask_address,
-            shard_size,
+    from .. import object_store
+    from .drift import report_path
+    from .shards import MANIFEST_FILE
+
+    with object_store.staged(input, output) as (local_input, local_output):
+        if workers or dask_address:
+            manifest = _predict_sharded(
+                local_input,
+                local_output,
+                model,
+                output_format,
+                batch_size,
+                top_k,
+                skip_bad,
+                all_probabilities,
+                workers,
+                dask_address,
+                shard_size,
+            )
+            report = report_path(local_output)
+            object_store.upload_outputs(local_output, output, (report,), last=MANIFEST_FILE)
+            skipped = f", {manifest['skipped']} unreadable skipped" if manifest["skipped"] else ""
+            typer.echo(f"predict: {manifest['images']} images in {len(manifest['parts'])} parts{skipped} -> {output}")
+            if manifest["drift"] is not None:
+                typer.echo(f"drift: {manifest['drift']} -> {object_store.sibling(output, report.name)}")
+            return
+        cfg, predictor = _predictor(model, threads)
+        result = batch.run(
+            input_path=local_input,
+            output=local_output,
+            predictor=predictor,
+            batch_size=batch_size or cfg.predict.batch_size,
+            top_k=top_k or cfg.predict.top_k,
+            fmt=output_format,
+            skip_bad=skip_bad,
+            progress=sys.stderr.isatty(),
+            drift_cfg=cfg.drift,
+            all_probabilities=all_probabilities,
         )
-        return
-    cfg, predictor = _predictor(model, threads)
-    result = batch.run(
-        input_path=input,
-        output=output,
-        predictor=predictor,
-        batch_size=batch_size or cfg.predict.batch_size,
-        top_k=top_k or cfg.predict.top_k,
-        fmt=output_format,
-        skip_bad=skip_bad,
-        progress=sys.stderr.isatty(),
-        drift_cfg=cfg.drift,
-        all_probabilities=all_probabilities,
-    )
+        report = report_path(local_output)
+        object_store.upload_outputs(local_output, output, (report,))
     typer.echo(f"predict: {result.images} images -> {output}")
     if result.drift is not None:
-        from .drift import report_path, summary
+        from .drift import summary
 
-        typer.echo(f"{summary(result.drift)} -> {report_path(output)}")
+        typer.echo(f"{summary(result.drift)} -> {object_store.sibling(output, report.name)}")
 
 
 SHARDED_ENTRY_POINTS = "softmax_mlops.sharded"  # pyproject.toml: the orchestration layer's sharded runner
@@ -173,12 +189,12 @@ def _predict_sharded(
     workers: int | None,
     address: str | None,
     shard_size: int | None,
-) -> None:
+) -> dict:
     from .inference import model_source
 
     run = sharded_runner()
     cfg = _config(standalone=model is not None)
-    manifest = run(
+    return run(
         cfg,
         input,
         output,
@@ -192,12 +208,6 @@ def _predict_sharded(
         address=address,
         shard_size=shard_size,
     )
-    skipped = f", {manifest['skipped']} unreadable skipped" if manifest["skipped"] else ""
-    typer.echo(f"predict: {manifest['images']} images in {len(manifest['parts'])} parts{skipped} -> {output}")
-    if manifest["drift"] is not None:
-        from .drift import report_path
-
-        typer.echo(f"drift: {manifest['drift']} -> {report_path(output)}")
 
 
 def serve(
