@@ -94,6 +94,7 @@ bench: setup
 	python benchmarks/pipeline_time.py
 	python benchmarks/prefect_overhead.py
 	python benchmarks/inference_speed.py
+	python benchmarks/batch_scale.py
 	python benchmarks/vs_mlflow.py
 	python benchmarks/sweep_concurrency.py
 

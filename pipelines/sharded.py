@@ -25,6 +25,7 @@ from softmax_mlops.serving import shards
 from softmax_mlops.serving.inference import Predictor, available_cpus, is_mlflow_uri, registered_version, resolve_model
 
 if TYPE_CHECKING:
+    from prefect.states import State
     from prefect_dask import DaskTaskRunner
 
 _PREDICTORS: dict[tuple[str, str, int | None], Predictor] = {}
@@ -38,11 +39,24 @@ def _predictor(model: str, tracking_uri: str, threads: int | None) -> Predictor:
     return _PREDICTORS[key]
 
 
+def _retried(task: object, task_run: object, state: State) -> bool:
+    """Retry a shard that failed for a passing reason (a worker's resources, the registry), not one whose input
+    is bad: a corrupt file fails the same way every time."""
+    try:
+        state.result()
+    except PipelineError:
+        return False
+    except Exception:  # noqa: BLE001 - anything else may pass
+        return True
+    return True
+
+
 @task(
     name="predict-shard",
     task_run_name="shard-{shard.index}",
     retries=2,
     retry_delay_seconds=2,
+    retry_condition_fn=_retried,
     cache_policy=NO_CACHE,
 )
 def predict_shard(job: shards.Job, shard: shards.Shard, tracking_uri: str, threads: int | None) -> shards.Part:
