@@ -21,7 +21,7 @@ from softmax_mlops.config import DriftConfig
 from softmax_mlops.errors import PipelineError
 from softmax_mlops.serving import drift, predict, shards
 from softmax_mlops.serving.inference import Predictor
-from softmax_mlops.serving.inputs import open_source
+from softmax_mlops.serving.inputs import array_count, open_range, open_source
 
 RNG = np.random.default_rng(3)
 IMAGES = RNG.integers(0, 256, (53, 28, 28), dtype=np.uint8)
@@ -77,13 +77,48 @@ def test_the_shards_together_are_the_input(tmp_path, kind):
     whole_ids, whole = _read(open_source(path, 8) if kind != "parquet" else predict._open_input(path, 8, False))
     ids, images = [], []
     for shard in plan:
-        shard_ids, shard_images = _read(shards.open_shard(path, shard, 4, False))
+        source = shards.open_shard(path, shard, 4, False)
+        assert source.count == shard.count  # what the progress bar is told, before any image is read
+        shard_ids, shard_images = _read(source)
         assert len(shard_ids) == shard.count
         ids += shard_ids
         images.append(shard_images)
     assert ids == whole_ids
     np.testing.assert_array_equal(np.concatenate(images), whole)
     assert sum(s.count for s in plan) == len(IMAGES)
+
+
+def test_a_range_of_a_gzipped_file_cut_short_before_it_names_the_file(tmp_path):
+    path = tmp_path / "x-idx3-ubyte.gz"
+    raw = idx_bytes(IMAGES)  # a whole gzip stream, whose header promises 53 images and holds 18
+    path.write_bytes(gzip.compress(raw[: len(raw) - 35 * 28 * 28]))
+    source = open_range(path, 20, 30, 8)  # skipping 8, 8, then 4 of which only 2 are there
+    assert source.count == 10
+    with pytest.raises(PipelineError, match=rf"^{path} is truncated: it ends before image 20 of 53$"):
+        _read(source)
+
+
+def test_a_gzipped_file_named_npy_is_read_as_npy_and_refused(tmp_path):
+    path = tmp_path / "x.npy"
+    path.write_bytes(gzip.compress(idx_bytes(IMAGES)))  # gzipped IDX bytes: not what a .npy holds
+    with pytest.raises(PipelineError, match=rf"^{path} is not a readable \.npy array"):
+        open_range(path, 0, 10, 8)
+    with pytest.raises(PipelineError, match=rf"^{path} is not a readable \.npy array"):
+        shards.plan(path, 10)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (gzip.compress(b"\0\0\x08\x01" + (3).to_bytes(4, "big") + b"abc"), "is an IDX label file, not images"),
+        (b"\x1f\x8b" + b"garbage" * 10, "is not a readable gzip file: "),
+    ],
+)
+def test_counting_a_bad_gzipped_file_is_one_error_naming_it(tmp_path, content, message):
+    path = tmp_path / "x-idx3-ubyte.gz"
+    path.write_bytes(content)
+    with pytest.raises(PipelineError, match=rf"^{path} {message}"):
+        array_count(path)
 
 
 def test_a_parquet_row_group_is_never_split(tmp_path):
