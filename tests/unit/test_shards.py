@@ -113,6 +113,7 @@ def test_a_gzipped_file_named_npy_is_read_as_npy_and_refused(tmp_path):
         (gzip.compress(b"\0\0\x08\x01" + (3).to_bytes(4, "big") + b"abc"), "is an IDX label file, not images"),
         (b"\x1f\x8b" + b"garbage" * 10, "is not a readable gzip file: "),
     ],
+    ids=["label-file", "not-gzip"],
 )
 def test_counting_a_bad_gzipped_file_is_one_error_naming_it(tmp_path, content, message):
     path = tmp_path / "x-idx3-ubyte.gz"
@@ -253,7 +254,7 @@ def test_a_collector_saved_and_loaded_merges_as_the_original(tmp_path):
 
 @pytest.mark.parametrize(
     "content",
-    [b"not an archive", "lone-array", "missing-key", "long-sample"],
+    ["not-an-archive", "lone-array", "missing-key", "long-sample"],
 )
 def test_a_foreign_collector_file_is_one_error_naming_it(tmp_path, content):
     path = tmp_path / "c.npz"
@@ -272,6 +273,6 @@ def test_a_foreign_collector_file_is_one_error_naming_it(tmp_path, content):
             intensities=np.zeros(3, np.float32),
         )
     else:
-        path.write_bytes(content)
+        path.write_bytes(b"not an archive")
     with pytest.raises(PipelineError, match=rf"^{path} is not a saved drift collector: "):
         drift.Collector.load(path)
