@@ -52,6 +52,15 @@ def test_environment_overrides_the_batch_inbox_and_output_only(monkeypatch):
     assert batch.model == "models:/softmax-mlops-scratch@champion"
 
 
+def test_environment_sets_the_dask_scheduler_of_sharded_batch_inference(monkeypatch):
+    monkeypatch.delenv(config.DASK_ADDRESS_ENV, raising=False)
+    batch = config.load(REPO).batch_inference
+    assert (batch.dask_address, batch.workers) == (None, 0)
+    monkeypatch.setenv(config.DASK_ADDRESS_ENV, "tcp://scheduler:8786")
+    batch = config.load(REPO).batch_inference
+    assert (batch.dask_address, batch.workers, batch.input) == ("tcp://scheduler:8786", 0, "data/incoming")
+
+
 def test_a_batch_section_that_is_not_a_mapping_is_refused_even_with_overrides(tmp_path, monkeypatch):
     monkeypatch.setenv(config.BATCH_INPUT_ENV, "s3://batch/incoming/")
     params = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -252,27 +252,53 @@ def test_a_collector_saved_and_loaded_merges_as_the_original(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_an_empty_collector_and_one_of_another_seed_survive_the_round_trip(tmp_path):
+    probabilities = RNG.dirichlet(np.ones(10), 60).astype(np.float32)
+    images = RNG.integers(0, 256, (60, 28, 28), dtype=np.uint8)
+    drift.Collector(20, seed=5).save(tmp_path / "empty.npz")  # a shard whose images were all skipped
+    full = drift.Collector(20, seed=5)
+    full.add(images, probabilities)
+    full.save(tmp_path / "full.npz")
+    empty, loaded = drift.Collector.load(tmp_path / "empty.npz"), drift.Collector.load(tmp_path / "full.npz")
+    assert (empty.seed, empty.capacity, empty.seen, empty.counts) == (5, 20, 0, None)
+    merged = drift.Collector(20, seed=5)
+    merged.merge(empty)
+    merged.merge(loaded)
+    assert (loaded.seed, merged.seen) == (5, 60)
+    np.testing.assert_array_equal(merged.counts, full.counts)
+    for a, b in zip(merged.sample(), full.sample(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize(
-    "content",
-    ["not-an-archive", "lone-array", "missing-key", "long-sample"],
+    ("content", "reason"),
+    [
+        ("not-an-archive", "pickled (object) data"),  # np.load takes it for a pickle, and refuses it
+        ("lone-array", "context manager"),
+        ("missing-key", "counts is not a file in the archive"),
+        ("long-sample", "its sample's columns differ in length, or exceed its capacity"),
+        ("float-keys", "Cannot cast array data from dtype('float64') to dtype('uint64')"),
+    ],
+    ids=["not-an-archive", "lone-array", "missing-key", "long-sample", "float-keys"],
 )
-def test_a_foreign_collector_file_is_one_error_naming_it(tmp_path, content):
+def test_a_foreign_collector_file_is_one_error_naming_it(tmp_path, content, reason):
     path = tmp_path / "c.npz"
     if content == "lone-array":
         np.save(tmp_path / "c.npy", np.zeros(3))
         path = tmp_path / "c.npy"
     elif content == "missing-key":
         np.savez(path, header=np.array([10, 0, 5]))
-    elif content == "long-sample":
+    elif content in ("long-sample", "float-keys"):
         np.savez(
             path,
-            header=np.array([2, 0, 5]),
+            header=np.array([2 if content == "long-sample" else 10, 0, 5]),
             counts=np.ones(10, np.int64),
-            keys=np.arange(3, dtype=np.uint64),
+            keys=np.arange(3, dtype=np.uint64 if content == "long-sample" else np.float64),
             probabilities=np.zeros((3, 10), np.float32),
             intensities=np.zeros(3, np.float32),
         )
     else:
         path.write_bytes(b"not an archive")
-    with pytest.raises(PipelineError, match=rf"^{path} is not a saved drift collector: "):
+    with pytest.raises(PipelineError, match=rf"^{path} is not a saved drift collector: ") as refused:
         drift.Collector.load(path)
+    assert reason in str(refused.value) and "None" not in str(refused.value)
