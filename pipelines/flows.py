@@ -177,8 +177,20 @@ def _nothing_to_predict(source: Path | None, source_ref: str) -> str | None:
     shown = source_ref if object_store.is_url(source_ref) else str(source)
     if source is None or not source.exists():
         return f"{shown} does not exist"
-    if source.is_dir() and not image_files(source):
-        return f"{shown} holds no PNG or JPEG images"
+    if source.is_dir() and not image_files(source) and not any(source.rglob("*.parquet")):
+        return f"{shown} holds no PNG or JPEG images and no Parquet files"
+    return None
+
+
+def _nothing_stored(source_ref: str) -> str | None:
+    """_nothing_to_predict for an inbox that a sharded run reads in place: the store is listed, not copied."""
+    from softmax_mlops.serving.inputs import IMAGE_SUFFIXES
+
+    kind = object_store.kind(source_ref)
+    if kind is None:
+        return f"{source_ref} does not exist"
+    if kind == "folder" and not object_store.files_under(source_ref, (*IMAGE_SUFFIXES, ".parquet")):
+        return f"{source_ref} holds no PNG or JPEG images and no Parquet files"
     return None
 
 
@@ -190,10 +202,11 @@ def batch_inference(
     skip_bad: bool = False,
     project_dir: str | None = None,
 ) -> dict:
-    """Predict every image of a folder, IDX or .npy file with an exported model; the output is atomic.
+    """Predict every image of a folder, IDX, .npy or Parquet input with an exported model; the output is atomic.
     Defaults come from params.yaml (batch_inference, or its environment overrides). The inbox and the output
-    may be s3:// URLs (softmax_mlops/object_store.py). An empty or missing inbox is a normal night: the run
-    completes with "nothing to predict" and writes nothing."""
+    may be s3:// URLs (softmax_mlops/object_store.py): a single process copies the inbox first; a sharded run
+    (batch_inference.workers or dask_address) reads it in place, each worker its own shard. An empty or missing
+    inbox is a normal night: the run completes with "nothing to predict" and writes nothing."""
     root = Path(project_dir or os.getcwd()).resolve()
     cfg = configure_process(config.load(root))
     source_ref = input_path or cfg.batch_inference.input
@@ -208,37 +221,49 @@ def batch_inference(
         if object_store.is_url(cfg.batch_inference.output_dir)
         else str(Path(cfg.batch_inference.output_dir) / name)
     )
+    if sharded:  # each worker reads its own shard from the inbox, and writes its part to the output, in place
+        source = None if object_store.is_url(source_ref) else root / source_ref
+        if reason := (_nothing_stored(source_ref) if source is None else _nothing_to_predict(source, source_ref)):
+            return _nothing(reason)
+        output = output_ref if object_store.is_url(output_ref) else str(root / output_ref)
+        model = _model(cfg, root, model)
+        return _predict_sharded(cfg, str(source or source_ref), source_ref, output, output_ref, model, skip_bad)
     with tempfile.TemporaryDirectory(prefix="batch-inference-") as tmp:
         if object_store.is_url(source_ref):
             source = object_store.download(source_ref, Path(tmp) / "in")
         else:
             source = root / source_ref
         if reason := _nothing_to_predict(source, source_ref):
-            print(f"nothing to predict: {reason}")
-            create_markdown_artifact(key="batch-inference", markdown=f"Nothing to predict: {reason}.\n")
-            return {"images": 0, "output": None, "model": None}
+            return _nothing(reason)
         assert source is not None
-        output = Path(tmp) / "out" / name if object_store.is_url(output_ref) else root / output_ref
-        output.parent.mkdir(parents=True, exist_ok=True)
-        return _predict_batch(cfg, root, source, source_ref, output, output_ref, model, skip_bad)
+        local = Path(tmp) / "out" / name if object_store.is_url(output_ref) else root / output_ref
+        local.parent.mkdir(parents=True, exist_ok=True)
+        return _predict_batch(cfg, source, source_ref, local, output_ref, _model(cfg, root, model), skip_bad)
+
+
+def _nothing(reason: str) -> dict:
+    print(f"nothing to predict: {reason}")
+    create_markdown_artifact(key="batch-inference", markdown=f"Nothing to predict: {reason}.\n")
+    return {"images": 0, "output": None, "model": None}
+
+
+def _model(cfg: config.Config, root: Path, model: str | None) -> str:
+    from softmax_mlops.serving.inference import model_source
+
+    return model_source(model or cfg.batch_inference.model, root)
 
 
 def _predict_batch(
     cfg: config.Config,
-    root: Path,
     source: Path,
     source_ref: str,
     output: Path,
     output_ref: str,
-    model: str | None,
+    model: str,
     skip_bad: bool,
 ) -> dict:
     from softmax_mlops.serving import drift, predict
-    from softmax_mlops.serving.inference import model_source
 
-    model = model_source(model or cfg.batch_inference.model, root)
-    if cfg.batch_inference.workers or cfg.batch_inference.dask_address:
-        return _predict_sharded(cfg, source, source_ref, output, output_ref, model, skip_bad)
     predictor = load_predictor(model, cfg.mlflow.tracking_uri)
     result = task(name="predict", cache_policy=NO_CACHE)(predict.run)(
         input_path=source,
@@ -268,12 +293,11 @@ def _predict_batch(
 
 
 def _predict_sharded(
-    cfg: config.Config, source: Path, source_ref: str, output: Path, output_ref: str, model: str, skip_bad: bool
+    cfg: config.Config, source: str, source_ref: str, output: str, output_ref: str, model: str, skip_bad: bool
 ) -> dict:
-    """The input in shards on Dask (pipelines/sharded.py), into a folder of Parquet parts; on object storage, its
-    files are uploaded with the manifest last, so that a reader who finds the manifest finds every part."""
-    from softmax_mlops.serving import drift, shards
-
+    """The input in shards on Dask (pipelines/sharded.py), into a folder of Parquet parts with its manifest
+    written last, so that a reader who finds the manifest finds every part. On object storage, the workers read
+    and write the store themselves."""
     from . import sharded
 
     manifest = sharded.run(
@@ -287,7 +311,6 @@ def _predict_sharded(
         workers=cfg.batch_inference.workers,
         address=cfg.batch_inference.dask_address,
     )
-    object_store.upload_outputs(output, output_ref, (drift.report_path(output),), last=shards.MANIFEST_FILE)
     print(
         f"predicted {manifest['images']} images in {len(manifest['parts'])} shards from {source_ref} into {output_ref}"
     )
@@ -298,7 +321,7 @@ def _predict_sharded(
     )
     return {
         "images": manifest["images"],
-        "output": output_ref if object_store.is_url(output_ref) else str(output),
+        "output": output,
         "model": manifest["model"],
         "drift": manifest["drift"],
     }

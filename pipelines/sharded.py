@@ -12,7 +12,6 @@ On Kubernetes the same flow takes the address of a scheduler that dask-kubernete
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prefect import flow, task, unmapped
@@ -134,8 +133,8 @@ def pinned(model: str, tracking_uri: str) -> str:
 
 def run(
     cfg: config.Config,
-    input_path: Path,
-    output: Path,
+    input_ref: str,
+    output_ref: str,
     model: str,
     *,
     batch_size: int,
@@ -147,16 +146,16 @@ def run(
     address: str | None = None,
     shard_size: int | None = None,
 ) -> dict:
-    """Predict ``input_path`` into the folder ``output`` in shards of ``shard_size`` images (default:
-    batch_inference.shard_size); the manifest.
-    A rerun into the same folder predicts only the shards that did not finish."""
+    """Predict ``input_ref`` into the folder ``output_ref`` in shards of ``shard_size`` images (default:
+    batch_inference.shard_size); the manifest. Either may be an s3:// URL, which each worker reads or writes
+    itself. A rerun into the same folder predicts only the shards that did not finish."""
     tracking_uri = cfg.mlflow.tracking_uri
     model = pinned(model, tracking_uri)
     local = Predictor(resolve_model(model, tracking_uri), source=model)
     job, reference = shards.new_job(
-        input_path, output, local, model, batch_size, top_k, fmt, skip_bad, all_probabilities, cfg.drift
+        input_ref, output_ref, local, model, batch_size, top_k, fmt, skip_bad, all_probabilities, cfg.drift
     )
-    plan = shards.plan(input_path, shard_size or cfg.batch_inference.shard_size)
+    plan = shards.plan(job.input, shard_size or cfg.batch_inference.shard_size)
     done = {part.shard for part in shards.start(job, plan)}
     pending = [shard for shard in plan if shard.index not in done]
     workers = workers or max(1, cfg.batch_inference.workers)

@@ -6,8 +6,10 @@ predictions in its object store (SOFTMAX_MLOPS_BATCH_INPUT, SOFTMAX_MLOPS_BATCH_
 them through a temporary folder: it downloads the inbox's top-level objects (a folder's semantics: what
 `predict` reads from a local folder), predicts locally, and uploads the finished file, so the object appears
 only once it is complete (a PUT is atomic). The endpoint comes from AWS_ENDPOINT_URL and the keys from the
-environment, as for DVC's remote. Reading Parquet or shards straight from the store is batch inference's own
-work (fsspec there too).
+environment, as for DVC's remote.
+
+A sharded run (serving/shards.py) stages nothing: its client lists the input and each Dask worker reads its own
+shard from the store and writes its own part there, through the readers and writers below.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ class ObjectStoreError(PipelineError):
 
 
 @contextmanager
-def _reporting(verb: str, url: str) -> Iterator[None]:
+def reporting(verb: str, url: str) -> Iterator[None]:
     """An unreachable store, a missing bucket or refused keys end as one line naming the URL, not as botocore's
     traceback (after botocore's own retries)."""
     try:
         yield
+    except PipelineError:  # already one line, naming what it is about
+        raise
     except Exception as exc:  # noqa: BLE001 - botocore, aiohttp, s3fs and OS errors alike
         raise ObjectStoreError(f"cannot {verb} {url}: {first_line(exc)}") from None
 
@@ -57,6 +61,62 @@ def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def open_file(url: str):  # noqa: ANN201 - an fsspec file, read-only and seekable
+    """The object at ``url`` as a seekable binary file, read in ranged GETs as it is read."""
+    with reporting("read", url):
+        fs, path = _fs(url)
+        return fs.open(path, "rb")
+
+
+def read_bytes(url: str, start: int | None = None, end: int | None = None) -> bytes:
+    """The object's bytes, or the range [start, end) of them."""
+    with reporting("read", url):
+        fs, path = _fs(url)
+        return fs.cat_file(path, start=start, end=end)
+
+
+def read_if_exists(url: str) -> bytes | None:
+    """The object's bytes, or None when there is no such object."""
+    with reporting("read", url):
+        fs, path = _fs(url)
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """One PUT: the object appears whole or not at all."""
+    with reporting("write", url):
+        fs, path = _fs(url)
+        fs.pipe_file(path, data)
+
+
+def kind(url: str) -> str | None:
+    """ "file", "folder" (a prefix with objects under it), or None when nothing is there."""
+    with reporting("read", url):
+        fs, path = _fs(url)
+        if fs.isfile(path):
+            return "file"
+        return "folder" if fs.isdir(path) else None
+
+
+def size(url: str) -> int:
+    with reporting("read", url):
+        fs, path = _fs(url)
+        return int(fs.size(path))
+
+
+def files_under(url: str, suffixes: tuple[str, ...] = ()) -> list[str]:
+    """The objects under the prefix ``url`` (at any depth) whose names end with one of ``suffixes`` (any case;
+    all when none is given), as paths relative to the prefix, in a stable order."""
+    with reporting("list", url):
+        fs, path = _fs(url)
+        root = path.rstrip("/") + "/"
+        names = (name[len(root) :] for name in fs.find(root) if name.startswith(root))
+        return sorted(n for n in names if not suffixes or n.lower().endswith(suffixes))
+
+
 def stem(url: str) -> str:
     """The name an output is called after: `s3://batch/incoming/` -> `incoming`."""
     return PurePosixPath(url.rstrip("/")).stem
@@ -64,7 +124,7 @@ def stem(url: str) -> str:
 
 def download(url: str, dest: Path) -> Path | None:
     """Copy an object, or the top-level objects under a prefix, into ``dest``; None when nothing is there."""
-    with _reporting("read", url):
+    with reporting("read", url):
         fs, path = _fs(url)
         dest.mkdir(parents=True, exist_ok=True)
         if fs.isfile(path):
@@ -83,7 +143,7 @@ def download(url: str, dest: Path) -> Path | None:
 
 def upload(local: Path, url: str) -> None:
     """Put a finished local file at ``url``."""
-    with _reporting("write", url):
+    with reporting("write", url):
         fs, path = _fs(url)
         fs.put_file(str(local), path)
 

@@ -263,20 +263,35 @@ def test_batch_inference_from_and_to_object_storage(project, monkeypatch):
 
 
 def test_batch_inference_names_an_empty_prefix_by_its_url(project, monkeypatch, tmp_path):
-    from pipelines.flows import _nothing_to_predict, batch_inference
+    """... and so does a sharded run, which lists the store instead of copying it; a folder or prefix of Parquet
+    files is work, not an empty inbox."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.flows import _nothing_stored, _nothing_to_predict, batch_inference
     from softmax_mlops import object_store
     from stack import S3Server
 
     root, _ = project
+    nothing = "holds no PNG or JPEG images and no Parquet files"
+    (tmp_path / "tables").mkdir()
+    pq.write_table(pa.table({"image": pa.array([bytes(784)], pa.binary())}), tmp_path / "tables" / "x.parquet")
     with S3Server("batch") as s3:
         for key, value in {**S3Server.KEYS, "AWS_ENDPOINT_URL": s3.url}.items():
             monkeypatch.setenv(key, value)
         result = batch_inference(input_path="s3://batch/nowhere/", model="models/scratch", project_dir=str(root))
         assert result == {"images": 0, "output": None, "model": None}
         s3.client().put_object(Bucket="batch", Key="notes/readme.txt", Body=b"not an image")
+        s3.client().put_object(
+            Bucket="batch", Key="tables/x.parquet", Body=(tmp_path / "tables/x.parquet").read_bytes()
+        )
         copied = object_store.download("s3://batch/notes/", tmp_path / "in")
+        assert _nothing_stored("s3://batch/nowhere/") == "s3://batch/nowhere/ does not exist"
+        assert _nothing_stored("s3://batch/notes/") == f"s3://batch/notes/ {nothing}"
+        assert _nothing_stored("s3://batch/tables/") is None
     assert _nothing_to_predict(None, "s3://batch/nowhere/") == "s3://batch/nowhere/ does not exist"
-    assert _nothing_to_predict(copied, "s3://batch/notes/") == "s3://batch/notes/ holds no PNG or JPEG images"
+    assert _nothing_to_predict(copied, "s3://batch/notes/") == f"s3://batch/notes/ {nothing}"
+    assert _nothing_to_predict(tmp_path / "tables", "tables") is None
 
 
 def real_test_images(root):

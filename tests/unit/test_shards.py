@@ -9,6 +9,7 @@ import dataclasses
 import gzip
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -179,15 +180,15 @@ def test_a_rerun_predicts_only_the_shards_that_did_not_finish(tmp_path, onnx_mod
     predictor = Predictor(model_copy(onnx_model, tmp_path / "model"))
     job, plan, _, _ = _sharded(path, tmp_path / "out", predictor)
     (tmp_path / "out" / "_manifest.json").unlink()
-    job.marker(plan[2]).unlink()  # shard 2 "died" after writing its part
-    finished_part = job.part(plan[0])
+    Path(job.folder[job.marker(plan[2])]).unlink()  # shard 2 "died" after writing its part
+    finished_part = Path(job.folder[job.part(plan[0])])
     finished_part.write_bytes(b"left alone")  # a finished shard is never predicted again
     done = shards.start(job, plan)
     assert sorted(p.shard for p in done) == [i for i in range(len(plan)) if i != 2]
     part = shards.predict_shard(job, plan[0], predictor)
     assert finished_part.read_bytes() == b"left alone" and part.rows == plan[0].count
     assert shards.predict_shard(job, plan[2], predictor).rows == plan[2].count
-    assert pq.read_table(job.part(plan[2])).num_rows == plan[2].count
+    assert pq.read_table(Path(job.folder[job.part(plan[2])])).num_rows == plan[2].count
 
 
 def test_finish_refuses_a_run_with_a_shard_missing(tmp_path, onnx_model):
@@ -195,7 +196,7 @@ def test_finish_refuses_a_run_with_a_shard_missing(tmp_path, onnx_model):
     predictor = Predictor(model_copy(onnx_model, tmp_path / "model"))
     job, plan, _, _ = _sharded(path, tmp_path / "out", predictor)
     (tmp_path / "out" / "_manifest.json").unlink()
-    job.marker(plan[1]).unlink()
+    Path(job.folder[job.marker(plan[1])]).unlink()
     with pytest.raises(PipelineError, match="shard 1 did not finish"):
         shards.finish(job, plan, None, None)
     assert not (tmp_path / "out" / "_manifest.json").exists()
@@ -232,7 +233,7 @@ def test_a_shard_refuses_another_model(tmp_path, onnx_model):
     started_with = dataclasses.replace(job, model_md5="0" * 32)  # the run began with another model
     with pytest.raises(PipelineError, match=r"is not the model this run started with \(md5 0{32}\)"):
         shards.predict_shard(started_with, plan[0], predictor)
-    assert not job.part(plan[0]).exists()
+    assert not Path(job.folder[job.part(plan[0])]).exists()
 
 
 def test_a_collector_saved_and_loaded_merges_as_the_original(tmp_path):

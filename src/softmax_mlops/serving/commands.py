@@ -114,30 +114,28 @@ def predict(
         raise PipelineError(f"--format must be csv, jsonl or parquet, not {output_format!r}")
     from .. import object_store
     from .drift import report_path
-    from .shards import MANIFEST_FILE
 
+    if workers or dask_address:  # each worker reads its shard and writes its part itself: nothing is staged
+        manifest = _predict_sharded(
+            input,
+            output,
+            model,
+            output_format,
+            batch_size,
+            top_k,
+            skip_bad,
+            all_probabilities,
+            workers,
+            dask_address,
+            shard_size,
+        )
+        skipped = f", {manifest['skipped']} unreadable skipped" if manifest["skipped"] else ""
+        typer.echo(f"predict: {manifest['images']} images in {len(manifest['parts'])} parts{skipped} -> {output}")
+        if manifest["drift"] is not None:
+            beside = report_path(Path(output.rstrip("/"))).name
+            typer.echo(f"drift: {manifest['drift']} -> {object_store.sibling(output.rstrip('/'), beside)}")
+        return
     with object_store.staged(input, output) as (local_input, local_output):
-        if workers or dask_address:
-            manifest = _predict_sharded(
-                local_input,
-                local_output,
-                model,
-                output_format,
-                batch_size,
-                top_k,
-                skip_bad,
-                all_probabilities,
-                workers,
-                dask_address,
-                shard_size,
-            )
-            report = report_path(local_output)
-            object_store.upload_outputs(local_output, output, (report,), last=MANIFEST_FILE)
-            skipped = f", {manifest['skipped']} unreadable skipped" if manifest["skipped"] else ""
-            typer.echo(f"predict: {manifest['images']} images in {len(manifest['parts'])} parts{skipped} -> {output}")
-            if manifest["drift"] is not None:
-                typer.echo(f"drift: {manifest['drift']} -> {object_store.sibling(output, report.name)}")
-            return
         cfg, predictor = _predictor(model, threads)
         result = batch.run(
             input_path=local_input,
@@ -178,8 +176,8 @@ def sharded_runner() -> Callable[..., dict]:
 
 
 def _predict_sharded(
-    input: Path,
-    output: Path,
+    input: str,
+    output: str,
     model: str | None,
     fmt: str | None,
     batch_size: int | None,

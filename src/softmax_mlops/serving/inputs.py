@@ -10,7 +10,7 @@ import mmap
 import struct
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +64,7 @@ def _mapped_batches(path: Path, offset: int, count: int, batch_size: int) -> Ite
             del images
 
 
-def _read_idx_header(fh, path: Path) -> tuple[tuple[int, ...], int]:  # noqa: ANN001
+def read_idx_header(fh, path: Path | str) -> tuple[tuple[int, ...], int]:  # noqa: ANN001
     head = fh.read(4)
     if len(head) < 4 or head[:2] != b"\0\0":
         raise PipelineError(f"{path} is not an IDX file (bad magic number)")
@@ -97,7 +97,7 @@ def _is_gzip(path: Path) -> bool:
 def _raw_idx_extent(path: Path) -> tuple[int, int]:
     """The image count and the byte offset of the first image of a raw IDX file, whose size must match its header."""
     with open(path, "rb") as fh:
-        dims, offset = _read_idx_header(fh, path)
+        dims, offset = read_idx_header(fh, path)
     expected = offset + int(np.prod(dims))
     if path.stat().st_size < expected:
         raise PipelineError(f"{path} is truncated: {path.stat().st_size} bytes, header promises {expected}")
@@ -112,7 +112,7 @@ def _gzip_stream(path: Path, batch_size: int, start: int = 0, stop: int | None =
     # not a `with`: the stream below owns the handle and closes it when the batches are done
     gz = gzip.open(path, "rb")  # noqa: SIM115
     try:
-        dims, _ = _read_idx_header(gz, path)
+        dims, _ = read_idx_header(gz, path)
     except (OSError, EOFError, zlib.error) as exc:
         gz.close()
         raise PipelineError(f"{path} is not a readable gzip file: {exc}") from None
@@ -180,7 +180,7 @@ def array_count(path: Path) -> int:
 def _gzip_count(path: Path) -> int:
     with gzip.open(path, "rb") as gz:
         try:
-            return _read_idx_header(gz, path)[0][0]
+            return read_idx_header(gz, path)[0][0]
         except (OSError, EOFError, zlib.error) as exc:
             raise PipelineError(f"{path} is not a readable gzip file: {exc}") from None
 
@@ -219,25 +219,32 @@ def _open_folder(folder: Path, batch_size: int, skip_bad: bool, files: list[Path
     files = files or image_files(folder)
     if not files:
         raise PipelineError(f"{folder}: no PNG or JPEG images found")
+    names = [str(path.relative_to(folder)) for path in files]
+    return open_files(names, lambda name: load_image(folder / name), batch_size, skip_bad)
+
+
+def open_files(names: list[str], load: Callable[[str], np.ndarray], batch_size: int, skip_bad: bool) -> Source:
+    """The images ``load`` gives for ``names`` (paths in a folder, or under a prefix of object storage), each
+    with its name as its id; an image that fails to load is skipped with a warning, or stops the input."""
 
     def stream() -> Iterator[tuple[list[str], np.ndarray]]:
-        names, pixels = [], []
-        for path in files:
+        kept, pixels = [], []
+        for name in names:
             try:
-                pixels.append(load_image(path))
+                pixels.append(load(name))
             except PipelineError as exc:
                 if not skip_bad:
                     raise
                 print(f"softmax-mlops: warning: skipped {exc}", file=sys.stderr)
                 continue
-            names.append(str(path.relative_to(folder)))
-            if len(names) == batch_size:
-                yield names, np.stack(pixels)
-                names, pixels = [], []
-        if names:
-            yield names, np.stack(pixels)
+            kept.append(name)
+            if len(kept) == batch_size:
+                yield kept, np.stack(pixels)
+                kept, pixels = [], []
+        if kept:
+            yield kept, np.stack(pixels)
 
-    return Source(len(files), stream())
+    return Source(len(names), stream())
 
 
 def open_source(path: Path, batch_size: int, skip_bad: bool = False) -> Source:

@@ -164,12 +164,16 @@ def is_dataset(path: Path) -> bool:
     return True
 
 
-def _open_file(path: Path):  # noqa: ANN202 - a pyarrow.parquet.ParquetFile
+def _open_file(path: Path | str):  # noqa: ANN202 - a pyarrow.parquet.ParquetFile
     """The file's footer and schema, read before any image is predicted: a corrupt file or a wrong column type
-    fails the input at once, with one line naming the file."""
+    fails the input at once, with one line naming the file. An s3:// object is read through an fsspec file, in
+    ranged reads: the footer first, then only the row groups asked for."""
+    from .. import object_store
+
     pa = pyarrow_module()
+    source = object_store.open_file(str(path)) if object_store.is_url(str(path)) else path
     try:
-        file = pa.parquet.ParquetFile(path)
+        file = pa.parquet.ParquetFile(source)
     except (pa.ArrowException, OSError) as exc:
         raise PipelineError(f"{path} is not a readable Parquet file: {first_line(exc)}") from None
     fields = {field.name: field.type for field in file.schema_arrow}
@@ -207,7 +211,7 @@ def _raw_pixels(column) -> np.ndarray | None:  # noqa: ANN001 - a pyarrow binary
     return np.frombuffer(column.buffers()[2], np.uint8)[offsets[0] : offsets[-1]].reshape(n, 28, 28)
 
 
-def _images_of(column, path: Path, first_row: int, skip_bad: bool) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+def _images_of(column, path: Path | str, first_row: int, skip_bad: bool) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
     """uint8 [n, 28, 28] of one batch's image column, and the positions of the rows kept. Raw 784-byte values
     are read straight from Arrow's buffer; any other value is decoded as PNG or JPEG (images.decode)."""
     from .images import ImageError, decode
@@ -236,12 +240,25 @@ def dataset_files(path: Path) -> list[Path]:
     return sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
 
 
-def row_groups(path: Path) -> list[tuple[Path, int, int, int]]:
+def stored_files(url: str) -> list[str]:
+    """dataset_files of an s3:// object or prefix."""
+    from .. import object_store
+
+    if object_store.kind(url) == "file":
+        return [url]
+    return [object_store.join(url, name) for name in object_store.files_under(url, (".parquet",))]
+
+
+def row_groups(path: Path | str) -> list[tuple[Path | str, int, int, int]]:
     """Every row group of the dataset as (file, row group, its first row's position in the dataset, rows): what a
     sharded run cuts its shards from (serving/shards.py). A file whose footer or schema is bad is one entry of
     row group -1 and no rows: the shard that holds it fails with the file's own error, the others run."""
-    groups, position = [], 0
-    for file in dataset_files(path):
+    from .. import object_store
+
+    groups: list[tuple[Path | str, int, int, int]] = []
+    position = 0
+    files = stored_files(str(path)) if object_store.is_url(str(path)) else dataset_files(Path(path))
+    for file in files:
         try:
             metadata = _open_file(file).metadata
         except PipelineError:
@@ -254,7 +271,7 @@ def row_groups(path: Path) -> list[tuple[Path, int, int, int]]:
     return groups
 
 
-def _stream(parts: Sequence[tuple[Path, Any, list[int] | None, int]], batch_size: int, skip_bad: bool):  # noqa: ANN202
+def _stream(parts: Sequence[tuple[Path | str, Any, list[int] | None, int]], batch_size: int, skip_bad: bool):  # noqa: ANN202
     """(ids, images) batches of these (file, opened file, row groups or None for all, first row) parts."""
     for file, parquet, groups, position in parts:
         names = parquet.schema_arrow.names
@@ -281,7 +298,7 @@ def open_dataset(path: Path, batch_size: int, skip_bad: bool = False) -> Source:
     return Source(position, _stream(parts, batch_size, skip_bad))
 
 
-def open_row_groups(groups: list[tuple[Path, int, int]], batch_size: int, skip_bad: bool = False) -> Source:
+def open_row_groups(groups: Sequence[tuple[Path | str, int, int]], batch_size: int, skip_bad: bool = False) -> Source:
     """Images from these (file, row group, first row) groups of a dataset, with the dataset's ids: one shard."""
     parts, count = [], 0
     for file, group, first_row in groups:
