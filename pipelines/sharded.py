@@ -6,8 +6,9 @@ travel, only the job, the shard and the model's name do. A worker that dies take
 Dask gives that task to another worker, and Prefect retries a task that failed. Either way a shard is written
 once: its part is atomic, and a finished shard (its marker exists) is not predicted again.
 
-On Kubernetes the same flow takes the address of a scheduler that dask-kubernetes started
-(``batch_inference.dask_address``); that path is documented, not tested here (docs/scale-out.md).
+On Kubernetes the same flow takes the address of a scheduler that dask-kubernetes started from
+deploy/kubernetes/dask/daskcluster.yaml (``batch_inference.dask_address``); that manifest is validated against
+the operator's CRD, not run here (docs/beyond.md).
 """
 
 from __future__ import annotations

@@ -9,11 +9,13 @@ would check them against:
   validation is). Only the definitions that a ``batch/v1`` Job and a ``v1`` Secret reach are kept.
 - KServe's InferenceService CRD, whose ``openAPIV3Schema`` (v1beta1) is what the API server validates an
   InferenceService against.
+- dask-kubernetes' DaskCluster CRD (v1), for the Dask cluster that sharded batch inference can run on.
 
 Only ``description`` strings are dropped (they are most of the bytes); every constraint is kept as published.
 
     python tools/vendor_schemas.py kubernetes_validate-1.37.0-py3-none-any.whl \\
-        serving.kserve.io_inferenceservices.yaml          # from github.com/kserve/kserve at v0.20.0
+        serving.kserve.io_inferenceservices.yaml \\       # from github.com/kserve/kserve at v0.20.0
+        daskcluster.yaml                                  # from github.com/dask/dask-kubernetes at 2025.4.3
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import yaml
 OUT = Path(__file__).resolve().parents[1] / "tests" / "schemas"
 KUBERNETES = "1.37.0"
 KSERVE = "0.20.0"
+DASK_KUBERNETES = "2025.4.3"
 ROOTS = ("io.k8s.api.batch.v1.Job", "io.k8s.api.core.v1.Secret")
 DEFS = f"kubernetes_validate/kubernetes-json-schema/v{KUBERNETES}-local-strict/_definitions.json"
 
@@ -78,12 +81,12 @@ def kubernetes(wheel: Path) -> dict:
     }
 
 
-def kserve(crd_file: Path) -> dict:
-    """The v1beta1 openAPIV3Schema of the InferenceService CRD."""
+def crd_schema(crd_file: Path, kind: str, version: str) -> dict:
+    """The openAPIV3Schema of one version of a CRD."""
     crd = yaml.safe_load(crd_file.read_text())
-    assert crd["kind"] == "CustomResourceDefinition" and crd["spec"]["names"]["kind"] == "InferenceService"
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1beta1"]
-    return without_descriptions(version["schema"]["openAPIV3Schema"])
+    assert crd["kind"] == "CustomResourceDefinition" and crd["spec"]["names"]["kind"] == kind
+    (found,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    return without_descriptions(found["schema"]["openAPIV3Schema"])
 
 
 def sha256(path: Path) -> str:
@@ -94,15 +97,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("wheel", type=Path, help=f"kubernetes_validate-{KUBERNETES}-py3-none-any.whl")
     parser.add_argument("crd", type=Path, help=f"serving.kserve.io_inferenceservices.yaml of KServe v{KSERVE}")
+    parser.add_argument(
+        "dask_crd", type=Path, help=f"the helm chart's crds/daskcluster.yaml of dask-kubernetes {DASK_KUBERNETES}"
+    )
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     outputs = {
         OUT / f"kubernetes-v{KUBERNETES}-job-secret.json": kubernetes(args.wheel),
-        OUT / f"kserve-v{KSERVE}-inferenceservice-v1beta1.json": kserve(args.crd),
+        OUT / f"kserve-v{KSERVE}-inferenceservice-v1beta1.json": crd_schema(args.crd, "InferenceService", "v1beta1"),
+        OUT / f"dask-kubernetes-{DASK_KUBERNETES}-daskcluster-v1.json": crd_schema(args.dask_crd, "DaskCluster", "v1"),
     }
     for path, schema in outputs.items():
         path.write_text(json.dumps(schema, separators=(",", ":"), sort_keys=True) + "\n")
-    for path in (args.wheel, args.crd, *outputs):
+    for path in (args.wheel, args.crd, args.dask_crd, *outputs):
         print(f"{sha256(path)}  {path.name}  ({path.stat().st_size} bytes)")
 
 

@@ -29,6 +29,7 @@ SCHEMAS = REPO / "tests" / "schemas"
 TEMPLATE = DEPLOY / "prefect-base-job-template.json"
 SECRET = DEPLOY / "secret.example.yaml"
 ISVC = DEPLOY / "kserve" / "inferenceservice.yaml"
+DASK = DEPLOY / "dask" / "daskcluster.yaml"
 
 
 @cache
@@ -78,6 +79,22 @@ def errors_of(validator: Draft202012Validator, document: Any) -> list[str]:
 def inference_service_errors(document: dict) -> list[str]:
     """The CRD's schema leaves ``metadata`` to the API server, which checks it as ObjectMeta."""
     return errors_of(inference_service_validator(), document) + errors_of(
+        kubernetes_validator("io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"), document["metadata"]
+    )
+
+
+@cache
+def dask_cluster_validator() -> Draft202012Validator:
+    """dask-kubernetes' schema lists only spec and status; apiVersion, kind and metadata are the fields that every
+    custom resource has at its root, which a CRD may leave out (KServe's lists them)."""
+    schema = json.loads((SCHEMAS / "dask-kubernetes-2025.4.3-daskcluster-v1.json").read_text())
+    implicit = {"apiVersion": {"const": "kubernetes.dask.org/v1"}, "kind": {"const": "DaskCluster"}}
+    schema["properties"] = {**implicit, "metadata": {"type": "object"}, **schema["properties"]}
+    return Draft202012Validator(strict_crd_schema(schema))
+
+
+def dask_cluster_errors(document: dict) -> list[str]:
+    return errors_of(dask_cluster_validator(), document) + errors_of(
         kubernetes_validator("io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"), document["metadata"]
     )
 
@@ -224,6 +241,59 @@ def test_a_misspelled_field_in_the_inference_service_fails_validation(path, wron
     parent[wrong] = parent.pop(path[-1])
     errors = inference_service_errors(service)
     assert any(f"'{wrong}' was unexpected" in error for error in errors), errors
+
+
+def test_the_dask_cluster_is_valid_against_dask_kubernetes_crd():
+    assert dask_cluster_errors(yaml.safe_load(DASK.read_text())) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "wrong"),
+    [
+        (("spec", "worker", "replicas"), "replica"),
+        (("spec", "worker", "spec", "containers", 0, "envFrom"), "envfrom"),
+        (("spec", "scheduler", "service", "ports", 0, "targetPort"), "target_port"),
+        (("spec", "scheduler", "spec", "containers", 0, "readinessProbe", "httpGet"), "httpget"),
+        (("spec", "schedular"), None),
+    ],
+    ids=["replicas", "envFrom", "targetPort", "httpGet", "scheduler"],
+)
+def test_a_misspelled_field_in_the_dask_cluster_fails_validation(path, wrong):
+    cluster = yaml.safe_load(DASK.read_text())
+    parent = cluster
+    for key in path[:-1]:
+        parent = parent[key]
+    if wrong is None:  # a field added that the CRD does not have
+        parent[path[-1]], wrong = {}, path[-1]
+    else:
+        parent[wrong] = parent.pop(path[-1])
+    errors = dask_cluster_errors(cluster)
+    assert any(f"'{wrong}' was unexpected" in error for error in errors), errors
+
+
+def test_the_dask_cluster_runs_the_pipeline_image_as_the_documented_scheduler_non_root():
+    """What a sharded run needs of it: the address the docs give (the operator names the scheduler's Service
+    <cluster>-scheduler), workers of one thread on the pipeline image with the flow runs' Secret and a Prefect API,
+    and no container as root."""
+    cluster = yaml.safe_load(DASK.read_text())
+    name = cluster["metadata"]["name"]
+    address = f"tcp://{name}-scheduler.<namespace>:8786"
+    assert address in DASK.read_text() and address in (REPO / "docs" / "beyond.md").read_text()
+    assert {p["port"] for p in cluster["spec"]["scheduler"]["service"]["ports"]} >= {8786}
+    assert cluster["spec"]["scheduler"]["service"]["selector"]["dask.org/cluster-name"] == name
+    (worker,) = cluster["spec"]["worker"]["spec"]["containers"]
+    (scheduler,) = cluster["spec"]["scheduler"]["spec"]["containers"]
+    assert worker["args"][:2] == ["dask", "worker"] and scheduler["args"] == ["dask", "scheduler"]
+    assert worker["args"][worker["args"].index("--nthreads") + 1] == "1"
+    secret = yaml.safe_load(SECRET.read_text())["metadata"]["name"]
+    assert worker["envFrom"] == [{"secretRef": {"name": secret}}]
+    assert [e["name"] for e in worker["env"]] == ["PREFECT_API_URL"]
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    user = dockerfile.rsplit("USER ", 1)[1].split()[0]
+    for role in ("worker", "scheduler"):
+        pod = cluster["spec"][role]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and str(pod["securityContext"]["runAsUser"]) == user
+        assert pod["containers"][0]["securityContext"]["allowPrivilegeEscalation"] is False
 
 
 def test_the_strict_crd_rule_closes_listed_objects_and_keeps_declared_open_ones():
