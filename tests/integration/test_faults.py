@@ -306,6 +306,23 @@ def test_a_full_artifact_store_is_one_line_and_no_outputs(fresh):
     assert [s for _, s in runs(fresh)] == ["FAILED"]
 
 
+def test_a_full_filesystem_under_parquet_s_writer_thread_is_one_line_and_no_file(tmp_path, onnx_model, real_splits):
+    """A row group is written on a writer thread while the next batches are predicted (parquet.PredictionsWriter):
+    the disk filling up there still ends predict in one line naming the output, with nothing left behind."""
+    from softmax_mlops.serving.parquet import ROW_GROUP_ROWS
+
+    images = real_splits["test"][0]
+    np.save(tmp_path / "in.npy", np.tile(images, (-(-(ROW_GROUP_ROWS + 1) // len(images)), 1, 1)))
+    with mounted("-t", "tmpfs", "-o", "size=64k", "tmpfs", target=tmp_path / "full"):
+        out = tmp_path / "full" / "p.parquet"
+        result = cli("predict", str(tmp_path / "in.npy"), "-o", str(out), "-m", str(onnx_model[0]), cwd=tmp_path)
+        left = sorted(p.name for p in (tmp_path / "full").iterdir())
+    assert result.returncode == 1
+    line = one_line(result.stderr)
+    assert line.startswith(f"softmax-mlops: error: cannot write {out}: ") and "No space left on device" in line, line
+    assert left == [], "no partial output"
+
+
 def test_predict_into_a_read_only_folder_is_one_line(tmp_path, onnx_model, real_splits):
     np.save(tmp_path / "in.npy", real_splits["test"][0][:10])
     with mounted("-t", "tmpfs", "-o", "ro,size=16k", "tmpfs", target=tmp_path / "ro"):

@@ -82,6 +82,27 @@ def test_pandas_and_duckdb_read_it(onnx_model, images, tmp_path):
     assert same == [(True,)]
 
 
+def test_row_groups_written_on_the_writer_thread_keep_their_order(onnx_model, tmp_path, monkeypatch):
+    """Each full row group is written on a thread while the next batches come in: many small ones, in order."""
+    from softmax_mlops.serving import parquet
+    from softmax_mlops.serving.inference import Predictor
+    from softmax_mlops.serving.predict import run
+
+    monkeypatch.setattr(parquet, "ROW_GROUP_ROWS", 10)
+    images = np.random.default_rng(4).integers(0, 256, (95, 28, 28), dtype=np.uint8)
+    np.save(tmp_path / "in.npy", images)
+    out = tmp_path / "out.parquet"
+    predictor = Predictor(onnx_model[0])
+    run(tmp_path / "in.npy", out, predictor, batch_size=7, top_k=3, progress=False)
+    metadata = pq.ParquetFile(out).metadata
+    # flushed every 14 rows (two batches of 7), each cut at row_group_size 10
+    assert [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)] == [10, 4] * 6 + [10, 1]
+    table = pq.read_table(out)
+    assert table.column("id").to_pylist() == list(range(95))
+    expected = predictor.run(images)[1].argmax(axis=1)
+    assert table.column("class_id").to_pylist() == expected.tolist()
+
+
 def test_image_files_get_string_ids_and_row_groups_are_large(onnx_model, tmp_path):
     from PIL import Image
 

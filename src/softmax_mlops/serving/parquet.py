@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,7 +77,11 @@ def file_metadata(path: Path) -> dict[str, str]:
 
 class PredictionsWriter:
     """Writes prediction batches to one Parquet file. The id column's type is the first batch's (ints or
-    strings); a file with no rows gets int64 ids."""
+    strings); a file with no rows gets int64 ids.
+
+    A full row group is encoded and compressed on a writer thread (Arrow releases the GIL there) while the next
+    batches are predicted: one row group at a time, in order, and an error in it is raised by the next write or
+    by close."""
 
     def __init__(
         self, path: Path, class_names: Sequence[str], all_probabilities: bool, metadata: Mapping[str, str]
@@ -89,6 +94,8 @@ class PredictionsWriter:
         self.writer: pq.ParquetWriter | None = None
         self.pending: list[pa.RecordBatch] = []
         self.pending_rows = 0
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="parquet-writer")
+        self.writing: Future | None = None
 
     def _schema(self, id_type: pa.DataType) -> pa.Schema:
         return schema(id_type, len(self.names), self.all_probabilities, self.metadata)
@@ -132,14 +139,27 @@ class PredictionsWriter:
 
     def _flush(self) -> None:
         if self.pending and self.writer is not None:
-            self.writer.write_table(self.pa.Table.from_batches(self.pending), row_group_size=ROW_GROUP_ROWS)
+            table = self.pa.Table.from_batches(self.pending)
+            self._written()
+            self.writing = self.thread.submit(self.writer.write_table, table, row_group_size=ROW_GROUP_ROWS)
         self.pending, self.pending_rows = [], 0
 
+    def _written(self) -> None:
+        """Wait for the row group being written; its error, if it failed."""
+        if self.writing is not None:
+            writing, self.writing = self.writing, None
+            writing.result()
+
     def close(self) -> None:
-        if self.writer is None:
-            self.writer = pq_writer(self.path, self._schema(self.pa.int64()))
-        self._flush()
-        self.writer.close()
+        try:
+            if self.writer is None:
+                self.writer = pq_writer(self.path, self._schema(self.pa.int64()))
+            self._flush()
+            self._written()
+        finally:
+            self.thread.shutdown(wait=True)
+            if self.writer is not None:
+                self.writer.close()
 
 
 def pq_writer(path: Path, file_schema: pa.Schema) -> pq.ParquetWriter:
