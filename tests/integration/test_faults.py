@@ -306,9 +306,10 @@ def test_a_full_artifact_store_is_one_line_and_no_outputs(fresh):
     assert [s for _, s in runs(fresh)] == ["FAILED"]
 
 
-def test_a_full_filesystem_under_parquet_s_writer_thread_is_one_line_and_no_file(tmp_path, onnx_model, real_splits):
-    """A row group is written on a writer thread while the next batches are predicted (parquet.PredictionsWriter):
-    the disk filling up there still ends predict in one line naming the output, with nothing left behind."""
+def test_a_disk_filling_up_under_the_parquet_writer_is_one_line_and_no_file(tmp_path, onnx_model, real_splits):
+    """The disk fills up while a full row group is written mid-run: predict ends in one line naming the output,
+    with nothing left behind (the writer is dropped, not flushed again: pyarrow's "Operation on closed file"
+    traceback would replace the real reason)."""
     from softmax_mlops.serving.parquet import ROW_GROUP_ROWS
 
     images = real_splits["test"][0]

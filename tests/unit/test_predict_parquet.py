@@ -82,8 +82,8 @@ def test_pandas_and_duckdb_read_it(onnx_model, images, tmp_path):
     assert same == [(True,)]
 
 
-def test_row_groups_written_on_the_writer_thread_keep_their_order(onnx_model, tmp_path, monkeypatch):
-    """Each full row group is written on a thread while the next batches come in: many small ones, in order."""
+def test_row_groups_flushed_as_batches_arrive_keep_their_order(onnx_model, tmp_path, monkeypatch):
+    """Each full row group is written as soon as enough batches have come in: many small ones, in order."""
     from softmax_mlops.serving import parquet
     from softmax_mlops.serving.inference import Predictor
     from softmax_mlops.serving.predict import run

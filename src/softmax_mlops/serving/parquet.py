@@ -19,10 +19,10 @@ few large groups and their statistics.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,11 +77,7 @@ def file_metadata(path: Path) -> dict[str, str]:
 
 class PredictionsWriter:
     """Writes prediction batches to one Parquet file. The id column's type is the first batch's (ints or
-    strings); a file with no rows gets int64 ids.
-
-    A full row group is encoded and compressed on a writer thread (Arrow releases the GIL there) while the next
-    batches are predicted: one row group at a time, in order, and an error in it is raised by the next write or
-    by close."""
+    strings); a file with no rows gets int64 ids."""
 
     def __init__(
         self, path: Path, class_names: Sequence[str], all_probabilities: bool, metadata: Mapping[str, str]
@@ -94,8 +90,6 @@ class PredictionsWriter:
         self.writer: pq.ParquetWriter | None = None
         self.pending: list[pa.RecordBatch] = []
         self.pending_rows = 0
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="parquet-writer")
-        self.writing: Future | None = None
 
     def _schema(self, id_type: pa.DataType) -> pa.Schema:
         return schema(id_type, len(self.names), self.all_probabilities, self.metadata)
@@ -139,27 +133,20 @@ class PredictionsWriter:
 
     def _flush(self) -> None:
         if self.pending and self.writer is not None:
-            table = self.pa.Table.from_batches(self.pending)
-            self._written()
-            self.writing = self.thread.submit(self.writer.write_table, table, row_group_size=ROW_GROUP_ROWS)
+            self.writer.write_table(self.pa.Table.from_batches(self.pending), row_group_size=ROW_GROUP_ROWS)
         self.pending, self.pending_rows = [], 0
 
-    def _written(self) -> None:
-        """Wait for the row group being written; its error, if it failed."""
-        if self.writing is not None:
-            writing, self.writing = self.writing, None
-            writing.result()
+    def abort(self) -> None:
+        """Close the file without writing what is pending, after an error: the caller throws the file away."""
+        if self.writer is not None:
+            with contextlib.suppress(Exception):  # a writer whose last write failed may refuse to close cleanly
+                self.writer.close()
 
     def close(self) -> None:
-        try:
-            if self.writer is None:
-                self.writer = pq_writer(self.path, self._schema(self.pa.int64()))
-            self._flush()
-            self._written()
-        finally:
-            self.thread.shutdown(wait=True)
-            if self.writer is not None:
-                self.writer.close()
+        if self.writer is None:
+            self.writer = pq_writer(self.path, self._schema(self.pa.int64()))
+        self._flush()
+        self.writer.close()
 
 
 def pq_writer(path: Path, file_schema: pa.Schema) -> pq.ParquetWriter:

@@ -97,8 +97,10 @@ def open_sink(fmt: str, path: Path, predictor: Predictor, all_probabilities: boo
         writer = PredictionsWriter(path, names, all_probabilities, predictor.provenance())
         try:
             yield writer.write
-        finally:
-            writer.close()
+        except BaseException:
+            writer.abort()  # the file is dropped: flushing again would only hide the first error (a full disk)
+            raise
+        writer.close()
         return
     with open(path, "w", newline="", encoding="utf-8") as fh:
         if fmt == "csv":
