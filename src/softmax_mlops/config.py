@@ -33,6 +33,8 @@ BATCH_INPUT_ENV = "SOFTMAX_MLOPS_BATCH_INPUT"
 BATCH_OUTPUT_ENV = "SOFTMAX_MLOPS_BATCH_OUTPUT_DIR"
 # An existing Dask scheduler for sharded batch inference (tcp://host:8786); batch_inference.dask_address otherwise.
 DASK_ADDRESS_ENV = "SOFTMAX_MLOPS_DASK_ADDRESS"
+# The inference service's bearer token (serving/auth.py), else serve.token_file; a secret, so never in params.yaml.
+SERVE_TOKEN_ENV = "SOFTMAX_MLOPS_SERVE_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,7 @@ class ServeConfig(Section):
     max_image_pixels: int = Field(4194304, ge=1)  # an uploaded image's declared width x height; more get 413
     keep_alive_s: float = Field(5.0, gt=0)  # an idle kept-alive connection is closed after this (uvicorn's)
     shutdown_grace_s: float = Field(5.0, ge=0)  # on SIGTERM/SIGINT, requests in flight get this long to finish
+    token_file: str | None = None  # a file holding the bearer token (a mounted secret); SOFTMAX_MLOPS_SERVE_TOKEN wins
 
 
 class BatchInferenceConfig(Section):

@@ -133,3 +133,37 @@ def test_multipart_without_a_file(server):
         f"{server}/predict", content=body, headers={"content-type": "multipart/form-data; boundary=XyZ"}
     )
     assert response.status_code == 422 and "holds no file" in response.json()["error"]
+
+
+def test_serve_with_a_token_from_the_environment_needs_it_and_an_empty_token_file_stops_it(onnx_model, tmp_path):
+    """As a user runs it: SOFTMAX_MLOPS_SERVE_TOKEN closes every route but health; a token file that is empty
+    (serve.token_file, in a project's params.yaml) stops serve in one line naming it, before it listens."""
+    import subprocess
+
+    import yaml
+
+    port = free_port()
+    with Processes() as procs:
+        proc = procs.start(
+            "softmax-mlops", "serve", "-m", str(onnx_model[0]), "--port", str(port),
+            cwd=REPO, env={**os.environ, "SOFTMAX_MLOPS_SERVE_TOKEN": "t0ken"},
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health", proc)
+        assert httpx.get(f"{url}/metadata").status_code == 401
+        assert httpx.get(f"{url}/metadata", headers={"authorization": "Bearer t0ken"}).status_code == 200
+    project = tmp_path / "project"
+    project.mkdir()
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    (tmp_path / "token").write_text("\n")
+    params["serve"]["token_file"] = str(tmp_path / "token")
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {k: v for k, v in os.environ.items() if k != "SOFTMAX_MLOPS_SERVE_TOKEN"}
+    done = subprocess.run(
+        ["softmax-mlops", "serve", "-m", str(onnx_model[0]), "--port", str(free_port())],
+        cwd=project, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"softmax-mlops: error: {tmp_path / 'token'}: the serve token file is empty"
+    )

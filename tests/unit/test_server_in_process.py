@@ -41,10 +41,10 @@ HALF_A_BODY = b"POST /predict HTTP/1.1\r\nHost: x\r\ncontent-type: application/j
 
 
 @contextlib.contextmanager
-def running(predictor: Predictor, top_k: int = 3, **limits: float) -> Iterator[str]:
+def running(predictor: Predictor, top_k: int = 3, token: str | None = None, **limits: float) -> Iterator[str]:
     """The service on a free port of 127.0.0.1 until the block ends; its URL."""
     settings = ServeConfig(port=free_port(), **limits)
-    instance = uvicorn.Server(uvicorn.Config(**server.uvicorn_settings(predictor, settings, top_k)))
+    instance = uvicorn.Server(uvicorn.Config(**server.uvicorn_settings(predictor, settings, top_k, token)))
     thread = threading.Thread(target=instance.run, name="uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + START_S
@@ -517,3 +517,84 @@ def test_serve_answers_until_sigterm_with_the_collector_frozen(predictor):
     expected = predictor.describe(*predictor.top_k_of(probabilities_of(predictor, IMAGES), 2))
     assert seen["answer"] == {"predictions": json.loads(json.dumps(expected))}
     assert seen["frozen"] > frozen_before and received == [signal.SIGTERM]
+
+
+TOKEN = "s3cret-token-for-tests"
+
+
+def test_with_a_token_every_route_but_health_needs_it(predictor):
+    name = predictor.metadata.get("registered_model") or "softmax-mlops"
+    body = {"instances": IMAGES[:1].tolist()}
+    v2_body = {
+        "inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "UINT8", "data": IMAGES[:1].ravel().tolist()}]
+    }
+    closed = [
+        ("GET", "/metadata", None),
+        ("GET", "/v2", None),
+        ("GET", f"/v2/models/{name}", None),
+        ("GET", f"/v2/models/{name}/ready", None),
+        ("POST", "/predict", body),
+        ("POST", f"/v2/models/{name}/infer", v2_body),
+        ("POST", "/invocations", {"instances": IMAGES[:1].tolist()}),
+        ("GET", "/version", None),
+        ("GET", "/openapi.json", None),
+        ("GET", "/no-such-route", None),
+    ]
+    with running(predictor, token=TOKEN) as url, httpx.Client(base_url=url) as client:
+        for path in ("/health", "/ping", "/v2/health/live", "/v2/health/ready"):
+            assert client.get(path).status_code == 200, path
+        for method, path, payload in closed:
+            none = client.request(method, path, json=payload)
+            assert none.status_code == 401, path
+            assert none.json() == {"error": "this service needs a bearer token: send Authorization: Bearer <token>"}
+            assert none.headers["www-authenticate"] == "Bearer"
+            for wrong in (f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}", "Bearer", f"Basic {TOKEN}", TOKEN):
+                refused = client.request(method, path, json=payload, headers={"authorization": wrong})
+                assert refused.status_code == 401, (path, wrong)
+                assert refused.json() == {"error": "the bearer token is not valid"}
+                assert refused.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+            for right in (f"Bearer {TOKEN}", f"bearer {TOKEN}"):
+                answered = client.request(method, path, json=payload, headers={"authorization": right})
+                assert answered.status_code == (404 if path == "/no-such-route" else 200), (path, answered.text)
+        predicted = client.post("/predict", json=body, headers={"authorization": f"Bearer {TOKEN}"}).json()
+        assert predicted["predictions"][0]["class_id"] == int(probabilities_of(predictor, IMAGES[:1]).argmax())
+
+
+def test_a_refused_request_is_answered_before_its_body_is_read(predictor):
+    """No token: 401 at once, even for a body over the size limit that the route would have refused with 413."""
+    with running(predictor, token=TOKEN, max_body_bytes=100) as url:
+        response = httpx.post(f"{url}/predict", content=b"x" * 1000, headers=JSON)
+        assert response.status_code == 401
+        allowed = httpx.post(
+            f"{url}/predict", content=b"x" * 1000, headers={**JSON, "authorization": f"Bearer {TOKEN}"}
+        )
+        assert allowed.status_code == 413
+
+
+def test_without_a_token_every_route_answers_as_before(predictor):
+    with running(predictor) as url:
+        assert httpx.get(f"{url}/metadata").status_code == 200
+        assert httpx.post(f"{url}/predict", json={"instances": IMAGES[:1].tolist()}).status_code == 200
+
+
+def test_the_token_comes_from_the_environment_else_the_token_file(tmp_path, monkeypatch):
+    from softmax_mlops.config import SERVE_TOKEN_ENV
+    from softmax_mlops.errors import PipelineError
+    from softmax_mlops.serving import auth
+
+    monkeypatch.delenv(SERVE_TOKEN_ENV, raising=False)
+    assert auth.token(ServeConfig()) is None
+    secret = tmp_path / "token"
+    secret.write_text(" from-file \nsecond line is ignored\n")
+    assert auth.token(ServeConfig(token_file=str(secret))) == "from-file"
+    monkeypatch.setenv(SERVE_TOKEN_ENV, "from-env")
+    assert auth.token(ServeConfig(token_file=str(secret))) == "from-env"
+    monkeypatch.setenv(SERVE_TOKEN_ENV, "  ")  # blank: as if unset
+    assert auth.token(ServeConfig(token_file=str(secret))) == "from-file"
+    monkeypatch.delenv(SERVE_TOKEN_ENV)
+    for content, reason in (("", "the serve token file is empty"), ("\n  \n", "the serve token file is empty")):
+        secret.write_text(content)
+        with pytest.raises(PipelineError, match=f"^{secret}: {reason}$"):
+            auth.token(ServeConfig(token_file=str(secret)))
+    with pytest.raises(PipelineError, match=f"^{tmp_path / 'missing'}: cannot read the serve token: FileNotFoundError"):
+        auth.token(ServeConfig(token_file=str(tmp_path / "missing")))

@@ -249,7 +249,7 @@ def serve(
     """HTTP inference: POST /predict (JSON {"instances": [...]} or a PNG/JPEG), GET /health, GET /metadata; the
     Open Inference Protocol (KServe v2) under /v2; MLflow's scoring protocol (POST /invocations, GET /ping)."""
     from .. import config
-    from . import server
+    from . import auth, server
 
     wait_s = model_wait if model_wait is not None else _config(standalone=model is not None).serve.model_wait_s
     cfg, predictor = _predictor(model, threads, wait_s)
@@ -264,7 +264,7 @@ def serve(
         "max_image_pixels": max_image_pixels,
     }
     limits = config.overridden(cfg.serve, "serve", **overrides)
-    server.serve(predictor, limits, cfg.predict.top_k)
+    server.serve(predictor, limits, cfg.predict.top_k, auth.token(limits))
 
 
 COMMANDS = (predict, serve)

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ServeConfig
+from .auth import BearerAuth
 from .http import ClientGone, InferenceTimeout, Served
 from .inference import Predictor
 from .protocols import ProtocolError as BadRequest
@@ -29,8 +30,9 @@ from .protocols import mlflow_scoring, native, v2
 log = logging.getLogger(__name__)
 
 
-def create_app(predictor: Predictor, limits: ServeConfig, top_k: int) -> FastAPI:
-    """The app: each protocol's router over one Served model, and the error handlers they share."""
+def create_app(predictor: Predictor, limits: ServeConfig, top_k: int, token: str | None = None) -> FastAPI:
+    """The app: each protocol's router over one Served model, and the error handlers they share; with a
+    ``token``, every route but the health routes needs it (auth.py)."""
     app = FastAPI(
         title="softmax-mlops inference",
         version="1",
@@ -62,6 +64,8 @@ def create_app(predictor: Predictor, limits: ServeConfig, top_k: int) -> FastAPI
     async def _timeout(_: Request, exc: InferenceTimeout) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=503)
 
+    if token:
+        app.add_middleware(BearerAuth, token=token)
     return app
 
 
@@ -134,11 +138,11 @@ def protocol(limits: ServeConfig) -> type:
     return LimitedHttpToolsProtocol
 
 
-def uvicorn_settings(predictor: Predictor, limits: ServeConfig, top_k: int) -> dict:
+def uvicorn_settings(predictor: Predictor, limits: ServeConfig, top_k: int, token: str | None = None) -> dict:
     """What `serve` gives uvicorn: the app, the address, and uvicorn's own limits beside ours (protocol). Tests
     run the same settings in a uvicorn.Server on a thread, so that mutmut sees the routes run."""
     return {
-        "app": create_app(predictor, limits, top_k),
+        "app": create_app(predictor, limits, top_k, token),
         "host": limits.host,
         "port": limits.port,
         "log_level": "info",
@@ -148,10 +152,11 @@ def uvicorn_settings(predictor: Predictor, limits: ServeConfig, top_k: int) -> d
     }
 
 
-def serve(predictor: Predictor, limits: ServeConfig, top_k: int) -> None:
+def serve(predictor: Predictor, limits: ServeConfig, top_k: int, token: str | None = None) -> None:
     import uvicorn
 
-    settings = uvicorn_settings(predictor, limits, top_k)
+    settings = uvicorn_settings(predictor, limits, top_k, token)
+    log.info("every route but the health routes needs the bearer token" if token else "no bearer token is set")
     # Everything loaded so far (FastAPI, onnxruntime, the model, MLflow's client) lives as long as the process:
     # move it out of the collector's reach, so that a request that parses a large JSON body does not set off a
     # full collection that walks all of it (the p99 of 64-image JSON requests).
