@@ -598,3 +598,23 @@ def test_the_token_comes_from_the_environment_else_the_token_file(tmp_path, monk
             auth.token(ServeConfig(token_file=str(secret)))
     with pytest.raises(PipelineError, match=f"^{tmp_path / 'missing'}: cannot read the serve token: FileNotFoundError"):
         auth.token(ServeConfig(token_file=str(tmp_path / "missing")))
+
+
+def test_tritonclient_sends_the_token_as_the_docs_show(predictor):
+    """docs/serving.md's client: tritonclient's probes need no token, its inference sends it in `headers`."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    name = predictor.metadata.get("registered_model") or "softmax-mlops"
+    with running(predictor, token=TOKEN) as url:
+        client = httpclient.InferenceServerClient(url.removeprefix("http://"))
+        try:
+            image = httpclient.InferInput("image", [2, 28, 28], "UINT8")
+            image.set_data_from_numpy(IMAGES[:2])
+            assert client.is_server_live() and client.is_server_ready()
+            with pytest.raises(InferenceServerException, match="needs a bearer token"):
+                client.infer(name, [image])
+            result = client.infer(name, [image], headers={"Authorization": f"Bearer {TOKEN}"})
+            assert np.allclose(result.as_numpy("probabilities"), probabilities_of(predictor, IMAGES[:2]), atol=1e-6)
+        finally:
+            client.close()
