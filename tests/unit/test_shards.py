@@ -217,6 +217,24 @@ def test_a_folder_of_another_run_or_of_something_else_is_refused(tmp_path, onnx_
         _sharded(path, tmp_path / "file.parquet", predictor)
 
 
+@pytest.mark.parametrize(
+    "damage", [b"{not json", b"\xff\xfe\x00binary", b'{"shard": 0}'], ids=["text", "binary", "fields"]
+)
+def test_a_damaged_run_file_or_part_marker_is_one_error_naming_it(tmp_path, onnx_model, damage):
+    path = _input("npy", tmp_path)
+    predictor = Predictor(model_copy(onnx_model, tmp_path / "model"))
+    job, plan, _, _ = _sharded(path, tmp_path / "out", predictor)
+    marker = Path(job.folder[job.marker(plan[1])])
+    marker.write_bytes(damage)
+    with pytest.raises(PipelineError, match=f"^{marker} is not a readable part marker: "):
+        shards.start(job, plan)
+    run_file = tmp_path / "out" / shards.RUN_FILE
+    run_file.write_bytes(damage)
+    expected = f"^{run_file} is not readable: " if damage != b'{"shard": 0}' else "holds the parts of another run"
+    with pytest.raises(PipelineError, match=expected):
+        shards.start(job, plan)
+
+
 def test_an_output_inside_the_input_folder_is_refused(tmp_path, onnx_model):
     path = _input("folder", tmp_path)
     predictor = Predictor(model_copy(onnx_model, tmp_path / "model"))

@@ -191,12 +191,14 @@ class Folder:
         return not any(Path(self.ref).iterdir())
 
     def read_text(self, name: str) -> str | None:
-        """The file's text, or None when there is no such file."""
+        """The file's text, or None when there is no such file. Bytes that are not UTF-8 are replaced, so that a
+        damaged file fails as JSON, in one line, where it is parsed."""
         if self.remote:
             data = object_store.read_if_exists(self[name])
-            return None if data is None else data.decode()
-        path = Path(self[name])
-        return path.read_text() if path.exists() else None
+        else:
+            path = Path(self[name])
+            data = path.read_bytes() if path.exists() else None
+        return None if data is None else data.decode("utf-8", errors="replace")
 
     def write_json(self, name: str, data: dict) -> None:
         _write_json(self[name], data)
