@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -68,11 +68,11 @@ def open_file(url: str):  # noqa: ANN201 - an fsspec file, read-only and seekabl
         return fs.open(path, "rb")
 
 
-def read_bytes(url: str, start: int | None = None, end: int | None = None) -> bytes:
-    """The object's bytes, or the range [start, end) of them."""
+def read_bytes(url: str) -> bytes:
+    """The object's bytes."""
     with reporting("read", url):
         fs, path = _fs(url)
-        return fs.cat_file(path, start=start, end=end)
+        return fs.cat_file(path)
 
 
 def read_if_exists(url: str) -> bytes | None:
@@ -83,6 +83,19 @@ def read_if_exists(url: str) -> bytes | None:
             return fs.cat_file(path)
         except FileNotFoundError:
             return None
+
+
+def reader(prefix: str) -> Callable[[str], bytes]:
+    """Read objects under ``prefix`` by their names relative to it, through one client: a shard of many small
+    objects (PNGs) would otherwise make a client for each."""
+    with reporting("read", prefix):
+        fs, root = _fs(prefix)
+
+    def read(name: str) -> bytes:
+        with reporting("read", join(prefix, name)):
+            return fs.cat_file(f"{root.rstrip('/')}/{name}")
+
+    return read
 
 
 def write_bytes(url: str, data: bytes) -> None:

@@ -152,7 +152,7 @@ def open_shard(input_ref: str | Path, shard: Shard, batch_size: int, skip_bad: b
     if shard.kind == "files":
         folder, args = _folder_of(input_ref), (batch_size, skip_bad)
         if remote:
-            return open_files(list(shard.files), lambda name: stored.load(object_store.join(folder, name)), *args)
+            return open_files(list(shard.files), stored.loader(folder), *args)
         return open_files(list(shard.files), lambda name: load_image(Path(folder) / name), *args)
     if shard.kind == "row_groups":
         groups = [(f if remote else Path(f), g, first) for f, g, first in shard.groups]

@@ -13,7 +13,7 @@ decompress the object from its start. The single-process path (`predict` without
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -29,15 +29,20 @@ def image_names(url: str) -> list[str]:
     return object_store.files_under(url, IMAGE_SUFFIXES)
 
 
-def load(url: str) -> np.ndarray:
-    """One PNG/JPEG object as the model sees it; a bad one is one line naming its URL."""
+def loader(prefix: str) -> Callable[[str], np.ndarray]:
+    """Load PNG/JPEG objects under ``prefix`` by name, as the model sees them, through one client; a bad one is
+    one line naming its URL."""
     from .images import ImageError, decode
 
-    data = object_store.read_bytes(url)
-    try:
-        return decode(data)
-    except ImageError as exc:
-        raise PipelineError(f"{url}: {exc}") from None
+    read = object_store.reader(prefix)
+
+    def load(name: str) -> np.ndarray:
+        try:
+            return decode(read(name))
+        except ImageError as exc:
+            raise PipelineError(f"{object_store.join(prefix, name)}: {exc}") from None
+
+    return load
 
 
 def _npy_extent(url: str, fh) -> tuple[int, int]:  # noqa: ANN001 - an fsspec file
