@@ -96,6 +96,7 @@ bench: setup
 	python benchmarks/inference_speed.py
 	python benchmarks/batch_scale.py
 	python benchmarks/vs_mlflow.py
+	python benchmarks/metrics_overhead.py
 	python benchmarks/sweep_concurrency.py
 
 # Refresh the lock from the current venv after changing dependencies in pyproject.toml.

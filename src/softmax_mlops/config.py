@@ -218,6 +218,8 @@ class ServeConfig(Section):
     max_image_pixels: int = Field(4194304, ge=1)  # an uploaded image's declared width x height; more get 413
     keep_alive_s: float = Field(5.0, gt=0)  # an idle kept-alive connection is closed after this (uvicorn's)
     shutdown_grace_s: float = Field(5.0, ge=0)  # on SIGTERM/SIGINT, requests in flight get this long to finish
+    metrics: bool = True  # GET /metrics for Prometheus, and the counting and timing of every request behind it
+    drift_window: int = Field(1000, ge=1)  # the last predicted classes /metrics tests for drift (chi-squared)
     token_file: str | None = None  # a file holding the bearer token (a mounted secret); SOFTMAX_MLOPS_SERVE_TOKEN wins
 
 

@@ -10,6 +10,7 @@ import contextlib
 import gc
 import io
 import json
+import math
 import os
 import signal
 import socket
@@ -538,6 +539,7 @@ def test_with_a_token_every_route_but_health_needs_it(predictor):
         ("POST", "/invocations", {"instances": IMAGES[:1].tolist()}),
         ("GET", "/version", None),
         ("GET", "/openapi.json", None),
+        ("GET", "/metrics", None),
         ("GET", "/no-such-route", None),
     ]
     with running(predictor, token=TOKEN) as url, httpx.Client(base_url=url) as client:
@@ -618,3 +620,100 @@ def test_tritonclient_sends_the_token_as_the_docs_show(predictor):
             assert np.allclose(result.as_numpy("probabilities"), probabilities_of(predictor, IMAGES[:2]), atol=1e-6)
         finally:
             client.close()
+
+
+def scrape(url: str, **headers: str) -> dict[tuple[str, tuple], float]:
+    """/metrics, parsed by prometheus-client's own parser: (sample name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    page = httpx.get(f"{url}/metrics", headers=headers)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain; version=")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(page.text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_requests_refusals_and_predicted_classes(predictor):
+    images = np.random.default_rng(8).integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
+    name = predictor.metadata.get("registered_model") or "softmax-mlops"
+    tensor = {"name": "image", "shape": [1, 28, 28], "datatype": "UINT8", "data": images[6].ravel().tolist()}
+    with running(predictor, max_instances=3) as url, httpx.Client(base_url=url) as client:
+        for first in (0, 2, 4):
+            assert client.post("/predict", json={"instances": images[first : first + 2].tolist()}).status_code == 200
+        assert client.post(f"/v2/models/{name}/infer", json={"inputs": [tensor]}).status_code == 200
+        assert client.post("/predict", content=b"{", headers=JSON).status_code == 400
+        assert client.post("/predict", json={"instances": images[:4].tolist()}).status_code == 413
+        assert client.get("/no/such/path/42").status_code == 404
+        metrics = scrape(url)
+    requests = "softmax_mlops_requests_total"
+    assert metrics[(requests, (("protocol", "native"), ("route", "/predict"), ("status", "200")))] == 3
+    assert metrics[(requests, (("protocol", "v2"), ("route", "/v2/models/{name}/infer"), ("status", "200")))] == 1
+    assert metrics[(requests, (("protocol", "native"), ("route", "/predict"), ("status", "400")))] == 1
+    assert metrics[(requests, (("protocol", "native"), ("route", "/predict"), ("status", "413")))] == 1
+    assert metrics[(requests, (("protocol", "native"), ("route", "other"), ("status", "404")))] == 1
+    assert metrics[("softmax_mlops_refused_total", (("limit", "instances"),))] == 1
+    assert metrics[("softmax_mlops_requests_in_flight", ())] == 1  # the scrape itself
+    # the classes of the 7 images predicted, as the model computes them
+    counts = np.bincount(probabilities_of(predictor, images).argmax(axis=1), minlength=len(predictor.class_names))
+    predicted = {labels[0][1]: v for (n, labels), v in metrics.items() if n == "softmax_mlops_predictions_total"}
+    assert predicted == {predictor.class_names[k]: float(c) for k, c in enumerate(counts) if c}
+    # each inference is timed in its three phases, per protocol; refused requests never reach inference
+    for phase in ("preprocess", "predict", "postprocess"):
+        assert metrics[(f"request_{phase}_seconds_count", (("protocol", "native"),))] == 3
+        assert metrics[(f"request_{phase}_seconds_count", (("protocol", "v2"),))] == 1
+        assert metrics[(f"request_{phase}_seconds_sum", (("protocol", "native"),))] > 0
+    (info,) = [labels for (n, labels), v in metrics.items() if n == "softmax_mlops_model_info" and v == 1]
+    assert dict(info)["name"] == name
+    assert metrics[("softmax_mlops_drift_window_images", ())] == 7
+    assert math.isnan(metrics[("softmax_mlops_drift_class_p_value", ())])  # this model carries no drift reference
+
+
+def test_the_online_drift_window_is_the_batch_class_test_on_the_last_images(onnx_model, tmp_path):
+    """A model with a drift reference: the p-value is scipy's chi-squared test of the window's classes against
+    the reference's, over the last serve.drift_window images only."""
+    from scipy import stats
+
+    from softmax_mlops.serving import drift
+
+    reference_images = np.random.default_rng(9).integers(0, 256, size=(200, 28, 28), dtype=np.uint8)
+    model = model_copy(onnx_model, tmp_path / "model")
+    predictor = Predictor(model)
+    drift.save_reference(model.with_name(drift.REFERENCE_FILE), predictor.run(reference_images)[1], reference_images)
+    predictor = Predictor(model)
+    dark = np.zeros((5, 28, 28), np.uint8)
+    with running(predictor, drift_window=6) as url:
+        for batch in (reference_images[:3], dark):
+            assert httpx.post(f"{url}/predict", json={"instances": batch.tolist()}).status_code == 200
+        metrics = scrape(url)
+    window = np.concatenate([reference_images[2:3], dark])  # the last 6 of the 8 images
+    classes = len(predictor.class_names)
+    table = np.stack(
+        [
+            np.bincount(predictor.run(reference_images)[1].argmax(axis=1), minlength=classes),
+            np.bincount(predictor.run(window)[1].argmax(axis=1), minlength=classes),
+        ]
+    )
+    table = table[:, table.sum(axis=0) > 0]
+    assert metrics[("softmax_mlops_drift_window_images", ())] == 6
+    assert metrics[("softmax_mlops_drift_class_p_value", ())] == pytest.approx(stats.chi2_contingency(table).pvalue)
+
+
+def test_refusals_by_the_connection_cap_and_the_header_deadline_are_counted(predictor):
+    with running(predictor, max_connections=1, read_timeout_s=0.5) as url:
+        with raw(url) as first, raw(url) as second:
+            assert read_all(second).startswith(b"HTTP/1.1 503")
+            first.sendall(b"GET /health HTTP/1.1\r\n")  # headers that never end
+            assert read_all(first).startswith(b"HTTP/1.1 408")
+        metrics = scrape(url)
+    assert metrics[("softmax_mlops_refused_total", (("limit", "connections"),))] == 1
+    assert metrics[("softmax_mlops_refused_total", (("limit", "read_timeout"),))] == 1
+
+
+def test_with_metrics_off_there_is_no_metrics_route_and_requests_are_answered_alike(predictor):
+    with running(predictor, metrics=False) as url:
+        assert httpx.get(f"{url}/metrics").status_code == 404
+        answer = httpx.post(f"{url}/predict", json={"instances": IMAGES[:1].tolist()})
+        assert answer.status_code == 200
+        assert answer.json()["predictions"][0]["class_id"] == int(probabilities_of(predictor, IMAGES[:1]).argmax())

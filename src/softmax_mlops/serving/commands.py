@@ -236,6 +236,10 @@ def serve(
         typer.Option(min=1, help="Uploaded images declaring more pixels get 413. Default: serve.max_image_pixels."),
     ] = None,
     threads: ThreadsOpt = None,
+    metrics: Annotated[
+        bool | None,
+        typer.Option("--metrics/--no-metrics", help="GET /metrics for Prometheus. Default: serve.metrics (on)."),
+    ] = None,
     model_wait: Annotated[
         float | None,
         typer.Option(
@@ -262,6 +266,7 @@ def serve(
         "read_timeout_s": read_timeout,
         "max_connections": max_connections,
         "max_image_pixels": max_image_pixels,
+        "metrics": metrics,
     }
     limits = config.overridden(cfg.serve, "serve", **overrides)
     server.serve(predictor, limits, cfg.predict.top_k, auth.token(limits))

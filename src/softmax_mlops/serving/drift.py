@@ -201,6 +201,23 @@ class Collector:
         )
 
 
+def _class_test(reference_counts: np.ndarray, counts: np.ndarray):  # noqa: ANN202 - scipy's result, or None
+    """The chi-squared test of two histograms of predicted classes, over the classes either has; None when
+    fewer than two classes occur (nothing to test)."""
+    from scipy import stats
+
+    table = np.stack([reference_counts, counts])
+    table = table[:, table.sum(axis=0) > 0]
+    return stats.chi2_contingency(table) if table.shape[1] > 1 else None
+
+
+def class_p_value(reference_counts: np.ndarray, counts: np.ndarray) -> float:
+    """The batch check's class test on any histogram (the service's online window): its p-value, 1 when there
+    is nothing to test."""
+    test = _class_test(reference_counts, counts)
+    return float(test.pvalue) if test is not None else 1.0
+
+
 def check(
     reference: dict[str, np.ndarray],
     probabilities: np.ndarray,
@@ -231,9 +248,7 @@ def check(
     reference_counts = np.bincount(reference["probabilities"].argmax(axis=1), minlength=classes)
     if batch_counts is None:
         batch_counts = np.bincount(probabilities.argmax(axis=1), minlength=classes)
-    table = np.stack([reference_counts, batch_counts])
-    table = table[:, table.sum(axis=0) > 0]
-    chi2 = stats.chi2_contingency(table) if table.shape[1] > 1 else None
+    chi2 = _class_test(reference_counts, batch_counts)
     shift = stats.ks_2samp(reference["intensity"], intensities)
     tests = {
         "ks_softmax_per_class": {

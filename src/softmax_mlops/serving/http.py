@@ -14,6 +14,7 @@ from starlette.requests import ClientDisconnect
 
 from ..config import ServeConfig
 from .inference import OUTPUT_NAMES, Predictor
+from .metrics import Metrics
 from .protocols import ProtocolError as BadRequest
 
 
@@ -30,7 +31,7 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     refused before reading anything, and a body that trickles in too slowly gets 408."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise BadRequest(413, f"request body of {declared} bytes is over the {limit}-byte limit")
+        raise BadRequest(413, f"request body of {declared} bytes is over the {limit}-byte limit", limit="body_bytes")
     chunks, size = [], 0
 
     async def read() -> None:
@@ -38,13 +39,13 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise BadRequest(413, f"request body is over the {limit}-byte limit")
+                raise BadRequest(413, f"request body is over the {limit}-byte limit", limit="body_bytes")
             chunks.append(chunk)
 
     try:
         await asyncio.wait_for(read(), timeout)
     except TimeoutError:
-        raise BadRequest(408, f"request body not received within {timeout} s") from None
+        raise BadRequest(408, f"request body not received within {timeout} s", limit="read_timeout") from None
     except ClientDisconnect:
         raise ClientGone() from None
     return b"".join(chunks)
@@ -58,15 +59,20 @@ class Served:
     limits: ServeConfig
     top_k: int
     model_name: str
+    metrics: Metrics | None = None
 
     async def run_model(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Both outputs, in a worker thread, within the time limit (else 503: the server's limit, not the
         client's input)."""
         timeout = self.limits.request_timeout_s
+        Metrics.inference_started()
         try:
             results = await asyncio.wait_for(run_in_threadpool(self.predictor.run, images), timeout=timeout)
         except TimeoutError:
             raise InferenceTimeout(f"inference took longer than {timeout} s") from None
+        Metrics.inference_ended()
+        if self.metrics is not None:
+            self.metrics.predicted(results[1])
         return dict(zip(OUTPUT_NAMES, results, strict=True))
 
     async def body_of(self, request: Request, *allowed: str) -> bytes:

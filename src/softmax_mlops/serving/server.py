@@ -17,13 +17,14 @@ import json
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import ServeConfig
 from .auth import BearerAuth
 from .http import ClientGone, InferenceTimeout, Served
 from .inference import Predictor
+from .metrics import Metrics
 from .protocols import ProtocolError as BadRequest
 from .protocols import mlflow_scoring, native, v2
 
@@ -40,12 +41,24 @@ def create_app(predictor: Predictor, limits: ServeConfig, top_k: int, token: str
         "Inference Protocol (KServe v2) under /v2, and MLflow's scoring protocol "
         "(/invocations, /ping, /version).",
     )
-    served = Served(predictor, limits, top_k, predictor.metadata.get("registered_model") or "softmax-mlops")
+    name = predictor.metadata.get("registered_model") or "softmax-mlops"
+    metrics = _metrics(predictor, limits, name)
+    served = Served(predictor, limits, top_k, name, metrics if limits.metrics else None)
     for protocol_module in (native, v2, mlflow_scoring):
         app.include_router(protocol_module.router(served))
 
+    if limits.metrics:
+
+        @app.get("/metrics", include_in_schema=False)
+        async def _metrics_page() -> Response:
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.exception_handler(BadRequest)
     async def _bad_request(request: Request, exc: BadRequest) -> JSONResponse:
+        if exc.limit:
+            metrics.refused.labels(exc.limit).inc()
         if request.url.path in mlflow_scoring.PATHS:
             return mlflow_scoring.refusal(exc)
         return JSONResponse({"error": exc.message}, status_code=exc.status)
@@ -62,14 +75,35 @@ def create_app(predictor: Predictor, limits: ServeConfig, top_k: int, token: str
 
     @app.exception_handler(InferenceTimeout)
     async def _timeout(_: Request, exc: InferenceTimeout) -> JSONResponse:
+        metrics.refused.labels("inference_time").inc()
         return JSONResponse({"error": str(exc)}, status_code=503)
 
     if token:
         app.add_middleware(BearerAuth, token=token)
+    if limits.metrics:
+        app.add_middleware(metrics.middleware)  # the outermost: refusals of the token are counted too
+    app.state.metrics = metrics
     return app
 
 
-def protocol(limits: ServeConfig) -> type:
+def _metrics(predictor: Predictor, limits: ServeConfig, name: str) -> Metrics:
+    """The app's metrics, with the drift window's reference when the model carries one."""
+    from . import drift
+    from .inference import sidecar
+
+    reference_path = sidecar(predictor.path, drift.REFERENCE_FILE)
+    reference = drift.load_reference(reference_path) if reference_path else None
+    card = predictor.provenance()
+    model = {
+        "name": name,
+        "version": card["model_version"],
+        "data_md5": card["data_md5"],
+        "temperature": str(predictor.metadata.get("temperature", "")),
+    }
+    return Metrics(list(predictor.class_names), model, limits.drift_window, reference)
+
+
+def protocol(limits: ServeConfig, metrics: Metrics | None = None) -> type:
     """uvicorn's httptools protocol with two more limits of its own.
 
     uvicorn bounds the idle time between requests (timeout_keep_alive) but not a request whose headers
@@ -94,6 +128,8 @@ def protocol(limits: ServeConfig) -> type:
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             if len(self.connections) > limits.max_connections:
+                if metrics is not None:
+                    metrics.refused.labels("connections").inc()
                 reply(
                     transport,
                     "503 Service Unavailable",
@@ -119,6 +155,8 @@ def protocol(limits: ServeConfig) -> type:
                 # finish, and hold the new request's headers to the deadline afterwards
                 self._arm()
                 return
+            if metrics is not None:
+                metrics.refused.labels("read_timeout").inc()
             reply(
                 self.transport, "408 Request Timeout", f"request headers not received within {limits.read_timeout_s} s"
             )
@@ -141,13 +179,14 @@ def protocol(limits: ServeConfig) -> type:
 def uvicorn_settings(predictor: Predictor, limits: ServeConfig, top_k: int, token: str | None = None) -> dict:
     """What `serve` gives uvicorn: the app, the address, and uvicorn's own limits beside ours (protocol). Tests
     run the same settings in a uvicorn.Server on a thread, so that mutmut sees the routes run."""
+    app = create_app(predictor, limits, top_k, token)
     return {
-        "app": create_app(predictor, limits, top_k, token),
+        "app": app,
         "host": limits.host,
         "port": limits.port,
         "log_level": "info",
         "timeout_keep_alive": limits.keep_alive_s,
-        "http": protocol(limits),
+        "http": protocol(limits, app.state.metrics),
         "timeout_graceful_shutdown": limits.shutdown_grace_s,
     }
 

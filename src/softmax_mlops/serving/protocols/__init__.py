@@ -29,9 +29,10 @@ class ProtocolError(Exception):
     field, values out of range), INVALID_PARAMETER_VALUE for one that does not fit the signature (its shape,
     the input's name, a dataframe for a tensor input)."""
 
-    def __init__(self, status: int, message: str, code: str = "BAD_REQUEST") -> None:
+    def __init__(self, status: int, message: str, code: str = "BAD_REQUEST", limit: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
+        self.limit = limit  # the server's limit that refused it (a metric's label), or None for a bad input
 
 
 def load_json(body: bytes) -> Any:
@@ -56,7 +57,9 @@ def as_array(values: Any, what: str) -> np.ndarray:
 def check_pixels(array: np.ndarray, max_instances: int, flat_ok: bool = True) -> np.ndarray:
     """[N, 28, 28] (or [N, 784] when ``flat_ok``) integers in 0..255, at most ``max_instances``: as uint8."""
     if array.ndim >= 1 and len(array) > max_instances:
-        raise ProtocolError(413, f"{len(array)} images is over the limit of {max_instances} per request")
+        raise ProtocolError(
+            413, f"{len(array)} images is over the limit of {max_instances} per request", limit="instances"
+        )
     if flat_ok and array.shape[1:] == (784,):
         array = array.reshape(-1, 28, 28)
     if array.ndim != 3 or array.shape[1:] != (28, 28) or not len(array):

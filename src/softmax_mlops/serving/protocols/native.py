@@ -33,7 +33,9 @@ def parse_instances(body: bytes, max_instances: int) -> np.ndarray:
     if not isinstance(instances, list) or not instances:
         raise BadRequest(422, '"instances" must be a non-empty list of 28x28 images')
     if len(instances) > max_instances:
-        raise BadRequest(413, f"{len(instances)} instances is over the limit of {max_instances} per request")
+        raise BadRequest(
+            413, f"{len(instances)} instances is over the limit of {max_instances} per request", limit="instances"
+        )
     array = as_array(instances, "every instance (28x28 integers)")
     if array.shape[1:] not in ((784,), (28, 28)):
         raise BadRequest(422, f"each instance must be 28x28 (or 784 long); got shape {list(array.shape[1:])}")
@@ -44,7 +46,10 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         return decode(data, max_pixels)[None]
     except ImageError as exc:
-        raise BadRequest(413 if isinstance(exc, ImageTooLarge) else 400, f"the uploaded file: {exc}") from None
+        too_large = isinstance(exc, ImageTooLarge)
+        raise BadRequest(
+            413 if too_large else 400, f"the uploaded file: {exc}", limit="image_pixels" if too_large else None
+        ) from None
 
 
 async def images_from(request: Request, limits: ServeConfig) -> np.ndarray:

@@ -172,7 +172,9 @@ def parse_v2(body: bytes, header_length: str | None, max_instances: int) -> V2Re
     shape, dtype = tensor.shape, np.dtype(V2_DTYPES[tensor.datatype])
     count = math.prod(shape)  # Python's integers: a hostile shape cannot overflow into a plausible size
     if shape and shape[0] > max_instances:
-        raise ProtocolError(413, f"{shape[0]} images is over the limit of {max_instances} per request")
+        raise ProtocolError(
+            413, f"{shape[0]} images is over the limit of {max_instances} per request", limit="instances"
+        )
     size = tensor.parameters.binary_data_size if tensor.parameters else None
     if size is not None:
         if size != len(binary) or size != count * dtype.itemsize:
