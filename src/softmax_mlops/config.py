@@ -252,6 +252,9 @@ class MlflowConfig(Section):
     # per request (MLflow takes whole seconds); with the retries' back-off, a dead server is reported in about
     # http_retries x http_timeout_s + 7 s
     http_timeout_s: int = Field(10, ge=1)
+    # MLflow's system metrics during training (system/cpu_utilization_percentage, ...): a sample every this many
+    # seconds; 0 turns them off
+    system_metrics_interval_s: float = Field(1.0, ge=0)
 
     @property
     def is_local_sqlite(self) -> bool:

@@ -197,6 +197,10 @@ def test_one_mlflow_run_per_implementation_with_params_tags_and_epochs(repo, run
         assert [m.step for m in history] == [1, 2, 3, 4, 5]
         for key in ("train_acc_running", "train_acc", "loss"):
             assert len(client.get_metric_history(run.info.run_id, key)) == 5
+        # MLflow's system metrics, sampled every mlflow.system_metrics_interval_s while the model trained
+        system = {key for key in run.data.metrics if key.startswith("system/")}
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
+        assert len(client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")) >= 1
         # evaluate logged into the very run that train opened
         assert run.data.metrics["test_accuracy"] == read_json(repo / f"metrics/{impl}/eval.json")["test_accuracy"]
         assert read_json(repo / f"models/{impl}/mlflow_run.json")["run_id"] == run.info.run_id

@@ -112,7 +112,15 @@ def start_run(cfg: Config, impl: str) -> Iterator[mlflow.ActiveRun]:
     fail_orphaned_runs(experiment_id, impl)
     tags = _stage_tags(cfg, f"train@{impl}") | {"impl": impl, "dvc_stages": f"train@{impl}"} | _owner()
     tags["mlflow.note.content"] = RUN_NOTE
-    with _open(experiment_id=experiment_id, run_name=run_name(impl, tags), tags=tags) as run:
+    interval = cfg.mlflow.system_metrics_interval_s
+    if interval:  # MLflow's own monitor: CPU, memory, disk and network, and GPU where there is one (pynvml)
+        from mlflow import system_metrics
+
+        system_metrics.set_system_metrics_sampling_interval(interval)
+        system_metrics.set_system_metrics_samples_before_logging(1)
+    with _open(
+        experiment_id=experiment_id, run_name=run_name(impl, tags), tags=tags, log_system_metrics=bool(interval)
+    ) as run:
         yield run
 
 
