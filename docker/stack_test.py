@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,16 +37,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 PROJECT = "softmax-mlops"
-SERVICES = ("postgres", "mlflow", "prefect-server", "prefect-worker", "inference")
+SERVICES = ("postgres", "mlflow", "prefect-server", "prefect-worker", "inference", "prometheus")
 BUILT_BY = ("prefect-worker", "inference")  # the services whose builds make the stack's images
-STANDINS_BUILT_BY = ("postgres", "objectstore")
+STANDINS_BUILT_BY = ("postgres", "objectstore", "prometheus")
 IMAGES = ("softmax-mlops-pipeline:latest", "softmax-mlops-serve:latest")
 STANDIN_IMAGES = (
     "localhost/softmax-mlops-postgres-standin:latest",
     "localhost/softmax-mlops-objectstore-standin:latest",
+    "localhost/softmax-mlops-prometheus-standin:latest",
 )
 MLFLOW, PREFECT, INFERENCE = "http://127.0.0.1:5000", "http://127.0.0.1:4200", "http://127.0.0.1:8000"
-OBJECTSTORE = "http://127.0.0.1:8333"
+OBJECTSTORE, PROMETHEUS = "http://127.0.0.1:8333", "http://127.0.0.1:9090"
+SERVED_REQUESTS = 'sum(softmax_mlops_requests_total{route="/predict", status="200"})'
+SERVED_IMAGES = "sum(softmax_mlops_predictions_total)"
 MODELS = ("softmax-mlops-scratch", "softmax-mlops-concise")
 RUN_LABEL = "io.prefect.flow-run-id"  # prefect-docker's label on each flow-run container
 NOTHING_RAN = "0 of 10 stages ran: none"  # the training flow's log line (pipelines/flows.py)
@@ -483,6 +487,16 @@ def mlflow_state() -> dict:
     }
 
 
+def promql(query: str) -> float:
+    """An instant query through Prometheus' HTTP API: the one value of its result, 0 when it has none (a counter
+    that no request has touched yet)."""
+    status, body = http(f"{PROMETHEUS}/api/v1/query?{urllib.parse.urlencode({'query': query})}")
+    if status != 200:
+        raise StackFailed(f"Prometheus answered {status} to {query!r}: {body[:200]!r}")
+    result = json.loads(body)["data"]["result"]
+    return float(result[0]["value"][1]) if result else 0.0
+
+
 def served_accuracy(images: np.ndarray, labels: np.ndarray, batch: int = 200) -> float:
     correct = 0
     for start in range(0, len(images), batch):
@@ -671,9 +685,19 @@ def main() -> int:
                     raise StackFailed(
                         f"the object store lacks DVC's outputs, its run-cache or MLflow's models: {stored}"
                     )
-            with step("6. inference on the 10,000 test images"):
-                wait_healthy(engine, ("inference",), args.timeout)
+            with step("6. inference on the 10,000 test images, counted by Prometheus"):
+                wait_healthy(engine, ("inference", "prometheus"), args.timeout)
+                wait_until("Prometheus scraping the inference service", lambda: promql('up{job="inference"}') == 1,
+                           args.timeout)  # fmt: skip
+                requests_before, images_before = promql(SERVED_REQUESTS), promql(SERVED_IMAGES)
                 accuracy = served_accuracy(images, labels)
+                sent = -(-len(images) // 200)
+                wait_until(f"Prometheus to count the {sent} requests just sent",
+                           lambda: promql(SERVED_REQUESTS) >= requests_before + sent, 120)  # fmt: skip
+                counted = (promql(SERVED_REQUESTS) - requests_before, promql(SERVED_IMAGES) - images_before)
+                log(f"Prometheus counted {counted[0]:.0f} /predict requests and {counted[1]:.0f} images")
+                if counted != (sent, len(images)):
+                    raise StackFailed(f"Prometheus counted {counted}, not the {sent} requests of {len(images)} sent")
                 log(f"inference accuracy {accuracy:.4f}; registered {before['accuracy']:.4f}")
                 if round(accuracy, 4) != round(before["accuracy"], 4):
                     raise StackFailed(f"served accuracy {accuracy:.4f} != recorded {before['accuracy']:.4f}")

@@ -12,7 +12,7 @@ from helpers import REPO
 
 DOCKER = REPO / "docker"
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile*"))
-LONG_RUNNING = ("postgres", "objectstore", "mlflow", "prefect-server", "prefect-worker", "inference")
+LONG_RUNNING = ("postgres", "objectstore", "mlflow", "prefect-server", "prefect-worker", "inference", "prometheus")
 
 
 @pytest.fixture(scope="module")
@@ -216,8 +216,9 @@ def test_standins_are_only_an_override():
     compose_text = (DOCKER / "compose.yaml").read_text()
     assert "image: docker.io/library/postgres:" in compose_text and "standin" not in compose_text
     assert "image: docker.io/chrislusf/seaweedfs:" in compose_text
+    assert "image: docker.io/prom/prometheus:" in compose_text
     override = yaml.safe_load((DOCKER / "standins" / "compose.yaml").read_text())["services"]
-    assert set(override) == {"postgres", "objectstore"}
+    assert set(override) == {"postgres", "objectstore", "prometheus"}
     assert override["objectstore"]["build"]["dockerfile"] == "docker/standins/objectstore.Dockerfile"
     assert (DOCKER / override["objectstore"]["build"]["context"] / "requirements.lock").is_file()
     objectstore = (DOCKER / "standins" / "objectstore.Dockerfile").read_text()
@@ -227,3 +228,27 @@ def test_standins_are_only_an_override():
     entrypoint = (DOCKER / "standins" / "postgres-entrypoint.sh").read_text()
     for contract in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "/docker-entrypoint-initdb.d/"):
         assert contract in entrypoint
+
+
+def test_prometheus_scrapes_the_inference_service_and_its_stand_in_keeps_the_official_contract(compose):
+    """The official image's paths, port, user and flags, which the stack's service relies on: the configuration
+    mounted at /etc/prometheus/prometheus.yml, the data in the /prometheus volume, port 9090, user nobody."""
+    service = compose["services"]["prometheus"]
+    assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in service["volumes"]
+    assert "prometheus:/prometheus" in service["volumes"] and "prometheus" in compose["volumes"]
+    assert service["ports"] == ["127.0.0.1:9090:9090"]
+    config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics" and job["static_configs"] == [{"targets": ["inference:8000"]}]
+    standin = (DOCKER / "standins" / "prometheus.Dockerfile").read_text()
+    for contract in (
+        "EXPOSE 9090",
+        "USER 65534",
+        'VOLUME ["/prometheus"]',
+        'ENTRYPOINT ["/bin/prometheus"]',
+        "--config.file=/etc/prometheus/prometheus.yml",
+        "--storage.tsdb.path=/prometheus",
+        "chown 65534:65534 /prometheus",
+    ):
+        assert contract in standin, contract
+    assert "wget" in standin and service["healthcheck"]["test"][:2] == ["CMD", "wget"]
