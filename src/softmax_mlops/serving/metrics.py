@@ -55,7 +55,7 @@ class _DriftWindow(Collector):
         self.classes.extend(predicted.tolist())
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        window = np.fromiter(self.classes, dtype=np.int64, count=len(self.classes))
+        window = np.array(self.classes.copy(), dtype=np.int64)  # a copy: the event loop appends while this runs
         p_value = math.nan
         if self.reference_counts is not None and len(window):
             p_value = drift.class_p_value(self.reference_counts, np.bincount(window, minlength=self.n_classes))

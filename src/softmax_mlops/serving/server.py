@@ -50,7 +50,7 @@ def create_app(predictor: Predictor, limits: ServeConfig, top_k: int, token: str
     if limits.metrics:
 
         @app.get("/metrics", include_in_schema=False)
-        async def _metrics_page() -> Response:
+        def _metrics_page() -> Response:  # in a worker thread: the drift test (scipy) never stalls the event loop
             from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
             return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
