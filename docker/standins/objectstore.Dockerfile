@@ -2,7 +2,7 @@
 # A stand-in for the stack's object store (SeaweedFS, docker/compose.yaml), for the stack test on machines that
 # cannot pull from docker.io: moto's standalone S3 server, as DVC's own S3 plugin tests its remote. It keeps
 # the parts of the contract that the stack uses: the S3 API on port 8333, the buckets made by the buckets job,
-# the keys from the environment (accepted, though moto checks none), and data on the /data volume that
+# the keys from the environment (checked: objectstore.py), and data on the /data volume that
 # survives down/up (objectstore.py replays moto's request recording). Build context: the project root.
 ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}

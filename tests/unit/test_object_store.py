@@ -20,7 +20,7 @@ import pytest
 
 from helpers import REPO, run_tool
 from pipelines.dvc_stages import Outcome, StageFailed, default_remote, experiment_workspace, push, reproduce
-from stack import S3Server, free_port, wait_http
+from stack import S3Server, free_port, wait_http, wait_until
 
 pytestmark = pytest.mark.server
 
@@ -231,7 +231,7 @@ def test_the_stand_in_keeps_its_objects_across_a_restart_and_the_buckets_job_is_
 
     def start() -> subprocess.Popen:
         proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
-        wait_http(f"{url}/moto-api/", proc)
+        wait_until(lambda: _answers_signed(s3), f"the stand-in at {url}", 60, proc)
         return proc
 
     def buckets() -> str:
@@ -267,6 +267,80 @@ def test_the_stand_in_keeps_its_objects_across_a_restart_and_the_buckets_job_is_
     finally:
         store.send_signal(signal.SIGTERM)
         store.wait(timeout=30)
+
+
+def _answers_signed(s3) -> bool:
+    import botocore.exceptions
+
+    try:
+        s3.list_buckets()
+    except botocore.exceptions.EndpointConnectionError:
+        return False
+    return True
+
+
+def test_the_stand_in_answers_only_requests_signed_with_its_keys(tmp_path):
+    """Like the real store, the stand-in checks credentials (moto's SigV4 check against the keys in its
+    environment): no signature, another access key or a wrong secret gets 403, and moto's control API, which
+    could switch the check off, is closed on the store's port."""
+    import boto3
+    import botocore.exceptions
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        **S3Server.KEYS,
+        "MOTO_ENABLE_RECORDING": "1",
+        "MOTO_RECORDER_FILEPATH": str(tmp_path / "recording.jsonl"),
+        "OBJECTSTORE_PORT": str(port),
+        "OBJECTSTORE_HOST": "127.0.0.1",
+    }
+
+    def client(key: str, secret: str):
+        return boto3.client(
+            "s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=key, aws_secret_access_key=secret
+        )
+
+    right = client(S3Server.KEYS["AWS_ACCESS_KEY_ID"], S3Server.KEYS["AWS_SECRET_ACCESS_KEY"])
+    script = REPO / "docker" / "standins" / "objectstore.py"
+    store = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: _answers_signed(right), f"the stand-in at {url}", 60, store)
+        right.create_bucket(Bucket="dvc")
+        right.put_object(Bucket="dvc", Key="a", Body=b"kept")
+        assert right.get_object(Bucket="dvc", Key="a")["Body"].read() == b"kept"
+        refused = {}
+        for name, other in (
+            ("wrong secret", client(S3Server.KEYS["AWS_ACCESS_KEY_ID"], "not-the-secret")),
+            ("other key", client("someone-else", S3Server.KEYS["AWS_SECRET_ACCESS_KEY"])),
+        ):
+            with pytest.raises(botocore.exceptions.ClientError) as denied:
+                other.get_object(Bucket="dvc", Key="a")
+            refused[name] = (denied.value.response["ResponseMetadata"]["HTTPStatusCode"],
+                             denied.value.response["Error"]["Code"])  # fmt: skip
+        assert refused == {"wrong secret": (403, "SignatureDoesNotMatch"), "other key": (403, "InvalidAccessKeyId")}
+        assert httpx.get(f"{url}/dvc/a").status_code == 403  # no signature at all
+        assert httpx.post(f"{url}/moto-api/reset-auth", content=b"inf").status_code == 403
+        assert httpx.get(f"{url}/dvc/a").status_code == 403  # still closed
+    finally:
+        store.send_signal(signal.SIGTERM)
+        assert store.wait(timeout=30) == 0
+
+
+def test_the_stand_in_refuses_to_start_without_keys(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in S3Server.KEYS}
+    env.update(MOTO_RECORDER_FILEPATH=str(tmp_path / "r.jsonl"), OBJECTSTORE_PORT=str(free_port()))
+    done = subprocess.run(
+        [sys.executable, str(REPO / "docker" / "standins" / "objectstore.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == "objectstore: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set"
 
 
 def test_the_buckets_job_gives_up_on_an_absent_store_in_one_line(tmp_path):
