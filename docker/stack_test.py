@@ -16,11 +16,13 @@ runs as users run it. Every wait is bounded (--timeout); the first failure ends 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import gzip
 import io
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -273,9 +275,12 @@ def local_base(engine: Engine, workdir: Path) -> str:
     return image
 
 
-def http(url: str, body: dict | None = None, timeout: float = 30) -> tuple[int, bytes]:
+def http(
+    url: str, body: dict | None = None, timeout: float = 30, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"} if data else {})
+    sent = {**({"content-type": "application/json"} if data else {}), **(headers or {})}
+    request = urllib.request.Request(url, data=data, headers=sent)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read()
@@ -314,11 +319,107 @@ def test_images(mirror: Path | None) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def stack_secrets(workdir: Path) -> dict[str, str]:
+    """Fresh credentials for this run, in the variables docker/.env.example names: none is compose.yaml's default,
+    so a service that ignored its variable would lock its clients out, and each value is random enough that
+    finding it anywhere (check_no_secret_leaked) means it leaked. The serve token goes in a file, as a compose
+    secret; readable by the containers' users (10001 and 65534), as Docker mounts it with the host file's mode."""
+    token = secrets.token_hex(24)
+    token_file = workdir / "serve-token"
+    token_file.write_text(f"{token}\n")
+    token_file.chmod(0o644)
+    return {
+        "POSTGRES_PASSWORD": secrets.token_hex(12),
+        "OBJECTSTORE_ACCESS_KEY": f"stack-{secrets.token_hex(4)}",
+        "OBJECTSTORE_SECRET_KEY": secrets.token_hex(20),
+        "MLFLOW_ADMIN_USERNAME": "admin",
+        "MLFLOW_ADMIN_PASSWORD": secrets.token_hex(12),
+        "MLFLOW_FLASK_SECRET_KEY": secrets.token_hex(24),
+        "PREFECT_AUTH_STRING": f"admin:{secrets.token_hex(12)}",
+        "SERVE_TOKEN_FILE": str(token_file),
+    }
+
+
+def secret_values(env: dict[str, str]) -> dict[str, str]:
+    """What must never be written anywhere, by name: each secret, and the Basic credentials that carry two of
+    them (a logged Authorization header would show those)."""
+    mlflow_login = f"{env['MLFLOW_ADMIN_USERNAME']}:{env['MLFLOW_ADMIN_PASSWORD']}"
+    return {
+        "POSTGRES_PASSWORD": env["POSTGRES_PASSWORD"],
+        "OBJECTSTORE_SECRET_KEY": env["OBJECTSTORE_SECRET_KEY"],
+        "MLFLOW_ADMIN_PASSWORD": env["MLFLOW_ADMIN_PASSWORD"],
+        "MLFLOW_FLASK_SECRET_KEY": env["MLFLOW_FLASK_SECRET_KEY"],
+        "PREFECT_AUTH_STRING": env["PREFECT_AUTH_STRING"].split(":", 1)[1],
+        "the serve token": serve_token(),
+        "MLflow's Basic credentials": base64.b64encode(mlflow_login.encode()).decode(),
+        "Prefect's Basic credentials": base64.b64encode(env["PREFECT_AUTH_STRING"].encode()).decode(),
+    }
+
+
+def serve_token() -> str:
+    return Path(os.environ["SERVE_TOKEN_FILE"]).read_text().splitlines()[0]
+
+
+def basic(login: str) -> dict[str, str]:
+    return {"authorization": "Basic " + base64.b64encode(login.encode()).decode()}
+
+
+def check_refusals(what: str, url: str, body: dict | None, right: dict[str, str], wrong: dict[str, str]) -> str:
+    """No credentials and wrong ones are refused (401, or 403 where the service says so), the right ones are
+    answered; returns what was seen, for the log."""
+    seen = {name: http(url, body, headers=headers)[0] for name, headers in (("none", {}), ("wrong", wrong))}
+    status, answer = http(url, body, headers=right)
+    if any(code not in (401, 403) for code in seen.values()) or status != 200:
+        raise StackFailed(f"{what}: {url} answered {seen} without or with wrong credentials, {status} with the right "
+                          f"ones: {answer[:200]!r}")  # fmt: skip
+    return f"{what}: none {seen['none']}, wrong {seen['wrong']}, right {status}"
+
+
+def check_log_in(env: dict[str, str]) -> None:
+    """Every shared service refuses a client without credentials or with wrong ones, and answers the right ones;
+    its health route stays open for probes."""
+    import botocore.exceptions
+
+    said = [
+        check_refusals(
+            "MLflow", f"{MLFLOW}/api/2.0/mlflow/experiments/search?max_results=1", None,
+            basic(f"{env['MLFLOW_ADMIN_USERNAME']}:{env['MLFLOW_ADMIN_PASSWORD']}"),
+            basic(f"{env['MLFLOW_ADMIN_USERNAME']}:not-the-password"),
+        ),
+        check_refusals(
+            "MLflow's artifact proxy", f"{MLFLOW}/api/2.0/mlflow-artifacts/artifacts", None,
+            basic(f"{env['MLFLOW_ADMIN_USERNAME']}:{env['MLFLOW_ADMIN_PASSWORD']}"), basic("admin:wrong"),
+        ),
+        check_refusals(
+            "Prefect", f"{PREFECT}/api/deployments/filter", {}, basic(env["PREFECT_AUTH_STRING"]),
+            basic("admin:not-the-auth-string"),
+        ),
+    ]  # fmt: skip
+    for url in (f"{MLFLOW}/health", f"{PREFECT}/api/health"):
+        if (status := http(url)[0]) != 200:
+            raise StackFailed(f"the health route {url} answered {status} without credentials")
+    unsigned = http(f"{OBJECTSTORE}/dvc?list-type=2")[0]
+    try:
+        s3_client(secret=f"{env['OBJECTSTORE_SECRET_KEY']}x").list_objects_v2(Bucket="dvc")
+        wrong: object = 200
+    except botocore.exceptions.ClientError as exc:
+        wrong = exc.response["Error"]["Code"]
+    s3_client().list_objects_v2(Bucket="dvc")
+    if unsigned != 403 or wrong != "SignatureDoesNotMatch":
+        raise StackFailed(f"the object store answered {unsigned} unsigned and {wrong} with a wrong secret")
+    said.append(f"object store: unsigned {unsigned}, wrong secret {wrong}, right keys listed s3://dvc")
+    log("log-in: " + "; ".join(said))
+
+
 @contextlib.contextmanager
 def prefect_client_env(workdir: Path) -> Iterator[None]:
-    """Talk to the stack's Prefect server from here, with a throwaway PREFECT_HOME."""
-    saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
-    os.environ.update(PREFECT_API_URL=f"{PREFECT}/api", PREFECT_HOME=str(workdir / "prefect-home"))
+    """Talk to the stack's Prefect server from here, with a throwaway PREFECT_HOME and the stack's auth string."""
+    saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_API_AUTH_STRING")}
+    os.environ.update(
+        PREFECT_API_URL=f"{PREFECT}/api",
+        PREFECT_HOME=str(workdir / "prefect-home"),
+        PREFECT_API_AUTH_STRING=os.environ["PREFECT_AUTH_STRING"],
+    )
     try:
         yield
     finally:
@@ -427,8 +528,8 @@ def check_fresh_clone(workdir: Path) -> None:
     dvc = str(Path(sys.executable).parent / "dvc")
     env = dict(
         os.environ,
-        AWS_ACCESS_KEY_ID=os.environ.get("OBJECTSTORE_ACCESS_KEY", "softmax"),
-        AWS_SECRET_ACCESS_KEY=os.environ.get("OBJECTSTORE_SECRET_KEY", "softmax-objectstore"),
+        AWS_ACCESS_KEY_ID=os.environ["OBJECTSTORE_ACCESS_KEY"],
+        AWS_SECRET_ACCESS_KEY=os.environ["OBJECTSTORE_SECRET_KEY"],
     )
 
     def run(*cmd: str) -> subprocess.CompletedProcess:
@@ -500,7 +601,8 @@ def promql(query: str) -> float:
 def served_accuracy(images: np.ndarray, labels: np.ndarray, batch: int = 200) -> float:
     correct = 0
     for start in range(0, len(images), batch):
-        status, body = http(f"{INFERENCE}/predict", {"instances": images[start : start + batch].tolist()}, 60)
+        instances = {"instances": images[start : start + batch].tolist()}
+        status, body = http(f"{INFERENCE}/predict", instances, 60, {"authorization": f"Bearer {serve_token()}"})
         if status != 200:
             raise StackFailed(f"POST {INFERENCE}/predict answered {status}: {body[:200]!r}")
         predicted = [p["class_id"] for p in json.loads(body)["predictions"]]
@@ -508,16 +610,17 @@ def served_accuracy(images: np.ndarray, labels: np.ndarray, batch: int = 200) ->
     return correct / len(images)
 
 
-def s3_client():
-    """The stack's object store from the host, through the published S3 port, with the stack's keys."""
+def s3_client(secret: str | None = None):
+    """The stack's object store from the host, through the published S3 port, with the stack's keys (or another
+    secret, to be refused)."""
     import boto3
 
     return boto3.client(
         "s3",
         endpoint_url=OBJECTSTORE,
         region_name="us-east-1",
-        aws_access_key_id=os.environ.get("OBJECTSTORE_ACCESS_KEY", "softmax"),
-        aws_secret_access_key=os.environ.get("OBJECTSTORE_SECRET_KEY", "softmax-objectstore"),
+        aws_access_key_id=os.environ["OBJECTSTORE_ACCESS_KEY"],
+        aws_secret_access_key=secret or os.environ["OBJECTSTORE_SECRET_KEY"],
     )
 
 
@@ -564,6 +667,44 @@ def check_links(engine: Engine) -> None:
     if f"{PREFECT}/runs/" not in worker_log or "http://prefect-server:4200/runs" in worker_log:
         raise StackFailed(f"the worker's 'View at' links do not use {PREFECT}")
     log(f"links: run summary -> {MLFLOW}, worker log -> {PREFECT}")
+
+
+def check_no_secret_leaked(engine: Engine, env: dict[str, str]) -> None:
+    """No secret of the stack is written where people and tools read: the services' logs (the worker's holds
+    each flow-run container's output), the flow runs' logs, parameters and artifacts on the Prefect server, the
+    MLflow runs' params and tags and the model versions' tags, dvc.lock, and the lock entries DVC's run-cache
+    pushed to the store."""
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+
+    places: dict[str, str] = {"compose logs": engine.compose("logs").stdout.decode(errors="replace")}
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(limit=200)
+        places["Prefect flow-run parameters"] = json.dumps([r.parameters for r in runs], default=str)
+        places["Prefect artifacts"] = json.dumps([a.data for a in client.read_artifacts(limit=200)], default=str)
+        logs, offset = [], 0
+        while batch := client.read_logs(limit=200, offset=offset):
+            logs += [entry.message for entry in batch]
+            offset += len(batch)
+        places["Prefect flow-run logs"] = "\n".join(logs)
+    mlflow = MlflowClient(tracking_uri=MLFLOW)
+    experiments = [e.experiment_id for e in mlflow.search_experiments()]
+    recorded = [(r.data.params, r.data.tags) for r in mlflow.search_runs(experiments, max_results=1000)]
+    places["MLflow params and tags"] = json.dumps(recorded)
+    versions = [v.tags for name in MODELS for v in mlflow.search_model_versions(f"name = '{name}'")]
+    places["MLflow model-version tags"] = json.dumps(versions)
+    places["dvc.lock"] = (ROOT / "dvc.lock").read_text()
+    s3 = s3_client()
+    places["DVC's run-cache on the store"] = "\n".join(
+        s3.get_object(Bucket="dvc", Key=key)["Body"].read().decode(errors="replace")
+        for key in s3_keys("dvc", "cache/runs/")
+    )
+    leaks = [f"{name} in {place}" for name, value in secret_values(env).items() for place, text in places.items()
+             if value in text]  # fmt: skip
+    if leaks:
+        raise StackFailed(f"secrets written where they are read: {leaks}")
+    sizes = ", ".join(f"{place} {len(text) / 1000:.0f} kB" for place, text in places.items())
+    log(f"no secret in: {sizes} ({len(logs)} flow-run log lines, {len(runs)} flow runs, {len(recorded)} MLflow runs)")
 
 
 def stored_predictions() -> dict[str, str]:
@@ -635,6 +776,11 @@ def main() -> int:
             timings.append((name, time.monotonic() - start))
 
     try:
+        # this run's credentials, for the stack (through the engine's environment) and for the clients here
+        stack_env = stack_secrets(workdir)
+        os.environ.update(stack_env)
+        os.environ["MLFLOW_TRACKING_USERNAME"] = stack_env["MLFLOW_ADMIN_USERNAME"]
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = stack_env["MLFLOW_ADMIN_PASSWORD"]
         name = detect_engine(args.engine)
         standins = args.standins if args.standins is not None else name == "podman"
         engine = Engine(name, standins, mirror, workdir)
@@ -659,11 +805,12 @@ def main() -> int:
         with step("2. up -d (compose.yaml, unchanged)"):
             engine.start_api(args.timeout)
             engine.compose("up", "-d", capture=False, timeout=args.timeout)
-        with step("3. wait for healthy services"):
+        with step("3. wait for healthy services; log-in on each"):
             wait_healthy(engine, SERVICES[:4], args.timeout)
             wait_until("the buckets job to exit", lambda: engine.exit_code("buckets") is not None, args.timeout)
             if (code := engine.exit_code("buckets")) != 0:
                 raise StackFailed(f"the buckets job exited {code}: {engine.compose('logs', 'buckets').stdout!r}")
+            check_log_in(stack_env)
         images, labels = test_images(mirror)
         with prefect_client_env(workdir):
             runs = []
@@ -687,6 +834,9 @@ def main() -> int:
                     )
             with step("6. inference on the 10,000 test images, counted by Prometheus"):
                 wait_healthy(engine, ("inference", "prometheus"), args.timeout)
+                # the inference service needs its token; Prometheus scrapes with it (docker/prometheus.yml)
+                bearer = {"authorization": f"Bearer {serve_token()}"}
+                log(check_refusals("inference", f"{INFERENCE}/metadata", None, bearer, {"authorization": "Bearer x"}))
                 wait_until("Prometheus scraping the inference service", lambda: promql('up{job="inference"}') == 1,
                            args.timeout)  # fmt: skip
                 requests_before, images_before = promql(SERVED_REQUESTS), promql(SERVED_IMAGES)
@@ -737,13 +887,16 @@ def main() -> int:
                 if "HashError" in worker_log or "Traceback" in worker_log:
                     raise StackFailed("the worker logged a traceback (see `compose logs prefect-worker`)")
                 log(f"disk after the sweep: {engine.disk()}")
-            with step("11. Prefect and MLflow UIs"):
-                for url in (f"{PREFECT}/", f"{MLFLOW}/"):
-                    status, body = http(url)
+            with step("11. no secret in logs, MLflow, Prefect or dvc.lock"):
+                check_no_secret_leaked(engine, stack_env)
+            with step("12. Prefect and MLflow UIs"):
+                mlflow_login = basic(f"{stack_env['MLFLOW_ADMIN_USERNAME']}:{stack_env['MLFLOW_ADMIN_PASSWORD']}")
+                for url, login in ((f"{PREFECT}/", {}), (f"{MLFLOW}/", mlflow_login)):
+                    status, body = http(url, headers=login)
                     if status != 200 or b"<html" not in body[:2000].lower():
                         raise StackFailed(f"GET {url} answered {status} without an HTML page")
                     log(f"GET {url} -> 200, HTML")
-            with step("12. down, up, nothing lost"):
+            with step("13. down, up, nothing lost"):
                 before, stored = mlflow_state(), object_store()  # after the sweep
                 engine.compose("down", capture=False)
                 engine.compose("up", "-d", capture=False, timeout=args.timeout)
@@ -776,7 +929,7 @@ def main() -> int:
                 engine.compose("logs", "--tail", "40", capture=False, check=False)
     finally:
         if engine is not None:
-            with step("13. remove containers, volumes, networks, images"):
+            with step("14. remove containers, volumes, networks, images"):
                 for line in engine.flow_containers():  # a failed run's, left for the reaper
                     engine.run(engine.name, "rm", "-f", line.split()[0].lstrip("/"), check=False)
                 engine.compose("down", "-v", "--remove-orphans", check=False)

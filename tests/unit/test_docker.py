@@ -97,7 +97,9 @@ def test_wiring(compose):
     # the browser calls the API, so the UI's API URL is the published address, not the in-network name
     assert prefect["PREFECT_UI_API_URL"] == "${PREFECT_UI_URL:-http://127.0.0.1:4200}/api"
     mlflow_cmd = " ".join(services["mlflow"]["command"])
-    assert "--backend-store-uri postgresql://" in mlflow_cmd and "@postgres:5432/mlflow" in mlflow_cmd
+    store = services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]  # docker/mlflow-server.sh passes it on
+    assert store.startswith("postgresql://") and store.endswith("@postgres:5432/mlflow")
+    assert '--backend-store-uri "$MLFLOW_BACKEND_STORE_URI"' in (DOCKER / "mlflow-server.sh").read_text()
     assert "--artifacts-destination s3://mlflow/artifacts" in mlflow_cmd
 
 
@@ -132,7 +134,7 @@ def test_ports_are_published_on_loopback_only(compose):
 
 
 def test_scripts_the_images_run_exist_and_are_executable():
-    for script in ("entrypoint.sh", "worker.sh", "smoke.sh", "standins/postgres-entrypoint.sh"):
+    for script in ("entrypoint.sh", "worker.sh", "smoke.sh", "mlflow-server.sh", "standins/postgres-entrypoint.sh"):
         assert os.access(DOCKER / script, os.X_OK), script
 
 
@@ -252,3 +254,63 @@ def test_prometheus_scrapes_the_inference_service_and_its_stand_in_keeps_the_off
     ):
         assert contract in standin, contract
     assert "wget" in standin and service["healthcheck"]["test"][:2] == ["CMD", "wget"]
+
+
+def _env_example() -> dict[str, str]:
+    lines = (DOCKER / ".env.example").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def test_every_shared_service_needs_a_log_in_and_its_clients_send_it(compose):
+    """MLflow runs its basic-auth app, Prefect's server its auth string, the inference service a bearer token;
+    every client of each (worker, flow-run containers, inference, Prometheus) gets the same credential."""
+    services = compose["services"]
+    mlflow = services["mlflow"]
+    assert mlflow["command"][0] == "/app/docker/mlflow-server.sh"
+    script = (DOCKER / "mlflow-server.sh").read_text()
+    assert "exec mlflow server --app-name basic-auth" in script and "MLFLOW_AUTH_CONFIG_PATH" in script
+    env = mlflow["environment"]
+    assert env["MLFLOW_BACKEND_STORE_URI"].endswith("@postgres:5432/mlflow")
+    password, user = env["MLFLOW_AUTH_ADMIN_PASSWORD"], env["MLFLOW_AUTH_ADMIN_USERNAME"]
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"].startswith("${MLFLOW_FLASK_SECRET_KEY:-")
+    auth_string = services["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"]
+    worker = services["prefect-worker"]["environment"]
+    inference = services["inference"]
+    for name, client in (("prefect-worker", worker), ("inference", inference["environment"])):
+        assert (client["MLFLOW_TRACKING_USERNAME"], client["MLFLOW_TRACKING_PASSWORD"]) == (user, password), name
+    assert worker["PREFECT_API_AUTH_STRING"] == auth_string
+    # flow-run containers get them through the pool's job variables, never as flow parameters
+    assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING"} <= set(
+        worker["SOFTMAX_MLOPS_FLOW_ENV"].split()
+    )
+    assert inference["command"][-2:] == ["--token-file", "/run/secrets/serve_token"]
+    assert inference["secrets"] == services["prometheus"]["secrets"] == ["serve_token"]
+    (job,) = yaml.safe_load((DOCKER / "prometheus.yml").read_text())["scrape_configs"]
+    assert job["authorization"] == {"credentials_file": "/run/secrets/serve_token"}
+    assert compose["secrets"]["serve_token"]["file"] == "${SERVE_TOKEN_FILE:-./serve-token.example}"
+    assert (DOCKER / "serve-token.example").read_text().strip()
+
+
+def test_env_example_documents_every_setting_with_the_compose_defaults(compose):
+    """docker/.env.example names every variable compose.yaml reads, and each value it shows is the default
+    compose.yaml falls back to, so the file says truthfully what an unchanged stack runs with."""
+    import re
+
+    text = (DOCKER / "compose.yaml").read_text()
+    read = dict(re.findall(r"\$\{([A-Z_]+)(?::-([^}]*))?", text))
+    documented = (DOCKER / ".env.example").read_text()
+    assert [name for name in read if f"{name}=" not in documented] == []
+    example = _env_example()
+    secrets = {
+        "POSTGRES_PASSWORD", "OBJECTSTORE_ACCESS_KEY", "OBJECTSTORE_SECRET_KEY", "MLFLOW_ADMIN_USERNAME",
+        "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SECRET_KEY", "PREFECT_AUTH_STRING", "SERVE_TOKEN_FILE",
+    }  # fmt: skip
+    assert set(example) == secrets  # the rest are commented out: optional
+    assert {name: read[name] for name in secrets} == example
+    assert len(example["MLFLOW_ADMIN_PASSWORD"]) >= 12  # MLflow refuses a shorter admin password
+
+
+def test_secrets_stay_out_of_images_and_git():
+    for ignore in (".dockerignore", ".gitignore"):
+        patterns = (REPO / ignore).read_text().split()
+        assert {"docker/.env", "docker/serve-token"} <= {p.lstrip("/") for p in patterns}, ignore

@@ -167,3 +167,31 @@ def test_serve_with_a_token_from_the_environment_needs_it_and_an_empty_token_fil
     assert done.stderr.strip().splitlines()[-1] == (
         f"softmax-mlops: error: {tmp_path / 'token'}: the serve token file is empty"
     )
+
+
+def test_serve_takes_its_token_from_the_file_that_token_file_names(onnx_model, tmp_path):
+    """As the stack runs it: `serve --token-file /run/secrets/serve_token` (a compose secret, a trailing newline
+    and all) needs that token; a token file that does not exist stops serve in one line naming it."""
+    import subprocess
+
+    token = tmp_path / "serve_token"
+    token.write_text("from-a-secret\n")
+    env = {k: v for k, v in os.environ.items() if k != "SOFTMAX_MLOPS_SERVE_TOKEN"}
+    port = free_port()
+    with Processes() as procs:
+        proc = procs.start(
+            "softmax-mlops", "serve", "-m", str(onnx_model[0]), "--port", str(port), "--token-file", str(token),
+            cwd=REPO, env=env,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health", proc)
+        assert httpx.get(f"{url}/metadata").status_code == 401
+        assert httpx.get(f"{url}/metrics", headers={"authorization": "Bearer from-a-secret"}).status_code == 200
+    missing = tmp_path / "absent"
+    done = subprocess.run(
+        ["softmax-mlops", "serve", "-m", str(onnx_model[0]), "--port", str(free_port()), "--token-file", str(missing)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()[-1:]
+    assert line.startswith(f"softmax-mlops: error: {missing}: cannot read the serve token: FileNotFoundError")

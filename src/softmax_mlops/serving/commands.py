@@ -240,6 +240,13 @@ def serve(
         bool | None,
         typer.Option("--metrics/--no-metrics", help="GET /metrics for Prometheus. Default: serve.metrics (on)."),
     ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="A file whose first line is the bearer token every route but health needs (a mounted secret); "
+            "the environment's SOFTMAX_MLOPS_SERVE_TOKEN wins. Default: serve.token_file (none).",
+        ),
+    ] = None,
     model_wait: Annotated[
         float | None,
         typer.Option(
@@ -267,6 +274,7 @@ def serve(
         "max_connections": max_connections,
         "max_image_pixels": max_image_pixels,
         "metrics": metrics,
+        "token_file": str(token_file) if token_file is not None else None,
     }
     limits = config.overridden(cfg.serve, "serve", **overrides)
     server.serve(predictor, limits, cfg.predict.top_k, auth.token(limits))
