@@ -530,6 +530,7 @@ def test_with_a_token_every_route_but_health_needs_it(predictor):
         "inputs": [{"name": "image", "shape": [1, 28, 28], "datatype": "UINT8", "data": IMAGES[:1].ravel().tolist()}]
     }
     closed = [
+        ("GET", "/", None),
         ("GET", "/metadata", None),
         ("GET", "/v2", None),
         ("GET", f"/v2/models/{name}", None),
@@ -717,3 +718,21 @@ def test_with_metrics_off_there_is_no_metrics_route_and_requests_are_answered_al
         answer = httpx.post(f"{url}/predict", json={"instances": IMAGES[:1].tolist()})
         assert answer.status_code == 200
         assert answer.json()["predictions"][0]["class_id"] == int(probabilities_of(predictor, IMAGES[:1]).argmax())
+
+
+def test_the_page_at_the_root_is_one_self_contained_html_file(predictor):
+    """GET / is the upload and sketch page: HTML that loads nothing from elsewhere (its content security policy
+    allows only inline script and style, and requests to this service), and calls the routes it names."""
+    from softmax_mlops.serving.server import PAGE
+
+    with running(predictor) as url:
+        page = httpx.get(f"{url}/")
+    assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+    assert page.content == PAGE.read_bytes()
+    policy = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
+    assert policy["default-src"] == "'none'" and policy["connect-src"] == "'self'"
+    assert page.headers["x-content-type-options"] == "nosniff"
+    html = page.text
+    assert "<script src" not in html and "<link" not in html and "http" not in html.split("<script>")[1]
+    assert 'fetch("predict"' in html and 'fetch("metadata")' in html
+    assert '<canvas id="sketch" width="28" height="28">' in html and 'accept="image/png,image/jpeg"' in html

@@ -15,6 +15,7 @@ import asyncio
 import gc
 import json
 import logging
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -29,6 +30,15 @@ from .protocols import ProtocolError as BadRequest
 from .protocols import mlflow_scoring, native, v2
 
 log = logging.getLogger(__name__)
+
+# The page at / (one static file, package data): inline script and style, and requests to this service only.
+PAGE = Path(__file__).with_name("page.html")
+PAGE_HEADERS = {
+    "content-security-policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "cache-control": "no-cache",
+}
 
 
 def create_app(predictor: Predictor, limits: ServeConfig, top_k: int, token: str | None = None) -> FastAPI:
@@ -46,6 +56,12 @@ def create_app(predictor: Predictor, limits: ServeConfig, top_k: int, token: str
     served = Served(predictor, limits, top_k, name, metrics if limits.metrics else None)
     for protocol_module in (native, v2, mlflow_scoring):
         app.include_router(protocol_module.router(served))
+
+    page = PAGE.read_bytes()
+
+    @app.get("/", include_in_schema=False)
+    async def _page() -> Response:  # behind the token like every route but health (auth.py)
+        return Response(page, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
     if limits.metrics:
 
