@@ -78,21 +78,33 @@ def require_keys(access_key: str, secret_key: str) -> None:
     settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
 
 
-def _no_control_api(app):
+ANONYMOUS = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+    b"<Message>Access Denied: this store answers signed requests only</Message></Error>"
+)
+
+
+def _guard(app):
+    """The store's port: moto's control API closed, and a request with no signature at all refused with S3's
+    403 AccessDenied (moto itself fails on some, such as an unsigned bucket listing, with a 500)."""
+
     def guarded(environ, start_response):
         if environ.get("PATH_INFO", "").startswith("/moto-api"):
             start_response("403 Forbidden", [("Content-Type", "text/plain")])
             return [b"moto's control API is closed on the store's port\n"]
+        if "HTTP_AUTHORIZATION" not in environ and "X-Amz-Signature=" not in environ.get("QUERY_STRING", ""):
+            start_response("403 Forbidden", [("Content-Type", "application/xml")])
+            return [ANONYMOUS]
         return app(environ, start_response)
 
     return guarded
 
 
 class PublicServer(ThreadedMotoServer):
-    """moto's threaded server without its control API (/moto-api/...)."""
+    """moto's threaded server behind _guard."""
 
     def _server_entry(self) -> None:
-        app = _no_control_api(DomainDispatcherApplication(create_backend_app))
+        app = _guard(DomainDispatcherApplication(create_backend_app))
         self._server = make_server(self._ip_address, self._port, app, True, request_handler=MotoRequestHandler)
         self._server_ready_event.set()
         self._server.serve_forever()

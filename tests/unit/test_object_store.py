@@ -321,7 +321,10 @@ def test_the_stand_in_answers_only_requests_signed_with_its_keys(tmp_path):
             refused[name] = (denied.value.response["ResponseMetadata"]["HTTPStatusCode"],
                              denied.value.response["Error"]["Code"])  # fmt: skip
         assert refused == {"wrong secret": (403, "SignatureDoesNotMatch"), "other key": (403, "InvalidAccessKeyId")}
-        assert httpx.get(f"{url}/dvc/a").status_code == 403  # no signature at all
+        for unsigned in (f"{url}/dvc/a", f"{url}/dvc?list-type=2", f"{url}/"):  # no signature at all
+            refused_anonymous = httpx.get(unsigned)
+            assert refused_anonymous.status_code == 403, unsigned
+            assert b"<Code>AccessDenied</Code>" in refused_anonymous.content
         assert httpx.post(f"{url}/moto-api/reset-auth", content=b"inf").status_code == 403
         assert httpx.get(f"{url}/dvc/a").status_code == 403  # still closed
     finally:
