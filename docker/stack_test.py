@@ -55,6 +55,7 @@ SERVED_IMAGES = "sum(softmax_mlops_predictions_total)"
 MODELS = ("softmax-mlops-scratch", "softmax-mlops-concise")
 RUN_LABEL = "io.prefect.flow-run-id"  # prefect-docker's label on each flow-run container
 NOTHING_RAN = "0 of 10 stages ran: none"  # the training flow's log line (pipelines/flows.py)
+DEPLOYMENTS = ("weekly-retrain", "nightly-batch-inference", "sweep", "sweep-trial")  # prefect.yaml's
 BATCH_IMAGES = 300  # test images put in the batch-inference inbox
 SWEEP = [["train.epochs=2"], ["train.lr=0.2"], ["train.lr=0.05", "train.epochs=3"]]  # 3 sets, 2 at once
 
@@ -707,6 +708,47 @@ def check_no_secret_leaked(engine: Engine, env: dict[str, str]) -> None:
     log(f"no secret in: {sizes} ({len(logs)} flow-run log lines, {len(runs)} flow runs, {len(recorded)} MLflow runs)")
 
 
+def check_uis(env: dict[str, str], training_run: str, image: np.ndarray, label: int, shots: Path) -> None:
+    """MLflow's, Prefect's and the inference service's pages in Debian's chromium (docker/ui_checks.py), each
+    check with a screenshot in ``shots``."""
+    import uuid
+
+    import browser
+    import ui_checks
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+    from prefect.client.orchestration import get_client
+    from selenium.common.exceptions import WebDriverException
+
+    mlflow = MlflowClient(tracking_uri=MLFLOW)
+    experiment = mlflow.get_experiment_by_name(PROJECT).experiment_id
+    found = mlflow.search_runs([experiment], filter_string=f"tags.prefect_flow_run_id = '{training_run}'")
+    runs = {
+        r.data.params["impl"]: {"id": r.info.run_id, "name": r.info.run_name,
+                                "test_accuracy": r.data.metrics["test_accuracy"]}
+        for r in found
+    }  # fmt: skip
+    champion = mlflow.get_model_version_by_alias(MODELS[0], "champion").version
+    with get_client(sync_client=True) as client:
+        run_name = client.read_flow_run(uuid.UUID(training_run)).name
+    png = shots.parent / f"test-image_label{label}.png"
+    Image.fromarray(image).save(png)
+    try:
+        said = ui_checks.check_mlflow(
+            MLFLOW, f"{env['MLFLOW_ADMIN_USERNAME']}:{env['MLFLOW_ADMIN_PASSWORD']}", experiment, runs, champion,
+            MODELS[0], shots,
+        )  # fmt: skip
+        said += ui_checks.check_prefect(PREFECT, env["PREFECT_AUTH_STRING"], list(DEPLOYMENTS), run_name, shots)
+        said += ui_checks.check_inference_page(INFERENCE, serve_token(), png, shots)
+    except (ui_checks.UICheckFailed, browser.BrowserMissing) as exc:
+        raise StackFailed(f"UI check: {exc}") from None
+    except WebDriverException as exc:
+        raise StackFailed(f"UI check: the browser failed: {str(exc).splitlines()[0]}") from None
+    for line in said:
+        log(f"browser: {line}")
+    log(f"screenshots: {', '.join(sorted(p.name for p in shots.glob('*.png')))} in {shots}")
+
+
 def stored_predictions() -> dict[str, str]:
     """The batch-inference CSVs in s3://batch/predictions/: name -> content."""
     s3 = s3_client()
@@ -750,6 +792,12 @@ def main() -> int:
         help="bound, in seconds, on each wait (healthy services, each flow run)",
     )
     parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path(os.environ.get("STACK_TEST_OUTPUT", ROOT / "stack-test-output")),
+        help="where the browser checks leave their screenshots (kept after the run, emptied at its start)",
+    )
+    parser.add_argument(
         "--keep-images",
         action="store_true",
         default=os.environ.get("KEEP_IMAGES") == "1",
@@ -765,6 +813,9 @@ def main() -> int:
     built: list[str] = []
     dangling_before: set[str] = set()
     failure = None
+    shots = args.output.resolve() / "screenshots"
+    shutil.rmtree(shots, ignore_errors=True)
+    shots.mkdir(parents=True)
 
     @contextlib.contextmanager
     def step(name: str) -> Iterator[None]:
@@ -889,13 +940,8 @@ def main() -> int:
                 log(f"disk after the sweep: {engine.disk()}")
             with step("11. no secret in logs, MLflow, Prefect or dvc.lock"):
                 check_no_secret_leaked(engine, stack_env)
-            with step("12. Prefect and MLflow UIs"):
-                mlflow_login = basic(f"{stack_env['MLFLOW_ADMIN_USERNAME']}:{stack_env['MLFLOW_ADMIN_PASSWORD']}")
-                for url, login in ((f"{PREFECT}/", {}), (f"{MLFLOW}/", mlflow_login)):
-                    status, body = http(url, headers=login)
-                    if status != 200 or b"<html" not in body[:2000].lower():
-                        raise StackFailed(f"GET {url} answered {status} without an HTML page")
-                    log(f"GET {url} -> 200, HTML")
+            with step("12. MLflow, Prefect and the inference page in a real browser"):
+                check_uis(stack_env, runs[0], images[0], int(labels[0]), shots)
             with step("13. down, up, nothing lost"):
                 before, stored = mlflow_state(), object_store()  # after the sweep
                 engine.compose("down", capture=False)
@@ -909,7 +955,7 @@ def main() -> int:
                 kept = {
                     "runs": after["runs"] == before["runs"],
                     "champion": after["champion"] == before["champion"],
-                    "deployments": deployments == ["nightly-batch-inference", "sweep", "sweep-trial", "weekly-retrain"],
+                    "deployments": deployments == sorted(DEPLOYMENTS),
                     "predictions": stored_predictions() == predictions,
                     "object store": object_store() == stored,
                 }
