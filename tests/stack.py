@@ -201,7 +201,14 @@ def prefect_call(env: dict, fn):
         async with get_client() as client:
             return await fn(client)
 
-    with prefect_api(env["PREFECT_API_URL"]):
+    import prefect.settings
+
+    auth = (
+        {prefect.settings.PREFECT_API_AUTH_STRING: env["PREFECT_API_AUTH_STRING"]}
+        if "PREFECT_API_AUTH_STRING" in env
+        else {}
+    )
+    with prefect_api(env["PREFECT_API_URL"], auth):
         return asyncio.run(main())
 
 
