@@ -24,6 +24,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -804,6 +805,8 @@ def main() -> int:
         help="leave the built images (and the local base) for the next run",
     )
     args = parser.parse_args()
+    # SIGTERM (a CI time limit, `kill`) ends the test like Ctrl-C: the cleanup in `finally` still runs
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     mirror_env = os.environ.get("FASHION_MNIST_MIRROR")
     mirror = Path(mirror_env).resolve() if mirror_env and "://" not in mirror_env else None

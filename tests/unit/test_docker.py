@@ -278,11 +278,16 @@ def test_every_shared_service_needs_a_log_in_and_its_clients_send_it(compose):
     inference = services["inference"]
     for name, client in (("prefect-worker", worker), ("inference", inference["environment"])):
         assert (client["MLFLOW_TRACKING_USERNAME"], client["MLFLOW_TRACKING_PASSWORD"]) == (user, password), name
+        # artifacts through MLflow's proxy, not presigned URLs of the store that only this network reaches
+        assert client["MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"] == "false", name
     assert worker["PREFECT_API_AUTH_STRING"] == auth_string
     # flow-run containers get them through the pool's job variables, never as flow parameters
-    assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING"} <= set(
-        worker["SOFTMAX_MLOPS_FLOW_ENV"].split()
-    )
+    assert {
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "PREFECT_API_AUTH_STRING",
+        "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD",
+    } <= set(worker["SOFTMAX_MLOPS_FLOW_ENV"].split())
     assert inference["command"][-2:] == ["--token-file", "/run/secrets/serve_token"]
     assert inference["secrets"] == services["prometheus"]["secrets"] == ["serve_token"]
     (job,) = yaml.safe_load((DOCKER / "prometheus.yml").read_text())["scrape_configs"]
