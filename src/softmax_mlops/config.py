@@ -163,16 +163,26 @@ class EvaluateConfig(Section):
 
 
 class CpuKernelsConfig(Section):
-    """The CPU code paths torch's stages run, fixed so that their outputs are the same bytes on any x86-64 CPU
-    with AVX2: ATen picks its vectorized kernels by CPU (AVX-512 or AVX2), and MKL its BLAS code path; each
-    choice sums in its own order. `aten` becomes ATEN_CPU_CAPABILITY and `mkl` MKL_CBWR (MKL's conditional
-    numerical reproducibility branch) in each stage's process, before torch loads (stages.commands)."""
+    """The CPU code paths torch's stages run, fixed so that their outputs are the same bytes on any x86-64 CPU,
+    Intel or AMD: ATen picks its vectorized kernels by CPU (AVX-512 or AVX2), and MKL its BLAS code path and how
+    it splits a product over threads; each choice sums in its own order. `aten` becomes ATEN_CPU_CAPABILITY,
+    `mkl` MKL_CBWR (MKL's conditional numerical reproducibility branch: only COMPATIBLE is promised on non-Intel
+    CPUs too) and `threads` the OpenMP and MKL thread count (MKL's results hold only for a fixed count, and its
+    dynamic mode may lower it under load), in each stage's process before torch loads (stages.commands)."""
 
     aten: Literal["default", "avx2", "avx512"] = "avx2"
-    mkl: Literal["COMPATIBLE", "SSE4_2", "AVX", "AVX2", "AVX512"] = "AVX2"
+    mkl: Literal["COMPATIBLE", "SSE4_2", "AVX", "AVX2", "AVX512"] = "COMPATIBLE"
+    threads: int = Field(1, ge=1)
 
     def environment(self) -> dict[str, str]:
-        return {"ATEN_CPU_CAPABILITY": self.aten, "MKL_CBWR": self.mkl}
+        threads = str(self.threads)
+        return {
+            "ATEN_CPU_CAPABILITY": self.aten,
+            "MKL_CBWR": self.mkl,
+            "MKL_NUM_THREADS": threads,
+            "OMP_NUM_THREADS": threads,
+            "MKL_DYNAMIC": "FALSE",
+        }
 
 
 class CalibrateConfig(Section):

@@ -1,8 +1,10 @@
 """What docs/pipeline.md promises across machines: the training stages write the bytes the committed dvc.lock
-records, whichever vectorized kernels torch would pick on the CPU it runs on. A CPU with AVX-512 and one with
-only AVX2 are played here by ATEN_CPU_CAPABILITY, and MKL's own choice by leaving MKL_CBWR unset: without
-params.yaml's cpu_kernels, the concise implementation's weights differ between the two (measured: AVX-512 and
-AVX2 kernels sum in different orders), and both differ from the pinned ones."""
+records, whatever CPU and thread count they run on. Other machines are played here by what a CPU decides and
+the stage leaves alone: ATen's vectorized kernels (ATEN_CPU_CAPABILITY), the instruction sets MKL may use
+(MKL_ENABLE_INSTRUCTIONS: a CPU without AVX-512, or one where MKL takes no AVX2 path, as on CPUs of another
+vendor) and the thread count and MKL's dynamic threading the environment would give. Measured without
+params.yaml's cpu_kernels, or with its former `mkl: AVX2` and threads left free: scratch's weights differ under
+each of these (docs/pipeline.md has the figures), so this test fails without the pin."""
 
 import hashlib
 
@@ -28,13 +30,22 @@ def recorded(stage: str, path: str) -> str:
     return next(out["md5"] for out in lock["outs"] if out["path"] == path)
 
 
-@pytest.mark.parametrize("capability", ["avx512", "avx2"])
+MACHINES = {  # what the environment of a machine would hold; MKL_CBWR unset: MKL picks its own path there
+    "avx512-2-threads": {"ATEN_CPU_CAPABILITY": "avx512", "MKL_ENABLE_INSTRUCTIONS": "AVX512", "OMP_NUM_THREADS": "2"},
+    "avx2-1-thread": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "MKL_NUM_THREADS": "1"},
+    "sse42-3-threads": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "MKL_NUM_THREADS": "3"},
+    "dynamic-threads": {"ATEN_CPU_CAPABILITY": "default", "MKL_DYNAMIC": "TRUE", "OMP_NUM_THREADS": "4"},
+}
+
+
+@pytest.mark.parametrize("machine", sorted(MACHINES))
 @pytest.mark.parametrize("impl", ["scratch", "concise"])
-def test_training_writes_the_recorded_bytes_whatever_the_cpu_would_pick(project, impl, capability):
-    # MKL_CBWR unset (`env -u`): MKL picks its own code path for this CPU, as on a machine without the pin
-    command = ("env", "-u", "MKL_CBWR", "python", "-m", "softmax_mlops.stages", "train", impl)
-    result = run_tool(*command, cwd=project, env={"ATEN_CPU_CAPABILITY": capability})
+def test_training_writes_the_recorded_bytes_whatever_the_machine(project, impl, machine):
+    # `env -u` first drops what the test's own environment holds, then sets the machine's
+    unset = [arg for key in ("MKL_CBWR", "MKL_NUM_THREADS", "OMP_NUM_THREADS", "MKL_DYNAMIC") for arg in ("-u", key)]
+    settings = [f"{key}={value}" for key, value in MACHINES[machine].items()]
+    result = run_tool("env", *unset, *settings, "python", "-m", "softmax_mlops.stages", "train", impl, cwd=project)
     assert result.returncode == 0, result.stderr[-2000:]
     weights = f"models/{impl}/weights.npz"
     written = hashlib.md5((project / weights).read_bytes()).hexdigest()
-    assert written == recorded(f"train@{impl}", weights), f"{weights} under {capability} kernels"
+    assert written == recorded(f"train@{impl}", weights), f"{weights} on the machine {machine}"
