@@ -110,12 +110,17 @@ UNIT_TIMEOUT_S = 120  # the slowest unit test (300 fuzzed requests to a real ser
 MUTANT_TIMEOUT_S = 30
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Unit tests use generated data and should be quick: a hang there fails in two minutes, not in the global
-    fifteen (pyproject.toml). A test that names its own timeout keeps it."""
+    """A test that reaches the genuine data (the real_splits fixture, directly or through another fixture) is
+    marked realdata, so that `-m "not realdata"` (make test-fast, mutmut) leaves it out whether or not its
+    module says so. Unit tests use generated data and should be quick: a hang there fails in two minutes, not
+    in the global fifteen (pyproject.toml). A test that names its own timeout keeps it."""
     unit = Path(__file__).parent / "unit"
     under_a_mutant = "__mutmut_" in os.environ.get("MUTANT_UNDER_TEST", "")  # not its clean and stats runs
     for item in items:
+        if "real_splits" in getattr(item, "fixturenames", ()) and item.get_closest_marker("realdata") is None:
+            item.add_marker(pytest.mark.realdata)
         if item.path.is_relative_to(unit) and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(MUTANT_TIMEOUT_S if under_a_mutant else UNIT_TIMEOUT_S))
 
