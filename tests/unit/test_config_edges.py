@@ -45,7 +45,21 @@ SECTIONS = [  # section, a valid value that is not the default, a bad value, the
     ("drift", {"alpha": 0.01}, {"alpha": 1}, "drift.alpha must be < 1, got 1"),
     ("batch_inference", {"input": "in/x.npy"}, {"input": 3}, "batch_inference.input must be str, got 3"),
     ("mlflow", {"experiment": "mine"}, {"http_retries": -1}, "mlflow.http_retries must be >= 0, got -1"),
+    ("cpu_kernels", {"threads": 3}, {"threads": 0}, "cpu_kernels.threads must be >= 1, got 0"),
 ]
+
+
+def test_cpu_kernels_become_the_environment_torch_and_mkl_read_at_start(tmp_path):
+    """What each torch stage's process sets before torch loads (docs/pipeline.md, "Reproducible across machines"):
+    MKL's results hold for one branch and a fixed thread count, so its dynamic threading is off as well."""
+    cfg = config.load(write_params(tmp_path, cpu_kernels={"aten": "avx512", "mkl": "AVX2", "threads": 3}))
+    assert cfg.cpu_kernels.environment() == {
+        "ATEN_CPU_CAPABILITY": "avx512",
+        "MKL_CBWR": "AVX2",
+        "MKL_NUM_THREADS": "3",
+        "OMP_NUM_THREADS": "3",
+        "MKL_DYNAMIC": "FALSE",
+    }
 
 
 @pytest.mark.parametrize("section, good, bad, message", SECTIONS, ids=[s[0] for s in SECTIONS])
