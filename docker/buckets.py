@@ -13,6 +13,7 @@ import sys
 import time
 
 import boto3
+from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 
@@ -20,7 +21,11 @@ def main() -> int:
     endpoint = os.environ["AWS_ENDPOINT_URL"]
     buckets = os.environ.get("S3_BUCKETS", "").split()
     budget = float(os.environ.get("SOFTMAX_MLOPS_WAIT_S", "120"))
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    # one attempt per call, a short connect: the loop below is the retry, so that the wait stays inside its budget
+    # (botocore's own retries and back-off took 8 s to give up on a refused port with a budget of 0 s)
+    once = Config(retries={"total_max_attempts": 1}, connect_timeout=5)
+    region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name=region, config=once)
     deadline = time.monotonic() + budget
     while True:
         try:

@@ -38,12 +38,19 @@ def git(*args: str, cwd: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.fixture
-def store(monkeypatch):
+@pytest.fixture(scope="module")
+def moto():
     with S3Server("dvc", "mlflow") as s3:
-        for key, value in S3Server.KEYS.items():
-            monkeypatch.setenv(key, value)
         yield s3
+
+
+@pytest.fixture
+def store(moto, monkeypatch):
+    """The module's S3 server, emptied for each test: every test starts from an empty remote."""
+    moto.reset()
+    for key, value in S3Server.KEYS.items():
+        monkeypatch.setenv(key, value)
+    return moto
 
 
 @pytest.fixture
@@ -147,6 +154,7 @@ def test_an_unreachable_store_fails_the_push_in_one_line_naming_it(origin, monke
     dead = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # the message is ours; botocore's retries only delay it (15 s)
     first = clone(origin, "first", dead)
     reproduce(first, "square", pull=False)
     with pytest.raises(StageFailed) as failed:
@@ -156,6 +164,7 @@ def test_an_unreachable_store_fails_the_push_in_one_line_naming_it(origin, monke
     assert dead in message or "127.0.0.1" in message, message
 
 
+@pytest.mark.heavy  # an MLflow server of its own, a model logged and loaded through it: some 15 s
 @pytest.mark.timeout(300)
 def test_mlflow_clients_log_and_load_models_through_a_server_that_keeps_artifacts_in_s3(
     store, onnx_model, tmp_path, monkeypatch
@@ -195,6 +204,7 @@ def test_an_unreachable_store_fails_a_pulling_stage_in_one_line_naming_it(origin
     dead = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # the message is ours; botocore's retries only delay it (15 s)
     first = clone(origin, "first", dead)
     with pytest.raises(StageFailed) as failed:
         reproduce(first, "square", pull=True)
