@@ -96,6 +96,7 @@ def test_an_s3_prefix_of_images_is_read_as_a_folder(store):
     assert [row.split(",")[0] for row in rows[1:]] == [f"{i}.png" for i in range(5)]
 
 
+@pytest.mark.heavy  # a Dask cluster of 2 processes behind an ephemeral Prefect server: some 20 s
 def test_the_sharded_path_uploads_its_folder_with_the_manifest(store):
     s3, model, folder, env = store
     done = _predict(
@@ -129,6 +130,7 @@ def test_a_missing_input_url_is_one_line_naming_it(store):
     assert done.stderr.strip().splitlines() == ["softmax-mlops: error: s3://batch/in/nothing.npy does not exist"]
 
 
+@pytest.mark.heavy  # two sharded runs (a Dask cluster and an ephemeral Prefect server each): some 35 s
 def test_a_sharded_run_reads_a_parquet_prefix_in_place_and_a_rerun_redoes_only_the_lost_shard(store):
     """Two workers read the dataset's row groups from the store and write their parts there: the rows are the
     single process's, the run names the URL it read (nothing was staged), and after one part and its marker are

@@ -99,26 +99,34 @@ class Challenger:
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    """A Prefect server and an MLflow server (SQLite, local artifacts) on free ports of 127.0.0.1."""
+    """A Prefect server on a free port of 127.0.0.1: the lock's own tests need no more."""
     root = tmp_path_factory.mktemp("race")
     env = prefect_env(root, root / "prefect-home", free_port())
-    mlflow_port = free_port()
-    env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{mlflow_port}"
     with Processes() as procs:
         prefect_port = env["PREFECT_API_URL"].split(":")[-1].split("/")[0]
         server = procs.start(
             "prefect", "server", "start", "--host", "127.0.0.1", "--port", prefect_port, cwd=root, env=env
         )
+        wait_http(f"{env['PREFECT_API_URL']}/health", server)
+        yield root, env
+
+
+@pytest.fixture(scope="module")
+def registry_server(servers):
+    """And an MLflow server (SQLite, local artifacts), for the challengers' registry."""
+    root, prefect = servers
+    mlflow_port = free_port()
+    env = {**prefect, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}
+    with Processes() as procs:
         cmd = ["mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"]
         cmd += ["--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "art")]
         mlflow_server = procs.start(*cmd, cwd=root, env=env)
-        wait_http(f"{env['PREFECT_API_URL']}/health", server)
         wait_http(f"{env['MLFLOW_TRACKING_URI']}/health", mlflow_server)
         yield root, env
 
 
 @pytest.fixture(scope="module")
-def versions(servers):
+def versions(registry_server):
     """Three registered versions scored for real: v_weak < v_worse < v_best on the same images and labels."""
     import mlflow
     import onnx
@@ -127,7 +135,7 @@ def versions(servers):
     from softmax_mlops.stages.export import ExportedSoftmaxRegression, export_onnx
     from softmax_mlops.tracking.registry import score
 
-    root, env = servers
+    root, env = registry_server
     generator = torch.Generator().manual_seed(7)
     images = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8, generator=generator).numpy()
     paths = []
@@ -154,10 +162,11 @@ def versions(servers):
     return registered
 
 
-def test_two_challengers_deciding_at_once_never_leave_the_champion_on_the_worse(servers, versions):
+@pytest.mark.heavy  # two challenger processes and twelve trials, after three models registered: some 50 s
+def test_two_challengers_deciding_at_once_never_leave_the_champion_on_the_worse(registry_server, versions):
     import mlflow
 
-    root, env = servers
+    root, env = registry_server
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     children = [Challenger(env, root / "data.npz", root / f"challenger-{i}.log") for i in range(2)]
     try:
@@ -189,6 +198,7 @@ def prefect_limit(env: dict, name: str):
     return prefect_call(env, read)
 
 
+@pytest.mark.heavy  # the module's Prefect server: some 10 s of CPU to start, migrate and stop
 def test_the_lock_is_created_with_one_slot_and_a_wider_limit_is_refused(servers):
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
@@ -210,6 +220,7 @@ def test_the_lock_is_created_with_one_slot_and_a_wider_limit_is_refused(servers)
     )
 
 
+@pytest.mark.heavy  # the module's Prefect server: some 10 s of CPU to start, migrate and stop
 def test_a_lock_held_elsewhere_times_out_in_one_line(servers):
     _, env = servers
     with (
@@ -236,6 +247,7 @@ def test_a_dead_prefect_api_fails_the_decision_in_one_line_naming_it():
     assert "\n" not in str(failed.value)
 
 
+@pytest.mark.heavy  # Prefect's test harness, a second server started for this test alone in make test-fast
 def test_a_lock_taken_on_another_server_leaves_this_process_flows_recorded(servers, prefect_harness):
     """Taking the lock on another server starts Prefect's per-process events worker with that server's URL.
     Unless prefect_api stops it on the way out, every later flow of this process sends its events, and with them
