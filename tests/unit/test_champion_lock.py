@@ -247,7 +247,7 @@ def test_a_dead_prefect_api_fails_the_decision_in_one_line_naming_it():
     assert "\n" not in str(failed.value)
 
 
-@pytest.mark.heavy  # Prefect's test harness, a second server started for this test alone in make test-fast
+@pytest.mark.heavy  # Prefect's test harness: a server of its own (10 s), unless test_flows.py started it first
 def test_a_lock_taken_on_another_server_leaves_this_process_flows_recorded(servers, prefect_harness):
     """Taking the lock on another server starts Prefect's per-process events worker with that server's URL.
     Unless prefect_api stops it on the way out, every later flow of this process sends its events, and with them

@@ -204,7 +204,7 @@ def test_an_unreachable_store_fails_a_pulling_stage_in_one_line_naming_it(origin
     dead = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # the message is ours; botocore's retries only delay it (15 s)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # as above
     first = clone(origin, "first", dead)
     with pytest.raises(StageFailed) as failed:
         reproduce(first, "square", pull=True)
