@@ -480,24 +480,33 @@ def test_a_pipelined_request_waits_for_the_answer_before_it_and_its_headers_stil
     )
 
 
+TOKEN = "s3cret-token-for-tests"
+# What `serve` tells the operator at start, so that a service left open by mistake shows in its log
+TOLD = {TOKEN: "every route but the health routes needs the bearer token", None: "no bearer token is set"}
+
+
 # uvloop runs Python's signal handlers inside its loop, which logs the exception pytest-timeout's handler raises
 # and goes on serving: a `serve` that a mutant keeps from answering or stopping was never stopped by the signal
 # method, and held its mutmut worker for minutes. The thread method ends the process instead.
 @pytest.mark.timeout(2 * START_S, method="thread")
-def test_serve_answers_until_sigterm_with_the_collector_frozen(predictor):
+@pytest.mark.parametrize("token", [None, TOKEN], ids=["open", "token"])
+def test_serve_answers_until_sigterm_with_the_collector_frozen(predictor, token, caplog):
     """`serve` itself, in this process's main thread as the console script runs it: it answers with the top_k
-    it was given, has moved what it loaded out of the garbage collector's reach, and stops on SIGTERM (which
-    uvicorn, once it has shut down, raises again for the handler that was there before it)."""
+    it was given, asks for the token it was given (and says so in its log), has moved what it loaded out of the
+    garbage collector's reach, and stops on SIGTERM (which uvicorn, once it has shut down, raises again for the
+    handler that was there before it)."""
     limits, seen, received = ServeConfig(port=free_port(), shutdown_grace_s=1.0), {}, []
     url, returned = f"http://127.0.0.1:{limits.port}", threading.Event()
 
     def client() -> None:
-        """Ask once the port answers, then SIGTERM this process: only while `serve` runs (with the handler
-        below in place), never after it has returned or failed."""
+        """Ask once the port answers, without and with the token, then SIGTERM this process: only while `serve`
+        runs (with the handler below in place), never after it has returned or failed."""
         deadline = time.monotonic() + START_S
         while time.monotonic() < deadline and not returned.is_set():
             with contextlib.suppress(httpx.TransportError):
-                seen["answer"] = httpx.post(f"{url}/predict", json={"instances": IMAGES.tolist()}).json()
+                seen["bare"] = httpx.post(f"{url}/predict", json={"instances": IMAGES.tolist()}).status_code
+                headers = {"authorization": f"Bearer {token}"} if token else {}
+                seen["answer"] = httpx.post(f"{url}/predict", json={"instances": IMAGES.tolist()}, headers=headers)
                 seen["frozen"] = gc.get_freeze_count()
                 break
             time.sleep(0.05)
@@ -509,18 +518,18 @@ def test_serve_answers_until_sigterm_with_the_collector_frozen(predictor):
     thread = threading.Thread(target=client, daemon=True)
     try:
         thread.start()
-        server.serve(predictor, limits, 2)
+        with caplog.at_level("INFO", logger="softmax_mlops.serving.server"):
+            server.serve(predictor, limits, 2, token)
     finally:
         returned.set()
         thread.join(START_S)  # a SIGTERM the client sent meanwhile still meets the handler above
         signal.signal(signal.SIGTERM, previous)
         gc.unfreeze()
     expected = predictor.describe(*predictor.top_k_of(probabilities_of(predictor, IMAGES), 2))
-    assert seen["answer"] == {"predictions": json.loads(json.dumps(expected))}
+    assert seen["answer"].json() == {"predictions": json.loads(json.dumps(expected))}
+    assert seen["bare"] == (401 if token else 200)
+    assert [r.getMessage() for r in caplog.records if r.name == server.__name__] == [TOLD[token]]
     assert seen["frozen"] > frozen_before and received == [signal.SIGTERM]
-
-
-TOKEN = "s3cret-token-for-tests"
 
 
 def test_with_a_token_every_route_but_health_needs_it(predictor):
