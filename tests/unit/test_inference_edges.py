@@ -1,5 +1,6 @@
-"""inference.py in the test process: where a configured model path points, the top-k order when
-probabilities tie, and the exact JSON shape of a prediction that /predict and `predict --format jsonl` send."""
+"""inference.py in the test process: where a configured model path points and which file it names, the top-k
+order when probabilities tie, and the exact JSON shape of a prediction that /predict and `predict --format jsonl`
+send."""
 
 from pathlib import Path
 
@@ -8,7 +9,8 @@ import pytest
 
 from helpers import ascii_locale, model_copy
 from softmax_mlops.classes import CLASS_NAMES
-from softmax_mlops.serving.inference import Predictor, model_source
+from softmax_mlops.errors import PipelineError
+from softmax_mlops.serving.inference import Predictor, model_source, resolve_model
 
 PIXELS = np.random.default_rng(3).integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
 
@@ -24,6 +26,26 @@ PIXELS = np.random.default_rng(3).integers(0, 256, size=(5, 28, 28), dtype=np.ui
 )
 def test_a_model_source_is_taken_from_the_project_root_only_when_it_is_a_relative_path(source, expected):
     assert model_source(source, Path("/project")) == expected
+
+
+def test_a_folder_is_read_as_the_model_onnx_inside_it(onnx_model, tmp_path):
+    """--model models/scratch, as params.yaml names a model, is the model.onnx that the export stage wrote there."""
+    folder = model_copy(onnx_model, tmp_path / "scratch").parent
+    assert resolve_model(str(folder)) == folder / "model.onnx"
+
+
+def test_a_registered_model_that_is_not_there_names_the_tracking_store_it_came_from(tmp_path, new_mlflow_store):
+    """Without --tracking-uri, MLflow's own (here set as a user sets MLFLOW_TRACKING_URI) is asked, and the one
+    line says "from MLflow" with the first line of MLflow's own reason."""
+    import mlflow
+
+    mlflow.set_tracking_uri(new_mlflow_store(tmp_path / "mlflow.db"))
+    with pytest.raises(PipelineError) as raised:
+        resolve_model("models:/no-such-model@champion")
+    prefix = "cannot load models:/no-such-model@champion from MLflow: "
+    message = str(raised.value)
+    assert message.startswith(prefix) and "\n" not in message, message
+    assert "no-such-model" in message.removeprefix(prefix), message  # MLflow's reason names the model
 
 
 def test_ties_keep_the_lower_class_id_first():

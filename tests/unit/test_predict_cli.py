@@ -55,19 +55,18 @@ def test_missing_model_is_a_clear_error(images, tmp_path):
     assert result.returncode == 1 and "no ONNX model at" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_threads_follow_the_cpus_this_process_may_use():
-    """Pinned to one CPU, the default is one thread, whatever the host's core count."""
-    import subprocess
-    import sys
-
-    code = (
-        "import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
-        "from softmax_mlops.serving.inference import available_cpus; print(available_cpus())"
-    )
-    pinned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert pinned.stdout.strip() == "1"
+def test_threads_follow_the_cpus_this_process_may_use(tmp_path):
+    """Pinned to one CPU, the default is one thread, whatever the host's core count (os.cpu_count() would say
+    the host's). The pin is this thread's own (Linux's sched_setaffinity(0) is per thread), and is undone."""
     from softmax_mlops.serving.inference import available_cpus
 
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})
+    try:
+        pinned = available_cpus(tmp_path)  # a folder without quota files: the mask alone
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert pinned == 1
     assert 1 <= available_cpus() <= len(os.sched_getaffinity(0))
 
 
