@@ -10,7 +10,7 @@ import pytest
 from helpers import ascii_locale, model_copy
 from softmax_mlops.classes import CLASS_NAMES
 from softmax_mlops.errors import PipelineError
-from softmax_mlops.serving.inference import Predictor, model_source, resolve_model
+from softmax_mlops.serving.inference import Predictor, model_source, registered_version, resolve_model
 
 PIXELS = np.random.default_rng(3).integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
 
@@ -46,6 +46,45 @@ def test_a_registered_model_that_is_not_there_names_the_tracking_store_it_came_f
     message = str(raised.value)
     assert message.startswith(prefix) and "\n" not in message, message
     assert "no-such-model" in message.removeprefix(prefix), message  # MLflow's reason names the model
+
+
+def test_a_registered_version_is_read_from_the_uri_or_asked_of_the_registry_for_an_alias(tmp_path, new_mlflow_store):
+    """What `predict` writes as the model's version: models:/name/N says N itself; models:/name@alias is asked of
+    the registry (a real SQLite store, where @champion is version 1 of 2); anything else has none. An alias the
+    registry lacks is one line naming the URI and the store, --tracking-uri's or MLflow's own."""
+    import mlflow
+
+    uri = new_mlflow_store(tmp_path / "mlflow.db")
+    client = mlflow.MlflowClient(uri)
+    client.create_registered_model("edge")
+    for _ in range(2):
+        client.create_model_version("edge", str(tmp_path))
+    client.set_registered_model_alias("edge", "champion", "1")
+    assert registered_version("models:/edge@champion", uri) == "1"
+    assert registered_version("models:/edge/2", uri) == "2"
+    for unversioned in ("models:/edge", "runs:/0123/model", str(tmp_path / "model.onnx")):
+        assert registered_version(unversioned, uri) is None, unversioned
+    mlflow.set_tracking_uri(uri)
+    for tracking_uri, named in ((uri, uri), (None, "MLflow")):
+        with pytest.raises(PipelineError) as raised:
+            registered_version("models:/edge@nope", tracking_uri)
+        message = str(raised.value)
+        prefix = f"cannot resolve models:/edge@nope at {named}: "
+        assert message.startswith(prefix) and "\n" not in message, message
+        assert "nope" in message.removeprefix(prefix), message  # MLflow's reason names the alias
+
+
+def test_a_model_without_a_card_has_fashion_mnist_names_and_a_corrupt_card_says_why(onnx_model, tmp_path):
+    """No model.json beside the model: the card is the Fashion-MNIST class names alone (what /metadata shows).
+    A model.json that is not JSON: one line naming it, with the parser's reason."""
+    bare = Predictor(model_copy(onnx_model, tmp_path / "bare"), threads=1)
+    assert bare.metadata == {"class_names": list(CLASS_NAMES)}
+    path = model_copy(onnx_model, tmp_path / "corrupt")
+    (path.parent / "model.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(PipelineError) as raised:
+        Predictor(path, threads=1)
+    message = str(raised.value)
+    assert message.startswith(f"{path.parent / 'model.json'} is not a model card: ") and "line 1 column 2" in message
 
 
 def test_ties_keep_the_lower_class_id_first():

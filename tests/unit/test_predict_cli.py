@@ -79,6 +79,7 @@ def test_threads_follow_the_cpus_this_process_may_use(tmp_path):
         ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
         ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1 without a quota
         ({"cpu/cpu.cfs_quota_us": "0\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # the least quota: one CPU
         ({"cpu/cpu.cfs_quota_us": "100000\n"}, None),  # v1 without its period file: unreadable, so no cap
         # v2 is read first and wins; an unreadable v2 file is skipped for v1's
         ({"cpu.max": "150000 100000\n", "cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2),
