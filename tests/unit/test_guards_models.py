@@ -112,6 +112,9 @@ def test_serve_refuses_to_start_on_a_corrupt_or_foreign_model(broken_model):
         ("fixed batch of one", "expected one input image tensor(uint8) ['N', 28, 28]"),
         ("three classes", "expected outputs logits and probabilities tensor(float) ['N', 10]"),
         ("logits only", "got logits tensor(float) ['N', 10]"),
+        # the export's image first, then one more: every input is listed, in the graph's order
+        ("a second input", "got image tensor(uint8) ['N', 28, 28], mask tensor(float) ['N', 1]"),
+        ("no input", "expected one input image tensor(uint8) ['N', 28, 28], got none"),
     ],
 )
 def test_a_valid_onnx_file_with_another_signature_is_refused_at_load_time(tmp_path, kind, expected):
@@ -124,8 +127,19 @@ def test_a_valid_onnx_file_with_another_signature_is_refused_at_load_time(tmp_pa
         image_model(path, TensorProto.UINT8, [1, 28, 28], 10)
     elif kind == "three classes":
         image_model(path, TensorProto.UINT8, ["N", 28, 28], 3)
-    else:
+    elif kind == "logits only":
         image_model(path, TensorProto.UINT8, ["N", 28, 28], 10, output_names=("logits",))
+    elif kind == "a second input":
+        image_model(path, TensorProto.UINT8, ["N", 28, 28], 10)
+        model = onnx.load(str(path))
+        model.graph.input.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 1]))
+        onnx.save(model, str(path))
+    else:  # no input: the outputs are constants
+        zeros = numpy_helper.from_array(np.zeros((1, 10), np.float32))
+        names = ("logits", "probabilities")
+        outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 10]) for name in names]
+        nodes = [helper.make_node("Constant", [], [name], value=zeros) for name in names]
+        save_graph(path, [], outputs, nodes)
     with pytest.raises(PipelineError) as raised:
         Predictor(path)
     message = str(raised.value)
@@ -151,3 +165,29 @@ def test_a_corrupt_model_card_beside_the_model_is_one_line(onnx_model, pixels, t
     (folder / "model.json").write_bytes(card)
     line = one_error_line(cli("predict", str(pixels), "-o", str(tmp_path / "o.csv"), "-m", str(folder), cwd=REPO))
     assert f"{folder / 'model.json'} is not a model card" in line
+
+
+WHY_NOT_NAMES = "expected a JSON object whose class_names are strings"
+
+
+@pytest.mark.parametrize(
+    ("card", "reason"),
+    [
+        (b"{not json", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+        (b"\xff\xfe", "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"),
+        (b'["a list"]', WHY_NOT_NAMES),
+        (b'{"class_names": "abc"}', WHY_NOT_NAMES),
+        (b'{"class_names": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}', WHY_NOT_NAMES),
+    ],
+)
+def test_a_corrupt_model_card_is_refused_at_load_time_with_its_reason(onnx_model, tmp_path, card, reason):
+    """The same cards in this process, where mutmut sees them: the line names the card and says why."""
+    from softmax_mlops.serving.inference import Predictor
+
+    path = tmp_path / "model" / "model.onnx"
+    path.parent.mkdir()
+    path.write_bytes(onnx_model[0].read_bytes())
+    (path.parent / "model.json").write_bytes(card)
+    with pytest.raises(PipelineError) as raised:
+        Predictor(path, threads=1)
+    assert str(raised.value) == f"{path.parent / 'model.json'} is not a model card: {reason}"

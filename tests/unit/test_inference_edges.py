@@ -74,17 +74,11 @@ def test_a_registered_version_is_read_from_the_uri_or_asked_of_the_registry_for_
         assert "nope" in message.removeprefix(prefix), message  # MLflow's reason names the alias
 
 
-def test_a_model_without_a_card_has_fashion_mnist_names_and_a_corrupt_card_says_why(onnx_model, tmp_path):
-    """No model.json beside the model: the card is the Fashion-MNIST class names alone (what /metadata shows).
-    A model.json that is not JSON: one line naming it, with the parser's reason."""
+def test_a_model_without_a_card_has_the_fashion_mnist_names_as_its_card(onnx_model, tmp_path):
+    """No model.json beside the model: the card is the Fashion-MNIST class names alone, which /metadata shows.
+    (A corrupt card: test_guards_models.py.)"""
     bare = Predictor(model_copy(onnx_model, tmp_path / "bare"), threads=1)
     assert bare.metadata == {"class_names": list(CLASS_NAMES)}
-    path = model_copy(onnx_model, tmp_path / "corrupt")
-    (path.parent / "model.json").write_text("{not json", encoding="utf-8")
-    with pytest.raises(PipelineError) as raised:
-        Predictor(path, threads=1)
-    message = str(raised.value)
-    assert message.startswith(f"{path.parent / 'model.json'} is not a model card: ") and "line 1 column 2" in message
 
 
 def test_ties_keep_the_lower_class_id_first():
