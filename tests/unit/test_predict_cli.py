@@ -100,9 +100,13 @@ def test_a_cgroup_cpu_quota_caps_the_cpus(tmp_path, files, cap):
 
 
 def test_explicit_threads_reach_onnxruntime(onnx_model):
+    """The session's options as the Predictor sets them: the threads asked for within an operator, one thread
+    between operators (the graph is one chain), and errors alone in the log (onnxruntime's warnings about a
+    graph it optimises would otherwise fill the service's log; 3 is ERROR, 4 FATAL)."""
     from softmax_mlops.serving.inference import Predictor
 
-    assert Predictor(onnx_model[0], threads=1).session.get_session_options().intra_op_num_threads == 1
+    options = Predictor(onnx_model[0], threads=1).session.get_session_options()
+    assert (options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level) == (1, 1, 3)
 
 
 @pytest.mark.parametrize(
