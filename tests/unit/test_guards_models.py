@@ -82,6 +82,20 @@ def broken_model(request, onnx_model, tmp_path) -> Path:
     return path
 
 
+@pytest.mark.parametrize("kind", ["truncated", "random bytes"])
+def test_a_file_onnxruntime_cannot_read_is_refused_with_its_reason(onnx_model, tmp_path, kind):
+    """In this process, where mutmut sees it: the line names the file and quotes onnxruntime's first line."""
+    from softmax_mlops.serving.inference import Predictor
+
+    good = onnx_model[0].read_bytes()
+    path = tmp_path / "model.onnx"
+    path.write_bytes(good[: len(good) // 2] if kind == "truncated" else np.random.default_rng(0).bytes(4096))
+    with pytest.raises(PipelineError) as raised:
+        Predictor(path, threads=1)
+    message = str(raised.value)
+    assert message.startswith(f"{path} is not a loadable ONNX model: ") and "INVALID_PROTOBUF" in message, message
+
+
 def test_predict_refuses_a_corrupt_or_foreign_model_in_one_line(broken_model, pixels, tmp_path):
     out = tmp_path / "out.csv"
     line = one_error_line(cli("predict", str(pixels), "-o", str(out), "-m", str(broken_model), cwd=REPO))
@@ -145,6 +159,20 @@ def test_a_valid_onnx_file_with_another_signature_is_refused_at_load_time(tmp_pa
     message = str(raised.value)
     assert message.startswith(f"{path} is not a model of this project: ") and expected in message
     assert "\n" not in message
+
+
+def test_outputs_are_taken_by_name_whatever_their_order_in_the_graph(tmp_path):
+    """A graph that lists probabilities before logits (the names and types the export's are, so it loads): the
+    Predictor still gives logits first. Its weights are zero, so the logits are 0 and the probabilities 0.1."""
+    from softmax_mlops.serving.inference import Predictor
+
+    path = image_model(tmp_path / "model.onnx", TensorProto.UINT8, ["N", 28, 28], 10)
+    model = onnx.load(str(path))
+    model.graph.output.reverse()
+    onnx.save(model, str(path))
+    logits, probabilities = Predictor(path, threads=1).run(np.zeros((2, 28, 28), np.uint8))
+    np.testing.assert_array_equal(logits, 0.0)
+    np.testing.assert_allclose(probabilities, 0.1, rtol=1e-6)
 
 
 def test_a_graph_like_the_exports_loads(tmp_path):

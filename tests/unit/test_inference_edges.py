@@ -2,6 +2,8 @@
 order when probabilities tie, and the exact JSON shape of a prediction that /predict and `predict --format jsonl`
 send."""
 
+import hashlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +81,32 @@ def test_a_model_without_a_card_has_the_fashion_mnist_names_as_its_card(onnx_mod
     (A corrupt card: test_guards_models.py.)"""
     bare = Predictor(model_copy(onnx_model, tmp_path / "bare"), threads=1)
     assert bare.metadata == {"class_names": list(CLASS_NAMES)}
+
+
+def test_provenance_names_the_model_as_the_user_named_it(onnx_model, tmp_path):
+    """What a file of predictions records: the path when the model was given as one, the models:/ URI and the
+    registered version when it came from the registry (the path is then MLflow's download folder)."""
+    path = model_copy(onnx_model, tmp_path / "model")
+    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    assert Predictor(path, threads=1).provenance() == {
+        "model": str(path),
+        "model_name": "",
+        "model_version": "",
+        "model_md5": md5,
+        "data_md5": "",
+    }
+    registered = Predictor(path, threads=1, source="models:/softmax-scratch@champion", version="3").provenance()
+    assert (registered["model"], registered["model_version"]) == ("models:/softmax-scratch@champion", "3")
+
+
+def test_loading_the_export_prints_and_warns_nothing(onnx_model, capfd):
+    """onnxruntime prints its own banners and warns about a provider it does not have: a service's log and a
+    batch job's output start clean."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Predictor(onnx_model[0], threads=1)
+    assert [str(w.message) for w in caught] == []
+    assert capfd.readouterr() == ("", "")
 
 
 def test_ties_keep_the_lower_class_id_first():

@@ -199,7 +199,6 @@ class Predictor:
         self.metadata = _model_card(self.path)
         self.class_names = list(self.metadata.get("class_names", CLASS_NAMES))
         _check_signature(self.session, model_path, len(self.class_names))
-        self.threads = options.intra_op_num_threads
         self.source = source or str(model_path)  # what the user named: a path, or models:/name@alias
         self.version = version  # the registered version, when the model came from the registry
 
