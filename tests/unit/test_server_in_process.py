@@ -27,6 +27,7 @@ from PIL import Image
 
 from helpers import model_copy
 from softmax_mlops import __version__
+from softmax_mlops.classes import CLASS_NAMES
 from softmax_mlops.config import ServeConfig
 from softmax_mlops.serving import server
 from softmax_mlops.serving.inference import Predictor
@@ -678,6 +679,19 @@ def test_metrics_count_requests_refusals_and_predicted_classes(predictor):
     assert dict(info)["name"] == name
     assert metrics[("softmax_mlops_drift_window_images", ())] == 7
     assert math.isnan(metrics[("softmax_mlops_drift_class_p_value", ())])  # this model carries no drift reference
+
+
+def test_the_model_info_metric_has_the_documented_labels(onnx_model, tmp_path):
+    """softmax_mlops_model_info{name, version, data_md5, temperature}: the registered name and the model card's
+    data md5 and temperature, with the version that serve resolved from the registry."""
+    path = model_copy(onnx_model, tmp_path / "model")
+    card = {"class_names": list(CLASS_NAMES), "registered_model": "softmax-scratch", "data_md5": "0f" * 16}
+    (path.parent / "model.json").write_text(json.dumps({**card, "temperature": 1.25}), encoding="utf-8")
+    predictor = Predictor(path, threads=1, source="models:/softmax-scratch@champion", version="4")
+    with running(predictor) as url:
+        metrics = scrape(url)
+    (info,) = [labels for (n, labels), v in metrics.items() if n == "softmax_mlops_model_info" and v == 1]
+    assert dict(info) == {"name": "softmax-scratch", "version": "4", "data_md5": "0f" * 16, "temperature": "1.25"}
 
 
 def test_the_online_drift_window_is_the_batch_class_test_on_the_last_images(onnx_model, tmp_path):
