@@ -681,17 +681,21 @@ def test_metrics_count_requests_refusals_and_predicted_classes(predictor):
     assert math.isnan(metrics[("softmax_mlops_drift_class_p_value", ())])  # this model carries no drift reference
 
 
-def test_the_model_info_metric_has_the_documented_labels(onnx_model, tmp_path):
+@pytest.mark.parametrize("temperature", [1.25, None], ids=["calibrated", "uncalibrated"])
+def test_the_model_info_metric_has_the_documented_labels(onnx_model, tmp_path, temperature):
     """softmax_mlops_model_info{name, version, data_md5, temperature}: the registered name and the model card's
-    data md5 and temperature, with the version that serve resolved from the registry."""
+    data md5 and temperature (empty for a card without one), with the version serve resolved from the registry."""
     path = model_copy(onnx_model, tmp_path / "model")
     card = {"class_names": list(CLASS_NAMES), "registered_model": "softmax-scratch", "data_md5": "0f" * 16}
-    (path.parent / "model.json").write_text(json.dumps({**card, "temperature": 1.25}), encoding="utf-8")
+    if temperature is not None:
+        card["temperature"] = temperature
+    (path.parent / "model.json").write_text(json.dumps(card), encoding="utf-8")
     predictor = Predictor(path, threads=1, source="models:/softmax-scratch@champion", version="4")
     with running(predictor) as url:
         metrics = scrape(url)
     (info,) = [labels for (n, labels), v in metrics.items() if n == "softmax_mlops_model_info" and v == 1]
-    assert dict(info) == {"name": "softmax-scratch", "version": "4", "data_md5": "0f" * 16, "temperature": "1.25"}
+    expected = {"name": "softmax-scratch", "version": "4", "data_md5": "0f" * 16, "temperature": "1.25"}
+    assert dict(info) == {**expected, "temperature": "1.25" if temperature else ""}
 
 
 def test_the_online_drift_window_is_the_batch_class_test_on_the_last_images(onnx_model, tmp_path):
