@@ -402,6 +402,8 @@ def test_a_body_of_exactly_the_limit_is_read_whole_declared_or_chunked(predictor
 
 
 def test_a_chunked_body_over_the_limit_gets_413_though_each_piece_is_under_it(predictor):
+    """Chunked, the body is refused once it has grown past the limit; declared, before it is read. Both count as
+    refusals by the body_bytes limit, and the server goes on answering."""
     body = instances_body(6001)
     with running(predictor, max_body_bytes=6000) as url:
         with raw(url) as sock:
@@ -410,7 +412,14 @@ def test_a_chunked_body_over_the_limit_gets_413_though_each_piece_is_under_it(pr
             "HTTP/1.1 413 Request Entity Too Large",
             {"error": "request body is over the 6000-byte limit"},
         )
+        declared = httpx.post(f"{url}/predict", content=body, headers=JSON)
+        assert (declared.status_code, declared.json()) == (
+            413,
+            {"error": "request body of 6001 bytes is over the 6000-byte limit"},
+        )
         assert httpx.get(f"{url}/health").status_code == 200
+        metrics = scrape(url)
+    assert metrics[("softmax_mlops_refused_total", (("limit", "body_bytes"),))] == 2
 
 
 def multipart(files: int, fields: int) -> tuple[bytes, dict]:
