@@ -332,10 +332,13 @@ def test_the_header_deadline_is_per_request_on_a_kept_alive_connection(predictor
 
 
 def test_a_body_that_trickles_in_gets_408(predictor):
-    with running(predictor, read_timeout_s=0.3) as url, raw(url) as sock:
-        sock.sendall(HALF_A_BODY)
-        status, error = status_and_json(read_response(sock))
+    """408, in each protocol's shape, and counted as a refusal by the read_timeout limit."""
+    with running(predictor, read_timeout_s=0.3) as url:
+        with raw(url) as sock:
+            sock.sendall(HALF_A_BODY)
+            status, error = status_and_json(read_response(sock))
         assert (status, error) == ("HTTP/1.1 408 Request Timeout", {"error": "request body not received within 0.3 s"})
+        assert scrape(url)[("softmax_mlops_refused_total", (("limit", "read_timeout"),))] == 1
     with running(predictor, read_timeout_s=0.3) as url, raw(url) as sock:  # the protocols' routes: MLflow's shape
         sock.sendall(HALF_A_BODY.replace(b"/predict", b"/invocations"))
         status, error = status_and_json(read_response(sock))
