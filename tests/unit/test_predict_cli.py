@@ -84,6 +84,8 @@ def test_threads_follow_the_cpus_this_process_may_use(tmp_path):
         # v2 is read first and wins; an unreadable v2 file is skipped for v1's
         ({"cpu.max": "150000 100000\n", "cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2),
         ({"cpu.max": "junk\n", "cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
+        # v2's "no quota" is an answer too: v1's files are not read after it
+        ({"cpu.max": "max 100000\n", "cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
         ({}, None),
     ],
 )
