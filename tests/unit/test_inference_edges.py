@@ -3,6 +3,7 @@ order when probabilities tie, and the exact JSON shape of a prediction that /pre
 send."""
 
 import hashlib
+import json
 import warnings
 from pathlib import Path
 
@@ -85,7 +86,8 @@ def test_a_model_without_a_card_has_the_fashion_mnist_names_as_its_card(onnx_mod
 
 def test_provenance_names_the_model_as_the_user_named_it(onnx_model, tmp_path):
     """What a file of predictions records: the path when the model was given as one, the models:/ URI and the
-    registered version when it came from the registry (the path is then MLflow's download folder)."""
+    registered version when it came from the registry (the path is then MLflow's download folder), with the registered name and data md5 of its
+    card."""
     path = model_copy(onnx_model, tmp_path / "model")
     md5 = hashlib.md5(path.read_bytes()).hexdigest()
     assert Predictor(path, threads=1).provenance() == {
@@ -95,8 +97,16 @@ def test_provenance_names_the_model_as_the_user_named_it(onnx_model, tmp_path):
         "model_md5": md5,
         "data_md5": "",
     }
+    card = {"class_names": list(CLASS_NAMES), "registered_model": "softmax-scratch", "data_md5": "0f" * 16}
+    (path.parent / "model.json").write_text(json.dumps(card), encoding="utf-8")
     registered = Predictor(path, threads=1, source="models:/softmax-scratch@champion", version="3").provenance()
-    assert (registered["model"], registered["model_version"]) == ("models:/softmax-scratch@champion", "3")
+    assert registered == {
+        "model": "models:/softmax-scratch@champion",
+        "model_name": "softmax-scratch",
+        "model_version": "3",
+        "model_md5": md5,
+        "data_md5": "0f" * 16,
+    }
 
 
 def test_loading_the_export_prints_and_warns_nothing(onnx_model, capfd):
