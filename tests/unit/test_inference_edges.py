@@ -86,8 +86,8 @@ def test_a_model_without_a_card_has_the_fashion_mnist_names_as_its_card(onnx_mod
 
 def test_provenance_names_the_model_as_the_user_named_it(onnx_model, tmp_path):
     """What a file of predictions records: the path when the model was given as one, the models:/ URI and the
-    registered version when it came from the registry (the path is then MLflow's download folder), with the registered name and data md5 of its
-    card."""
+    registered version when it came from the registry (the path is then MLflow's download folder), and the
+    registered name and data md5 of its card."""
     path = model_copy(onnx_model, tmp_path / "model")
     md5 = hashlib.md5(path.read_bytes()).hexdigest()
     assert Predictor(path, threads=1).provenance() == {
