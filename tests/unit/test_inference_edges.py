@@ -119,6 +119,16 @@ def test_loading_the_export_prints_and_warns_nothing(onnx_model, capfd):
     assert capfd.readouterr() == ("", "")
 
 
+def test_a_model_from_the_registry_reads_its_card_among_the_extra_files(onnx_model, tmp_path):
+    """MLflow's download of a registered ONNX model puts the files logged with it under extra_files/: the card
+    there is the model's card (names of its own here, so that the default names cannot pass for it)."""
+    path = model_copy(onnx_model, tmp_path / "download")
+    (path.parent / "extra_files").mkdir()
+    names = [f"class {i}" for i in range(10)]
+    (path.parent / "extra_files" / "model.json").write_text(json.dumps({"class_names": names}), encoding="utf-8")
+    assert Predictor(path, threads=1).class_names == names
+
+
 def test_ties_keep_the_lower_class_id_first():
     """The documented order is the most probable first, then the lower class id: numpy's default argsort is not
     stable (a SIMD quicksort on x86), so among equal probabilities it could put any class first, and the same
