@@ -187,6 +187,10 @@ def test_the_request_limits_are_the_configured_ones(predictor):
         assert wide.status_code == 413 and wide.json()["error"].startswith("the uploaded file: ")
         upload = httpx.post(f"{url}/predict", files={"file": ("x.png", png(np.zeros((10, 11), np.uint8)), "image/png")})
         assert (upload.status_code, upload.json()) == (413, wide.json())
+        assert httpx.post(f"{url}/predict", content=b"not a png", headers=PNG).status_code == 400  # no limit's
+        metrics = scrape(url)
+    refused = {labels: n for (name, labels), n in metrics.items() if name == "softmax_mlops_refused_total"}
+    assert refused == {(("limit", "body_bytes"),): 1, (("limit", "instances"),): 1, (("limit", "image_pixels"),): 2}
 
 
 def test_mlflow_invocations_answer_in_mlflows_shapes(predictor):
@@ -201,6 +205,9 @@ def test_mlflow_invocations_answer_in_mlflows_shapes(predictor):
         assert bad.json()["error_code"] == "BAD_REQUEST" and "JSON" in bad.json()["message"]
         big = httpx.post(f"{url}/invocations", content=b"x" * 50_001, headers=JSON)
         assert big.status_code == 413 and big.json()["message"].endswith("over the 50000-byte limit")
+        # what the shared checks refuse with 422 (an image that is not 28x28), MLflow's server answers with 400
+        narrow = httpx.post(f"{url}/invocations", json={"instances": [[[0] * 27] * 28]})
+        assert (narrow.status_code, narrow.json()["error_code"]) == (400, "INVALID_PARAMETER_VALUE"), narrow.json()
         # a charset parameter, or no content type at all, is still JSON to MLflow's server
         for headers in ({"content-type": "application/json; charset=utf-8"}, {}):
             answer = httpx.post(
