@@ -187,6 +187,8 @@ def test_the_request_limits_are_the_configured_ones(predictor):
         tensor = {"name": "image", "shape": [3, 28, 28], "datatype": "UINT8", "data": [0] * 3 * 784}
         many_v2 = httpx.post(f"{url}/v2/models/{name}/infer", json={"inputs": [tensor]})
         assert (many_v2.status_code, many_v2.json()) == (413, {"error": "3 images is over the limit of 2 per request"})
+        many_mlflow = httpx.post(f"{url}/invocations", json={"instances": [[0] * 784] * 3})
+        assert (many_mlflow.status_code, many_mlflow.json()["message"]) == (413, many_v2.json()["error"])
         wide = httpx.post(f"{url}/predict", content=png(np.zeros((10, 11), np.uint8)), headers=PNG)
         assert wide.status_code == 413 and wide.json()["error"].startswith("the uploaded file: ")
         upload = httpx.post(f"{url}/predict", files={"file": ("x.png", png(np.zeros((10, 11), np.uint8)), "image/png")})
@@ -194,7 +196,7 @@ def test_the_request_limits_are_the_configured_ones(predictor):
         assert httpx.post(f"{url}/predict", content=b"not a png", headers=PNG).status_code == 400  # no limit's
         metrics = scrape(url)
     refused = {labels: n for (name, labels), n in metrics.items() if name == "softmax_mlops_refused_total"}
-    assert refused == {(("limit", "body_bytes"),): 1, (("limit", "instances"),): 2, (("limit", "image_pixels"),): 2}
+    assert refused == {(("limit", "body_bytes"),): 1, (("limit", "instances"),): 3, (("limit", "image_pixels"),): 2}
 
 
 def test_mlflow_invocations_answer_in_mlflows_shapes(predictor):
