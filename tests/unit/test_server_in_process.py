@@ -262,6 +262,13 @@ def test_the_openapi_document_describes_predicts_body_and_errors(predictor):
     )
     operation = document["paths"]["/predict"]["post"]
     assert operation["requestBody"] == native.predict_body(7)
+    assert operation["requestBody"]["required"] is True  # OpenAPI's default is an optional body
+    assert set(operation["requestBody"]["content"]) == {
+        "application/json",
+        "image/png",
+        "image/jpeg",
+        "multipart/form-data",
+    }
     # the schema says what the route takes, with the limit the service was started with (serve.max_instances)
     from jsonschema import Draft202012Validator
 
