@@ -104,13 +104,14 @@ def problems(found: dict[str, dict[str, str]], equivalent: dict[str, str], table
 
 
 def dotted(path: str) -> str:
-    """softmax_mlops/serving/inputs.py -> softmax_mlops.serving.inputs, the prefix of its mutants' names."""
-    return path.removesuffix(".py").replace("/", ".")
+    """softmax_mlops/serving/inputs.py -> softmax_mlops.serving.inputs, the prefix of its mutants' names; a
+    package's own module, softmax_mlops/serving/protocols/__init__.py, names its mutants after the package."""
+    return path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
 
 
 def main(modules: list[str]) -> int:
     """Score every module mutmut has results for, or only ``modules`` (short names: registry, protocols, ...)."""
-    found = results()
+    found = results(MUTANTS)
     if modules:  # short names (inputs) or dotted ones under the package (serving.inputs)
         found = {
             path: statuses
@@ -121,7 +122,7 @@ def main(modules: list[str]) -> int:
         print(f"mutation_score: no mutmut results under {MUTANTS}: run `make mutation`", file=sys.stderr)
         return 1
     scored = {dotted(path) for path in found}  # mutant names read <dotted module>.<function>__mutmut_N
-    equivalent = {name: why for name, why in equivalents().items() if name.rsplit(".", 1)[0] in scored}
+    equivalent = {name: why for name, why in equivalents(EQUIVALENT).items() if name.rsplit(".", 1)[0] in scored}
     table = scores(found, equivalent)
     floor = {m: f for m, f in json.loads(FLOOR.read_text()).items() if m in found} if FLOOR.exists() else {}
     (MUTANTS / "score.json").write_text(json.dumps(table, indent=2) + "\n")

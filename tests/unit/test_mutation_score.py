@@ -65,3 +65,22 @@ def test_an_equivalent_needs_its_reason(tmp_path):
     listed.write_text("r.a__mutmut_1\n")
     with pytest.raises(SystemExit, match="has no reason"):
         mutation_score.equivalents(listed)
+
+
+def test_a_packages_own_module_keeps_its_equivalents(tmp_path, monkeypatch, capsys):
+    """mutmut names the mutants of softmax_mlops/serving/protocols/__init__.py after the package
+    (softmax_mlops.serving.protocols.x_check_pixels__mutmut_27): its equivalents are set aside like any
+    module's, and it is selected by the package's dotted name."""
+    meta = tmp_path / "mutants" / "src" / "softmax_mlops" / "serving" / "protocols" / "__init__.py.meta"
+    meta.parent.mkdir(parents=True)
+    name = "softmax_mlops.serving.protocols.x_check_pixels__mutmut_27"
+    meta.write_text(json.dumps({"exit_code_by_key": {name: 0, "softmax_mlops.serving.protocols.x_f__mutmut_1": 1}}))
+    equivalent = tmp_path / "equivalent.txt"
+    equivalent.write_text(f"{name}  # reshape(-2, ...) is reshape(-1, ...)\n")
+    monkeypatch.setattr(mutation_score, "MUTANTS", tmp_path / "mutants")
+    monkeypatch.setattr(mutation_score, "EQUIVALENT", equivalent)
+    monkeypatch.setattr(mutation_score, "FLOOR", tmp_path / "floor.json")
+    assert mutation_score.main(["serving.protocols"]) == 0
+    score = json.loads((tmp_path / "mutants" / "score.json").read_text())["softmax_mlops/serving/protocols/__init__.py"]
+    assert (score["equivalent"], score["score"]) == (1, 100.0)
+    assert "100.0%" in capsys.readouterr().out
