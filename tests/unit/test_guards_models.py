@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import REPO, cli, one_error_line
+from helpers import REPO, cli, model_copy, one_error_line
 from softmax_mlops.errors import PipelineError
 from stack import free_port
 
@@ -185,36 +185,30 @@ def test_a_graph_like_the_exports_loads(tmp_path):
     np.testing.assert_allclose(probabilities, 0.1, rtol=1e-6)
 
 
-@pytest.mark.parametrize("card", [b"{not json", b"\xff\xfe", b'["a list"]', b'{"class_names": "abc"}'])
+WHY_NOT_NAMES = "expected a JSON object whose class_names are strings"
+CORRUPT_CARDS = {  # model.json's bytes -> the reason the refusal gives
+    b"{not json": "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
+    b"\xff\xfe": "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte",
+    b'["a list"]': WHY_NOT_NAMES,
+    b'{"class_names": "abc"}': WHY_NOT_NAMES,
+    b'{"class_names": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}': WHY_NOT_NAMES,
+}
+
+
+@pytest.mark.parametrize("card", CORRUPT_CARDS)
 def test_a_corrupt_model_card_beside_the_model_is_one_line(onnx_model, pixels, tmp_path, card):
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "model.onnx").write_bytes(onnx_model[0].read_bytes())
+    folder = model_copy(onnx_model, tmp_path / "model").parent
     (folder / "model.json").write_bytes(card)
     line = one_error_line(cli("predict", str(pixels), "-o", str(tmp_path / "o.csv"), "-m", str(folder), cwd=REPO))
     assert f"{folder / 'model.json'} is not a model card" in line
 
 
-WHY_NOT_NAMES = "expected a JSON object whose class_names are strings"
-
-
-@pytest.mark.parametrize(
-    ("card", "reason"),
-    [
-        (b"{not json", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
-        (b"\xff\xfe", "'utf-8' codec can't decode byte 0xff in position 0: invalid start byte"),
-        (b'["a list"]', WHY_NOT_NAMES),
-        (b'{"class_names": "abc"}', WHY_NOT_NAMES),
-        (b'{"class_names": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}', WHY_NOT_NAMES),
-    ],
-)
+@pytest.mark.parametrize(("card", "reason"), CORRUPT_CARDS.items())
 def test_a_corrupt_model_card_is_refused_at_load_time_with_its_reason(onnx_model, tmp_path, card, reason):
     """The same cards in this process, where mutmut sees them: the line names the card and says why."""
     from softmax_mlops.serving.inference import Predictor
 
-    path = tmp_path / "model" / "model.onnx"
-    path.parent.mkdir()
-    path.write_bytes(onnx_model[0].read_bytes())
+    path = model_copy(onnx_model, tmp_path / "model")
     (path.parent / "model.json").write_bytes(card)
     with pytest.raises(PipelineError) as raised:
         Predictor(path, threads=1)
