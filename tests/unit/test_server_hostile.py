@@ -80,7 +80,9 @@ def test_a_body_that_trickles_in_gets_408(server):
             b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
         )
         reply = read_all(sock)
-    assert b" 408 " in reply.split(b"\r\n")[0] and b"body not received" in reply
+    head = reply.split(b"\r\n\r\n")[0].lower().split(b"\r\n")
+    assert b" 408 " in head[0] and b"body not received" in reply
+    assert b"connection: close" in head  # and the server closes it then, not serve.keep_alive_s later
 
 
 def test_connections_past_the_cap_get_503_and_the_service_recovers(server):

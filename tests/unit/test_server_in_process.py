@@ -361,21 +361,34 @@ def test_the_header_deadline_is_per_request_on_a_kept_alive_connection(predictor
         )
 
 
-def test_a_body_that_trickles_in_gets_408(predictor):
-    """408, in each protocol's shape, and counted as a refusal by the read_timeout limit."""
-    with running(predictor, read_timeout_s=0.3) as url:
+def closed_at_once(sock: socket.socket) -> bool:
+    """The server closes the connection well before serve.keep_alive_s (60 s in these tests) would."""
+    sock.settimeout(10)
+    return sock.recv(1) == b""
+
+
+def test_a_body_that_trickles_in_gets_408_and_the_connection_closes(predictor):
+    """408, in each protocol's shape, counted as a refusal by the read_timeout limit; the rest of the body may
+    still come, so the connection is closed (`connection: close`), not kept alive for another request."""
+    limits = {"read_timeout_s": 0.3, "keep_alive_s": 60}
+    with running(predictor, **limits) as url:
         with raw(url) as sock:
             sock.sendall(HALF_A_BODY)
-            status, error = status_and_json(read_response(sock))
-        assert (status, error) == ("HTTP/1.1 408 Request Timeout", {"error": "request body not received within 0.3 s"})
+            reply = read_response(sock)
+            assert status_and_json(reply) == (
+                "HTTP/1.1 408 Request Timeout",
+                {"error": "request body not received within 0.3 s"},
+            )
+            assert b"connection: close" in reply.partition(b"\r\n\r\n")[0].lower().split(b"\r\n")
+            assert closed_at_once(sock)
         assert scrape(url)[("softmax_mlops_refused_total", (("limit", "read_timeout"),))] == 1
-    with running(predictor, read_timeout_s=0.3) as url, raw(url) as sock:  # the protocols' routes: MLflow's shape
+    with running(predictor, **limits) as url, raw(url) as sock:  # the protocols' routes: MLflow's shape
         sock.sendall(HALF_A_BODY.replace(b"/predict", b"/invocations"))
-        status, error = status_and_json(read_response(sock))
-        assert (status, error) == (
+        assert status_and_json(read_response(sock)) == (
             "HTTP/1.1 408 Request Timeout",
             {"error_code": "BAD_REQUEST", "message": "request body not received within 0.3 s"},
         )
+        assert closed_at_once(sock)
 
 
 def test_connections_past_the_cap_get_503_and_are_closed(predictor):

@@ -76,8 +76,14 @@ def create_app(predictor: Predictor, limits: ServeConfig, top_k: int, token: str
         if exc.limit:
             metrics.refused.labels(exc.limit).inc()
         if request.url.path in mlflow_scoring.PATHS:
-            return mlflow_scoring.refusal(exc)
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+            response = mlflow_scoring.refusal(exc)
+        else:
+            response = JSONResponse({"error": exc.message}, status_code=exc.status)
+        if exc.status == 408:
+            # The rest of the body may still be on its way, so the connection cannot carry another request
+            # (RFC 9110, 15.5.9). Without this, uvicorn holds it open until serve.keep_alive_s runs out.
+            response.headers["connection"] = "close"
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
