@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from helpers import REPO
+from stack import free_port
 
 SCRIPT = REPO / "docker" / "docker_pool.py"
 
@@ -19,12 +20,18 @@ def template(**env: str) -> subprocess.CompletedProcess:
 
 
 def rendered(base: dict) -> dict:
-    """The job configuration prefect-docker builds from the template with no deployment overrides."""
+    """The job configuration prefect-docker builds from the template with no deployment overrides.
+
+    The worker passes its API client, for the block and variable references a template may hold. This one
+    holds none, so the client here points at a port where nothing listens: a reference that crept in fails the
+    test, where the default client would start a temporary Prefect server (5 s) and resolve it quietly."""
     import asyncio
 
+    from prefect.client.orchestration import PrefectClient
     from prefect_docker.worker import DockerWorkerJobConfiguration
 
-    configure = DockerWorkerJobConfiguration.from_template_and_values(base, values={})
+    nowhere = PrefectClient(f"http://127.0.0.1:{free_port()}/api")  # nothing listens there
+    configure = DockerWorkerJobConfiguration.from_template_and_values(base, values={}, client=nowhere)
     return asyncio.run(configure).model_dump()
 
 
