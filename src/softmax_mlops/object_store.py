@@ -114,12 +114,6 @@ def kind(url: str) -> str | None:
         return "folder" if fs.isdir(path) else None
 
 
-def size(url: str) -> int:
-    with reporting("read", url):
-        fs, path = _fs(url)
-        return int(fs.size(path))
-
-
 def files_under(url: str, suffixes: tuple[str, ...] = ()) -> list[str]:
     """The objects under the prefix ``url`` (at any depth) whose names end with one of ``suffixes`` (any case;
     all when none is given), as paths relative to the prefix, in a stable order."""

@@ -69,22 +69,21 @@ def _npy_extent(url: str, fh) -> tuple[int, int]:  # noqa: ANN001 - an fsspec fi
     return shape[0], fh.tell()
 
 
-def extent(url: str) -> tuple[int, int]:
-    """An IDX or .npy object's image count and the byte offset of its first image, from its header; its size
-    must hold every image the header promises."""
-    with object_store.reporting("read", url), object_store.open_file(url) as fh:
-        if url.lower().endswith(".npy"):
-            count, offset = _npy_extent(url, fh)
-        elif fh.read(2) == GZIP_MAGIC:
-            raise PipelineError(
-                f"{url} is gzipped: a sharded run reads ranges, and gzip has none (each shard would download the "
-                "object from its start). Decompress it, or predict it without --workers"
-            )
-        else:
-            fh.seek(0)
-            dims, offset = read_idx_header(fh, url)
-            count = dims[0]
-    expected, size = offset + count * PIXELS, object_store.size(url)
+def _extent(url: str, fh) -> tuple[int, int]:  # noqa: ANN001 - an fsspec file
+    """The image count and the first image's byte offset, from the header, checked against the object's size,
+    which the open file already holds (its HEAD): no second client, no second request."""
+    if url.lower().endswith(".npy"):
+        count, offset = _npy_extent(url, fh)
+    elif fh.read(2) == GZIP_MAGIC:
+        raise PipelineError(
+            f"{url} is gzipped: a sharded run reads ranges, and gzip has none (each shard would download the "
+            "object from its start). Decompress it, or predict it without --workers"
+        )
+    else:
+        fh.seek(0)
+        dims, offset = read_idx_header(fh, url)
+        count = dims[0]
+    expected, size = offset + count * PIXELS, int(fh.size)
     if size < expected:
         raise PipelineError(f"{url} is truncated: {size} bytes, header promises {expected}")
     if size > expected and not url.lower().endswith(".npy"):
@@ -92,12 +91,24 @@ def extent(url: str) -> tuple[int, int]:
     return count, offset
 
 
+def extent(url: str) -> tuple[int, int]:
+    """An IDX or .npy object's image count and the byte offset of its first image, from its header; its size
+    must hold every image the header promises."""
+    with object_store.reporting("read", url), object_store.open_file(url) as fh:
+        return _extent(url, fh)
+
+
 def open_range(url: str, start: int, stop: int, batch_size: int) -> Source:
     """Images ``start`` to ``stop`` of an IDX or .npy object, each with its position in the whole object as its
-    id, read one batch at a time."""
-    count, offset = extent(url)
-    stop = min(stop, count)
+    id, read one batch at a time, through one file (one client) that reads the header and then the range."""
     fh = object_store.open_file(url)
+    try:
+        with object_store.reporting("read", url):
+            count, offset = _extent(url, fh)
+    except BaseException:
+        fh.close()
+        raise
+    stop = min(stop, count)
 
     def stream() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         with object_store.reporting("read", url), fh:
