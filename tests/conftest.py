@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+import hypothesis
 import numpy as np
 import pytest
 
@@ -31,6 +32,14 @@ def _absolute_mirror() -> None:
 
 
 _absolute_mirror()
+
+# The fuzz tests (test_parsers_fuzz.py, test_server_fuzz.py) take their number of examples from a hypothesis
+# profile. "full", 400 per test, is the default: make test, CI and mutmut. make test-fast loads "fast"
+# (--hypothesis-profile=fast), hypothesis' own default of 100, which keeps the edit loop inside its 2 minutes;
+# at 400 the fuzz was some 25 s of CPU of it. Both are derandomized: "fast" runs the same kinds of example, fewer.
+hypothesis.settings.register_profile("full", max_examples=400)
+hypothesis.settings.register_profile("fast", max_examples=100)
+hypothesis.settings.load_profile("full")
 
 # What the package and MLflow import inside functions, about 10 s in all (torchvision 3 s, scikit-learn 2 s,
 # MLflow's SQL stores and alembic 2 to 3 s). mutmut forks each mutant's process from a server that has

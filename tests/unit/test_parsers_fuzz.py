@@ -19,7 +19,8 @@ from softmax_mlops.serving.protocols.v2 import parse_v2
 
 MAX_INSTANCES = 8
 IMAGE = (np.arange(784) % 256).reshape(28, 28).tolist()
-FUZZ = settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+# the number of examples is the hypothesis profile's (tests/conftest.py): 400, or 100 under make test-fast
+FUZZ = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 huge = st.sampled_from([2**31, 2**63, 2**64, 10**40, 10**4299, -(10**4299)])
 scalars = (
