@@ -25,7 +25,7 @@ def test_success_replaces_target_and_keeps_suffix(tmp_path):
     assert (tmp_path / "m.json").read_text() == '{\n  "a": 1\n}\n'
 
 
-def test_npz_files_are_byte_identical_whatever_the_clock(tmp_path):
+def test_npz_files_are_byte_identical_whatever_the_clock(tmp_path, monkeypatch):
     """np.savez stamps each zip member with the current time, so the same arrays gave a new md5 on every run."""
     import time
 
@@ -35,8 +35,12 @@ def test_npz_files_are_byte_identical_whatever_the_clock(tmp_path):
 
     arrays = {"W": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(4, dtype=np.float32)}
     write_npz(tmp_path / "a.npz", **arrays)
-    time.sleep(2.1)  # the zip format's clock has 2-second resolution
+    # the next day, by the clock zipfile reads (time.time, through time.localtime): no 2-second sleep to cross the
+    # zip format's clock resolution
+    tomorrow = time.time() + 86_400
+    monkeypatch.setattr(time, "time", lambda: tomorrow)
     write_npz(tmp_path / "b.npz", **arrays)
+    monkeypatch.undo()
     assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
     with np.load(tmp_path / "a.npz", allow_pickle=False) as loaded:
         assert all(np.array_equal(loaded[k], v) and loaded[k].dtype == v.dtype for k, v in arrays.items())
