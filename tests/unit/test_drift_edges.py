@@ -182,6 +182,30 @@ def test_the_keys_of_distinct_positions_are_distinct_and_seeded():
     assert np.array_equal(keys[1000:2000], drift.sample_keys(np.arange(1000, 2000), seed=0))
 
 
+def splitmix64(state: int) -> tuple[int, int]:
+    """SplitMix64 (Steele, Lea and Flood 2014; the reference C in Vigna's xoshiro seeding), in plain integers:
+    the next state and its output."""
+    state = (state + 0x9E3779B97F4A7C15) % 2**64
+    z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return state, z ^ (z >> 31)
+
+
+def test_the_keys_are_splitmix64_outputs():
+    """Position i under seed s is output s + 1 of SplitMix64 seeded with i: its published first outputs from
+    seeds 0 and 1 (0xe220a8397b1dcdaf, 0x910a2dec89025cc1), and a reference in plain Python integers elsewhere."""
+    assert [int(k) for k in drift.sample_keys(np.array([0, 1]), seed=0)] == [0xE220A8397B1DCDAF, 0x910A2DEC89025CC1]
+    positions = [0, 1, 2, 999, 2**32 + 5, 2**63 - 1]
+    for seed in (0, 1, 7):
+        expected = []
+        for position in positions:
+            state = position
+            for _ in range(seed + 1):
+                state, output = splitmix64(state)
+            expected.append(output)
+        assert [int(k) for k in drift.sample_keys(np.array(positions, np.int64), seed=seed)] == expected
+
+
 def shard_collectors(images, probabilities, cuts, capacity, seed=0) -> list:
     """One collector per shard of the batch, each told where its shard starts, batched within the shard."""
     collectors = []
