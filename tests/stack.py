@@ -323,8 +323,12 @@ class S3Server:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_http(f"{self.url}/moto-api/", self.proc)
-        self._create_buckets()
+        try:
+            wait_http(f"{self.url}/moto-api/", self.proc)
+            self._create_buckets()
+        except BaseException:  # __exit__ never runs for a failed __enter__: the server would outlive the test
+            self.__exit__()
+            raise
         return self
 
     def _create_buckets(self) -> None:
