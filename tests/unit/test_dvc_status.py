@@ -71,3 +71,17 @@ def test_editing_the_training_loop_reproduces_the_train_stages(project):
         assert stages_with_changed_code(project) == ["train@concise", "train@scratch"]
     finally:
         path.write_text(before)
+
+
+def test_python_bytecode_in_a_dependency_folder_reproduces_nothing(project):
+    """Python writes __pycache__ beside the modules it imports (unless PYTHONDONTWRITEBYTECODE is set, as on the
+    machine these tests were first run on); .dvcignore keeps it out of src/softmax_mlops/stages/models, a folder
+    the train, evaluate, calibrate and export stages depend on."""
+    cache = project / "src" / "softmax_mlops" / "stages" / "models" / "__pycache__"
+    cache.mkdir()
+    try:
+        (cache / "scratch.cpython-311.pyc").write_bytes(b"\xa7\r\r\n bytecode")
+        assert stages_with_changed_code(project) == []
+    finally:
+        (cache / "scratch.cpython-311.pyc").unlink()
+        cache.rmdir()
