@@ -33,6 +33,12 @@ def _absolute_mirror() -> None:
 
 _absolute_mirror()
 
+# DVC sends usage analytics from a daemon it starts after each command, unless told not to. The repository's
+# .dvc/config says no, but the small DVC projects that tests create with `dvc init` do not: each of their commands
+# started one more Python process (a second of CPU, beside the tests) that tried the internet, failed, and left
+# its report in /tmp. Tests never phone home.
+os.environ["DVC_NO_ANALYTICS"] = "1"
+
 # The fuzz tests (test_parsers_fuzz.py, test_server_fuzz.py) take their number of examples from a hypothesis
 # profile. "full", 400 per test, is the default: make test, CI and mutmut. make test-fast loads "fast"
 # (--hypothesis-profile=fast), hypothesis' own default of 100, which keeps the edit loop inside its 2 minutes;
