@@ -19,7 +19,7 @@ from softmax_mlops.serving.protocols.v2 import parse_v2
 
 MAX_INSTANCES = 8
 IMAGE = (np.arange(784) % 256).reshape(28, 28).tolist()
-# the number of examples is the hypothesis profile's (tests/conftest.py): 400, or 100 under make test-fast
+# the number of examples is the hypothesis profile's (tests/conftest.py): make test's, or make test-fast's
 FUZZ = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 huge = st.sampled_from([2**31, 2**63, 2**64, 10**40, 10**4299, -(10**4299)])

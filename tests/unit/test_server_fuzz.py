@@ -37,8 +37,8 @@ def check(response: httpx.Response) -> None:
         assert isinstance(response.json().get("error"), str), response.text[:300]
 
 
-# The number of examples is the hypothesis profile's (tests/conftest.py): 400 per test, so the nine tests send
-# about 3,600 requests; 100 each under make test-fast.
+# The number of examples per test is the hypothesis profile's (tests/conftest.py): make test's, or make
+# test-fast's.
 FUZZ = settings(
     deadline=None,
     derandomize=True,
