@@ -134,9 +134,8 @@ class Collector:
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The sampled images' keys, softmax outputs and intensities, in key order."""
         self._compact()
-        if not self._parts:
-            classes = 0 if self.counts is None else len(self.counts)
-            return np.zeros(0, np.uint64), np.zeros((0, classes), np.float32), np.zeros(0, np.float32)
+        if not self._parts:  # nothing added yet (every add appends a part, even an empty one): no classes known
+            return np.zeros(0, np.uint64), np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
         return self._parts[0]
 
     def merge(self, other: Collector) -> None:
@@ -193,9 +192,7 @@ class Collector:
         return collector
 
     def report(self, reference: dict[str, np.ndarray], alpha: float, min_images: int) -> dict:
-        if self.counts is None:
-            return check(reference, np.zeros((0, 10), np.float32), np.zeros(0, np.float32), alpha, min_images)
-        _, probabilities, intensities = self.sample()
+        _, probabilities, intensities = self.sample()  # empty when nothing was added: 0 images, "not tested"
         return check(
             reference, probabilities, intensities, alpha, min_images, batch_counts=self.counts, images=self.seen
         )
