@@ -2,6 +2,9 @@
 before the first training run registers a champion), on a real MLflow SQLite store."""
 
 import itertools
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -81,3 +84,32 @@ def test_the_wait_asks_the_store_it_is_given_not_the_process_default(store, tmp_
     register_champion(store, tmp_path / "artifacts", 0)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'missing' / 'other.db'}")  # a store that cannot open
     assert wait_for_model(URI, store, 0, lambda line: pytest.fail(line)).name == "model.onnx"
+
+
+def test_a_downloaded_model_is_removed_when_the_process_exits(store, tmp_path):
+    """MLflow downloads into a new temporary folder per call and never removes it: one more in /tmp for every
+    predict and every export's champion check. The folder lives while the process may read it, and goes at
+    exit; a failed download leaves nothing either. A real process, with TMPDIR of its own."""
+    (tmp_path / "artifacts").mkdir()
+    register_champion(store, tmp_path / "artifacts", 0)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    script = (
+        "import sys\n"
+        "from softmax_mlops.errors import PipelineError\n"
+        "from softmax_mlops.serving.inference import resolve_model\n"
+        "path = resolve_model(sys.argv[1], sys.argv[2])\n"
+        "assert path.is_file() and str(path).startswith(sys.argv[3]), path\n"
+        "try:\n"
+        "    resolve_model('models:/no-such-model@champion', sys.argv[2])\n"
+        "except PipelineError:\n"
+        "    pass\n"
+        "print(len(list(__import__('pathlib').Path(sys.argv[3]).iterdir())))\n"
+    )
+    env = os.environ | {"TMPDIR": str(temp)}
+    result = subprocess.run(
+        [sys.executable, "-c", script, URI, store, str(temp)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "1"  # while it ran: the one model, not the failed attempt
+    assert list(temp.iterdir()) == []

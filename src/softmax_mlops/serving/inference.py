@@ -1,14 +1,18 @@
 """onnxruntime inference shared by the batch CLI and the HTTP service. No torch: the serving image has none.
 
 A model is named by a path (a .onnx file or its folder) or by an MLflow URI (models:/name@alias), which is
-downloaded once. model.json, written beside the .onnx by the export stage, supplies class names and metadata.
+downloaded once, into a temporary folder removed when the process exits. model.json, written beside the .onnx
+by the export stage, supplies class names and metadata.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,10 +65,17 @@ def resolve_model(source: str, tracking_uri: str | None = None) -> Path:
 
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
+        # MLflow's own default is a new temporary folder per call that nobody removes: one per export's champion
+        # check and per predict, in the worker's /tmp. The Predictor reads the files beside model.onnx (its card,
+        # its md5) for as long as it lives, so the folder goes when the process exits (SIGTERM included: the
+        # commands exit through their handler).
+        download = tempfile.mkdtemp(prefix="softmax-mlops-model-")
         try:
-            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
+            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=download))
         except Exception as exc:  # noqa: BLE001 - mlflow raises many types; all mean "cannot have that model"
+            shutil.rmtree(download, ignore_errors=True)
             raise PipelineError(f"cannot load {source} from {tracking_uri or 'MLflow'}: {first_line(exc)}") from None
+        atexit.register(shutil.rmtree, download, ignore_errors=True)
         path = folder / "model.onnx"
     else:
         path = Path(source)
