@@ -113,3 +113,33 @@ def test_a_downloaded_model_is_removed_when_the_process_exits(store, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == "1"  # while it ran: the one model, not the failed attempt
     assert list(temp.iterdir()) == []
+
+
+def test_the_download_goes_to_a_folder_of_its_own_that_exit_removes(store, tmp_path, monkeypatch):
+    """In process, what the test above sees from outside: the model lands in a new softmax-mlops-model-* folder
+    under the temporary directory, a failed download leaves none, and the exit handler removes the folder, even
+    one that something else removed first (no traceback at exit)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from softmax_mlops.serving.inference import resolve_model
+
+    (tmp_path / "artifacts").mkdir()
+    register_champion(store, tmp_path / "artifacts", 0)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    at_exit = []
+    monkeypatch.setattr(atexit, "register", lambda func, *args, **kwargs: at_exit.append((func, args, kwargs)))
+    removals = lambda: [entry for entry in at_exit if entry[0] is shutil.rmtree]  # noqa: E731 - tqdm registers too
+    with pytest.raises(PipelineError):
+        resolve_model("models:/no-such-model@champion", store)
+    assert list(temp.iterdir()) == [] and removals() == []
+    path = resolve_model(URI, store)
+    (folder,) = temp.iterdir()
+    assert folder.name.startswith("softmax-mlops-model-") and path.parent.is_relative_to(folder) and path.is_file()
+    ((func, args, kwargs),) = removals()
+    func(*args, **kwargs)
+    assert not folder.exists()
+    func(*args, **kwargs)  # already gone: no error
