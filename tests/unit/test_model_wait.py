@@ -1,10 +1,13 @@
 """Waiting for a model that a fresh registry does not hold yet (the compose stack's inference service starts
 before the first training run registers a champion), on a real MLflow SQLite store."""
 
+import atexit
 import itertools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -12,7 +15,7 @@ import mlflow
 import pytest
 
 from softmax_mlops.errors import PipelineError
-from softmax_mlops.serving.inference import retry_pauses, wait_for_model
+from softmax_mlops.serving.inference import resolve_model, retry_pauses, wait_for_model
 
 URI = "models:/waiting-test@champion"
 
@@ -95,7 +98,7 @@ def test_a_downloaded_model_is_removed_when_the_process_exits(store, tmp_path):
     temp = tmp_path / "tmp"
     temp.mkdir()
     script = (
-        "import sys\n"
+        "import pathlib, sys\n"
         "from softmax_mlops.errors import PipelineError\n"
         "from softmax_mlops.serving.inference import resolve_model\n"
         "path = resolve_model(sys.argv[1], sys.argv[2])\n"
@@ -104,7 +107,7 @@ def test_a_downloaded_model_is_removed_when_the_process_exits(store, tmp_path):
         "    resolve_model('models:/no-such-model@champion', sys.argv[2])\n"
         "except PipelineError:\n"
         "    pass\n"
-        "print(len(list(__import__('pathlib').Path(sys.argv[3]).iterdir())))\n"
+        "print(len(list(pathlib.Path(sys.argv[3]).iterdir())))\n"
     )
     env = os.environ | {"TMPDIR": str(temp)}
     result = subprocess.run(
@@ -119,12 +122,6 @@ def test_the_download_goes_to_a_folder_of_its_own_that_exit_removes(store, tmp_p
     """In process, what the test above sees from outside: the model lands in a new softmax-mlops-model-* folder
     under the temporary directory, a failed download leaves none, and the exit handler removes the folder, even
     one that something else removed first (no traceback at exit)."""
-    import atexit
-    import shutil
-    import tempfile
-
-    from softmax_mlops.serving.inference import resolve_model
-
     (tmp_path / "artifacts").mkdir()
     register_champion(store, tmp_path / "artifacts", 0)
     temp = tmp_path / "tmp"
