@@ -123,13 +123,15 @@ def main() -> int:
         print("objectstore: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set", file=sys.stderr, flush=True)
         return 2
     require_keys(*keys)  # type: ignore[arg-type]
+    # SIGTERM and SIGINT are blocked before the server's threads start (they inherit the mask) and taken by
+    # sigwait: a stop that comes while the port opens is not lost, and no handler runs inside a lock. A handler
+    # that set a threading.Event could deadlock on the Event's own lock, held by the main thread's wait.
+    stops = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     server = PublicServer(ip_address=os.environ.get("OBJECTSTORE_HOST", "0.0.0.0"), port=PORT, verbose=False)
     server.start()
     print(f"objectstore: S3 on port {PORT}, signed requests only, recording to {recording}", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    signal.sigwait(stops)
     server.stop()
     return 0
 
