@@ -566,3 +566,17 @@ def test_batches_that_win_no_reservoir_slot_are_counted_and_sampled_from_nothing
         collector.add(pixels_of(rng, 1), probabilities_of(rng, 1))
     assert collector.seen == 200 and int(collector.counts.sum()) == 200 and len(collector.sample()[0]) == 2
     assert drift.intensity(np.zeros((0, 28, 28), np.uint8)).shape == (0,)
+
+
+def test_scipy_is_preloaded_only_for_a_batch_that_will_be_tested(monkeypatch):
+    """preload starts scipy.stats' import in a daemon thread for a batch of at least min_images (check() tests
+    it), and not for a smaller one (reported "not tested", which needs no scipy)."""
+    imported: list[str] = []
+    monkeypatch.setattr(drift, "importlib", type("Importlib", (), {"import_module": staticmethod(imported.append)}))
+    assert drift.preload(199, 200) is None
+    assert drift.preload(0, 1) is None
+    thread = drift.preload(200, 200)
+    assert thread is not None
+    thread.join(timeout=60)
+    assert thread.daemon and not thread.is_alive()
+    assert imported == ["scipy.stats"]

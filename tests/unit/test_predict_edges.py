@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -133,6 +135,53 @@ def test_a_reference_with_another_number_of_classes_is_named(npy, onnx_model, tm
     message = refusal(predict.run, npy, out, predictor, batch_size=4, top_k=1, progress=False, drift_cfg=DRIFT)
     assert message == f"{reference} is not a drift reference for {model}: it has 5 classes, the model 10"
     assert not out.exists() and not drift.report_path(out).exists()
+
+
+def test_scipy_is_preloaded_with_the_batch_size_only_for_a_drift_check(npy, onnx_model, tmp_path, monkeypatch):
+    """predict.run asks drift.preload (which decides from the batch size) only when it will check drift: with
+    drift_cfg and a model that has a reference."""
+    asked: list[tuple[int, int]] = []
+    monkeypatch.setattr(drift, "preload", lambda images, min_images: asked.append((images, min_images)))
+    plain = Predictor(model_copy(onnx_model, tmp_path / "plain"), threads=1)
+    predict.run(npy, tmp_path / "a.csv", plain, batch_size=4, top_k=1, progress=False, drift_cfg=DRIFT)
+    assert asked == []
+    model = model_copy(onnx_model, tmp_path / "model")
+    predictor = Predictor(model, threads=1)
+    drift.save_reference(model.with_name(drift.REFERENCE_FILE), predictor.run(PIXELS)[1], PIXELS)
+    predict.run(npy, tmp_path / "b.csv", predictor, batch_size=4, top_k=1, progress=False)
+    assert asked == []
+    predict.run(npy, tmp_path / "c.csv", predictor, batch_size=4, top_k=1, progress=False, drift_cfg=DRIFT)
+    assert asked == [(9, DRIFT.min_images)]
+
+
+def test_a_batch_too_small_for_the_drift_check_never_imports_scipy(npy, onnx_model, tmp_path):
+    """In a process of its own, where nothing has imported scipy: 9 images under min_images=200 give a "not
+    tested" report, and scipy (0.5 to 1.5 s of CPU to import) stays unloaded; 9 images at min_images=5 load it."""
+    model = model_copy(onnx_model, tmp_path / "model")
+    predictor = Predictor(model, threads=1)
+    drift.save_reference(model.with_name(drift.REFERENCE_FILE), predictor.run(PIXELS)[1], PIXELS)
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from softmax_mlops.config import DriftConfig\n"
+        "from softmax_mlops.serving import predict\n"
+        "from softmax_mlops.serving.inference import Predictor\n"
+        "cfg = DriftConfig(min_images=int(sys.argv[3]), max_images=1000)\n"
+        "out = Path(sys.argv[2])\n"
+        "r = predict.run(Path(sys.argv[1]), out, Predictor(out.with_name('model') / 'model.onnx', threads=1),"
+        " batch_size=4, top_k=1, progress=False, drift_cfg=cfg)\n"
+        "print(r.drift['result'], 'scipy.stats' in sys.modules)\n"
+    )
+    for min_images, expected in ((200, "not tested False"), (5, "True")):
+        out = tmp_path / f"out-{min_images}.csv"
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(npy), str(out), str(min_images)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().endswith(expected), done.stdout
 
 
 def test_a_drift_run_prints_nothing_on_stderr(npy, onnx_model, tmp_path, capsys, monkeypatch):

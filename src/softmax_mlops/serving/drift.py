@@ -12,6 +12,8 @@ registered with it in MLflow, so it travels with the model. Each test has the sa
 
 from __future__ import annotations
 
+import importlib
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,6 +200,17 @@ class Collector:
         )
 
 
+def preload(images: int, min_images: int) -> threading.Thread | None:
+    """Start importing scipy.stats in the background when a batch of ``images`` (at most) will be tested: the
+    import costs some 0.5 to 1.5 s of CPU, which a large batch hides behind its inference, and which a batch
+    under ``min_images`` never needs (its report is "not tested"). The thread, for whoever wants to wait."""
+    if images < min_images:
+        return None
+    thread = threading.Thread(target=importlib.import_module, args=("scipy.stats",), daemon=True)
+    thread.start()
+    return thread
+
+
 def _class_test(reference_counts: np.ndarray, counts: np.ndarray):  # noqa: ANN202 - scipy's result, or None
     """The chi-squared test of two histograms of predicted classes, over the classes either has; None when
     fewer than two classes occur (nothing to test)."""
@@ -227,8 +240,6 @@ def check(
     """The three tests; "drift" when any rejects at level ``alpha`` (the per-class KS tests after Bonferroni).
     ``probabilities`` and ``intensities`` may be a sample of a batch of ``images``, whose predicted classes
     were counted in ``batch_counts``; by default they are the whole batch."""
-    from scipy import stats
-
     n = len(probabilities) if images is None else images
     report: dict = {
         "images": n,
@@ -238,6 +249,8 @@ def check(
     }
     if n < min_images:
         return report | {"result": "not tested", "reason": f"{n} images, fewer than drift.min_images={min_images}"}
+    from scipy import stats  # only here: a batch too small to test never pays for its import (preload)
+
     classes = probabilities.shape[1]
     ks = [stats.ks_2samp(reference["probabilities"][:, k], probabilities[:, k]) for k in range(classes)]
     p_values = [float(t.pvalue) for t in ks]

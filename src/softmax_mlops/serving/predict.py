@@ -6,9 +6,7 @@ partial file where a complete one is expected.
 
 from __future__ import annotations
 
-import importlib
 import json
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -185,10 +183,10 @@ def run(
             f"{reference_path} is not a drift reference for {predictor.path}: it has "
             f"{reference['probabilities'].shape[1]} classes, the model {len(predictor.class_names)}"
         )
-    if reference is not None:  # scipy.stats takes 1.5 s to import: let it load while the batches run
-        threading.Thread(target=importlib.import_module, args=("scipy.stats",), daemon=True).start()
     collector = drift.Collector(drift_cfg.max_images) if reference is not None and drift_cfg else None
     source = _open_input(input_path, batch_size, skip_bad)
+    if collector and drift_cfg:
+        drift.preload(source.count, drift_cfg.min_images)
     with (
         atomic_path(output) as tmp,
         open_sink(fmt, tmp, predictor, all_probabilities) as write,
